@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian 12 (as root), start the
+# services, then run lint, type checks and the whole test suite (all tiers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CI="${CI:-}"
+bash scripts/setup/system.sh --full
+bash scripts/setup/python.sh test,libvirt,postgres
+source scripts/setup/postgres.sh      # exports COWFLEET_TEST_POSTGRES_URL
+source scripts/setup/libvirt.sh       # starts virtlogd + libvirtd
+source scripts/setup/glance.sh        # installs real Glance in its own venv, exports COWFLEET_TEST_GLANCE_*
+source scripts/setup/guest.sh         # builds the offline test guest, exports COWFLEET_TEST_GUEST_DIR
+echo "== ruff"; python3 -m ruff check src tests bench
+echo "== mypy"; python3 -m mypy
+echo "== pytest"; python3 -m pytest tests "$@"

@@ -1,0 +1,3 @@
+from cowfleet.cli.main import main
+
+raise SystemExit(main())

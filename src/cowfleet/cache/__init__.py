@@ -1,0 +1,1 @@
+"""The node image cache: `_base`, fetched once per node, verified, crash-safe."""

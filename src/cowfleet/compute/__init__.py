@@ -1,0 +1,1 @@
+"""Instances: flavors, overlay disks on cached bases, hypervisor drivers."""

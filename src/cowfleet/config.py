@@ -1,0 +1,347 @@
+"""The one configuration object: defaults < TOML file < ``COWFLEET_*`` env < flags.
+
+Built once at the entry point (:func:`load`) and handed down; no other module
+reads the environment. Every path defaults to somewhere under ``home``.
+
+TOML layout (all keys optional)::
+
+    home = "/var/lib/cowfleet"
+    instances_path = "/var/lib/cowfleet/instances"
+
+    [limits]
+    max_virtual_size = 4398046511104     # bytes; 4 TiB
+    max_image_size = 1099511627776       # upload cap, bytes
+
+    [images]            # the image service (server side) and the client
+    url = "http://127.0.0.1:9292"
+    token_file = "..."                   # client & server
+    data_dir = "..."                     # server
+    database = "sqlite:///..."           # server
+    host = "127.0.0.1"
+    port = 9292
+
+    [cache]
+    force_raw = false
+    fetch_concurrency = 4
+    fetch_deadline = 3600.0
+    fetch_retries = 5
+
+    [compute]
+    driver = "libvirt"                   # or "none"
+    libvirt_uri = "qemu:///system"
+    virt_type = "kvm"                    # or "qemu"
+    ephemeral_fs = "ext4"
+
+    [flavors.m1.custom]                  # user-defined flavors
+    vcpus = 1
+    ram_mb = 512
+    root_gb = 1
+    ephemeral_gb = 0
+    swap_mb = 0
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from cowfleet.errors import ConfigError
+
+TIB = 1024**4
+DEFAULT_HOME = Path("~/.local/share/cowfleet")
+DEFAULT_MAX_VIRTUAL_SIZE = 4 * TIB
+DEFAULT_MAX_IMAGE_SIZE = 1 * TIB
+DEFAULT_IMAGE_PORT = 9292
+DEFAULT_IMAGE_HOST = "127.0.0.1"
+DEFAULT_LIBVIRT_URI = "qemu:///system"
+DRIVERS = ("libvirt", "none")
+VIRT_TYPES = ("kvm", "qemu")
+
+
+@dataclass(frozen=True)
+class FlavorSpec:
+    """A flavor as configured (built-ins live in :mod:`cowfleet.compute.flavors`)."""
+
+    name: str
+    vcpus: int
+    ram_mb: int
+    root_gb: int
+    ephemeral_gb: int = 0
+    swap_mb: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    instances_path: Path
+    # limits
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+    # image service: client side
+    image_url: str | None = None
+    image_token: str | None = None
+    image_token_file: Path | None = None
+    # image service: server side
+    images_data_dir: Path | None = None
+    images_database: str | None = None
+    images_host: str = DEFAULT_IMAGE_HOST
+    images_port: int = DEFAULT_IMAGE_PORT
+    # node cache
+    force_raw: bool = False
+    fetch_concurrency: int = 4
+    fetch_deadline: float = 3600.0
+    fetch_retries: int = 5
+    # compute
+    driver: str = "libvirt"
+    libvirt_uri: str = DEFAULT_LIBVIRT_URI
+    virt_type: str = "kvm"
+    ephemeral_fs: str = "ext4"
+    flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
+
+    # Derived locations -------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        """Image service data directory (server side)."""
+        return self.images_data_dir or self.home / "images"
+
+    @property
+    def database_url(self) -> str:
+        return self.images_database or f"sqlite:///{self.data_dir / 'catalog.sqlite'}"
+
+    @property
+    def token_file(self) -> Path:
+        """Token file shared by ``images serve`` and the client."""
+        return self.image_token_file or self.data_dir / "token"
+
+    @property
+    def endpoint(self) -> str:
+        return self.image_url or f"http://{self.images_host}:{self.images_port}"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.instances_path / "_base"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.instances_path / "locks"
+
+    def with_overrides(self, **kw: Any) -> Config:
+        """A copy with some values replaced (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+# name in env (after COWFLEET_) -> (field, parser)
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+_PARSERS: dict[str, Any] = {
+    "home": Path,
+    "instances_path": Path,
+    "max_virtual_size": int,
+    "max_image_size": int,
+    "image_url": str,
+    "image_token": str,
+    "image_token_file": Path,
+    "images_data_dir": Path,
+    "images_database": str,
+    "images_host": str,
+    "images_port": int,
+    "force_raw": _bool,
+    "fetch_concurrency": int,
+    "fetch_deadline": float,
+    "fetch_retries": int,
+    "driver": str,
+    "libvirt_uri": str,
+    "virt_type": str,
+    "ephemeral_fs": str,
+}
+
+SETTINGS = frozenset(_PARSERS)
+
+_ENV = {
+    "COWFLEET_HOME": "home",
+    "COWFLEET_INSTANCES_PATH": "instances_path",
+    "COWFLEET_MAX_VIRTUAL_SIZE": "max_virtual_size",
+    "COWFLEET_MAX_IMAGE_SIZE": "max_image_size",
+    "COWFLEET_IMAGE_URL": "image_url",
+    "COWFLEET_IMAGE_TOKEN": "image_token",
+    "COWFLEET_IMAGE_TOKEN_FILE": "image_token_file",
+    "COWFLEET_IMAGES_DATA_DIR": "images_data_dir",
+    "COWFLEET_IMAGES_DATABASE": "images_database",
+    "COWFLEET_FORCE_RAW": "force_raw",
+    "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
+    "COWFLEET_DRIVER": "driver",
+    "COWFLEET_LIBVIRT_URI": "libvirt_uri",
+    "COWFLEET_VIRT_TYPE": "virt_type",
+    "COWFLEET_EPHEMERAL_FS": "ephemeral_fs",
+}
+
+# TOML section/key -> field
+_TOML: dict[tuple[str, ...], str] = {
+    ("home",): "home",
+    ("instances_path",): "instances_path",
+    ("limits", "max_virtual_size"): "max_virtual_size",
+    ("limits", "max_image_size"): "max_image_size",
+    ("images", "url"): "image_url",
+    ("images", "token"): "image_token",
+    ("images", "token_file"): "image_token_file",
+    ("images", "data_dir"): "images_data_dir",
+    ("images", "database"): "images_database",
+    ("images", "host"): "images_host",
+    ("images", "port"): "images_port",
+    ("cache", "force_raw"): "force_raw",
+    ("cache", "fetch_concurrency"): "fetch_concurrency",
+    ("cache", "fetch_deadline"): "fetch_deadline",
+    ("cache", "fetch_retries"): "fetch_retries",
+    ("compute", "driver"): "driver",
+    ("compute", "libvirt_uri"): "libvirt_uri",
+    ("compute", "virt_type"): "virt_type",
+    ("compute", "ephemeral_fs"): "ephemeral_fs",
+}
+
+
+def _convert(name: str, raw: Any, origin: str) -> Any:
+    parser = _PARSERS[name]
+    try:
+        if parser is _bool and isinstance(raw, bool):
+            return raw
+        if parser in (int, float) and isinstance(raw, bool):
+            raise ValueError("booleans are not numbers")
+        return parser(raw) if not isinstance(raw, Path) or parser is not Path else raw
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{origin}: invalid value for {name}: {raw!r} ({exc})") from exc
+
+
+def _flavors_from_toml(table: Any, origin: str) -> tuple[FlavorSpec, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{origin}: [flavors] must be a table")
+    out: list[FlavorSpec] = []
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        # "m1.custom" in TOML is a nested table; a leaf table has a "vcpus" key.
+        if "vcpus" in node:
+            try:
+                out.append(
+                    FlavorSpec(
+                        name=prefix,
+                        vcpus=_posint(node["vcpus"], "vcpus"),
+                        ram_mb=_posint(node["ram_mb"], "ram_mb"),
+                        root_gb=_nonneg(node.get("root_gb", 0), "root_gb"),
+                        ephemeral_gb=_nonneg(node.get("ephemeral_gb", 0), "ephemeral_gb"),
+                        swap_mb=_nonneg(node.get("swap_mb", 0), "swap_mb"),
+                    )
+                )
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"{origin}: flavor {prefix!r}: {exc}") from exc
+            return
+        for key, sub in node.items():
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{origin}: flavor {prefix + '.' + key!r} is not a table")
+            walk(f"{prefix}.{key}" if prefix else key, sub)
+
+    walk("", table)
+    return tuple(out)
+
+
+def _posint(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{what} must be a positive integer")
+    return v
+
+
+def _nonneg(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{what} must be a non-negative integer")
+    return v
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file not found: {path}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+
+
+def load(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration. ``flags`` values of ``None`` mean "not given"."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    flavors: tuple[FlavorSpec, ...] = ()
+
+    if config_file is None and env.get("COWFLEET_CONFIG"):
+        config_file = Path(env["COWFLEET_CONFIG"])
+    if config_file is not None:
+        data = _read_toml(config_file)
+        origin = str(config_file)
+        known_top = {k[0] for k in _TOML} | {"flavors"}
+        for key in data:
+            if key not in known_top:
+                raise ConfigError(f"{origin}: unknown setting {key!r}")
+        for keys, name in _TOML.items():
+            node: Any = data
+            for k in keys:
+                if not isinstance(node, dict) or k not in node:
+                    break
+                node = node[k]
+            else:
+                values[name] = _convert(name, node, origin)
+        for section in ("limits", "images", "cache", "compute"):
+            sec = data.get(section, {})
+            if not isinstance(sec, dict):
+                raise ConfigError(f"{origin}: [{section}] must be a table")
+            for key in sec:
+                if (section, key) not in _TOML:
+                    raise ConfigError(f"{origin}: unknown setting {section}.{key}")
+        if "flavors" in data:
+            flavors = _flavors_from_toml(data["flavors"], origin)
+
+    for var, name in _ENV.items():
+        if env.get(var):
+            values[name] = _convert(name, env[var], f"environment {var}")
+
+    for name, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        if name not in _PARSERS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _convert(name, raw, f"--{name.replace('_', '-')}")
+
+    home = Path(values.pop("home", DEFAULT_HOME)).expanduser()
+    home = home if home.is_absolute() else Path.cwd() / home
+    instances = Path(values.pop("instances_path", home / "instances")).expanduser()
+    cfg = Config(home=home, instances_path=instances.absolute(), flavors=flavors, **values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.driver not in DRIVERS:
+        raise ConfigError(f"driver must be one of {', '.join(DRIVERS)}, not {cfg.driver!r}")
+    if cfg.virt_type not in VIRT_TYPES:
+        allowed = ", ".join(VIRT_TYPES)
+        raise ConfigError(f"virt_type must be one of {allowed}, not {cfg.virt_type!r}")
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in ("max_virtual_size", "max_image_size", "fetch_concurrency") and v <= 0:
+            raise ConfigError(f"{f.name} must be positive, not {v}")
+    if not (0 < cfg.images_port < 65536):
+        raise ConfigError(f"images port out of range: {cfg.images_port}")

@@ -1,0 +1,1 @@
+"""The image service: an embedded Glance v2-compatible server and its client."""

@@ -1,0 +1,47 @@
+"""Shared test helpers.
+
+Tiers: ``tests/unit`` (no external programs), ``tests/integration`` (real
+qemu-img, the image service on loopback, PostgreSQL, real Glance) and
+``tests/e2e`` (real libvirt/QEMU boots). Outside CI a test whose real component
+is missing skips with the reason; in CI (``CI=true``) it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest_plugins = [
+    "tests.fixtures.images",
+]
+
+
+def missing(reason: str) -> None:
+    """A real component is missing: skip outside CI, fail in CI."""
+    if IN_CI:
+        pytest.fail(f"required component missing in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_program(name: str) -> str:
+    path = shutil.which(name) or (
+        shutil.which(name, path="/usr/sbin:/sbin") if not name.startswith("/") else None
+    )
+    if path is None:
+        missing(f"program {name!r} not installed")
+        raise AssertionError("unreachable")
+    return path
+
+
+def require_env(var: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        missing(f"environment variable {var} not set (run scripts/test.sh)")
+        raise AssertionError("unreachable")
+    return value
