@@ -54,17 +54,11 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help(sys.stderr)
-        return 2
-    _setup_logging(getattr(args, "verbose", 0))
+def dispatch(args: argparse.Namespace) -> int:
+    """Build the configuration, run the handler, map the error tree to exit codes."""
     try:
         cfg = build_config(args)
-        rc: int = handler(args, cfg)
+        rc: int = args.handler(args, cfg)
         return rc
     except CowfleetError as exc:
         print(f"cowfleet: error: {exc}", file=sys.stderr)
@@ -75,3 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging(getattr(args, "verbose", 0))
+    return dispatch(args)
