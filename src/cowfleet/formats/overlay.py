@@ -161,12 +161,16 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
+Piece = tuple[int, bytes]  # (file offset, bytes to write there)
+
+
 def build_metadata(
     layout: Layout, backing_name: bytes, backing_format: bytes, *, lazy_refcounts: bool
-) -> bytes:
-    """The non-zero prefix of the file: header cluster, refcount table and blocks.
+) -> tuple[Piece, ...]:
+    """The non-zero parts of the file: header, refcount table entries, refcounts.
 
-    The L1 table that follows is all zeros and is not part of the returned bytes.
+    Everything else in the first ``layout.file_size`` bytes (the rest of each table,
+    the whole L1 table) is zero and is left as a hole.
     """
     cs = layout.cluster_size
     ext = struct.pack(">II", EXT_BACKING_FORMAT, len(backing_format)) + backing_format
@@ -199,20 +203,27 @@ def build_metadata(
         HEADER_LENGTH,
         COMPRESSION_ZLIB,
     )
-    buf = bytearray(layout.l1_table_offset or layout.file_size)
-    first = header + ext + backing_name
-    buf[: len(first)] = first
     # Refcount table: one 8-byte entry per refcount block, in order.
     n_rb = layout.refcount_block_clusters
     rt = struct.pack(
         f">{n_rb}Q",
         *range(layout.refcount_block_offset, layout.refcount_block_offset + n_rb * cs, cs),
     )
-    buf[layout.refcount_table_offset : layout.refcount_table_offset + len(rt)] = rt
     # Refcount blocks are contiguous, so the entries of every used cluster form one run of
     # big-endian 16-bit ones starting at the first block.
     rb = b"\x00\x01" * layout.total_clusters
-    buf[layout.refcount_block_offset : layout.refcount_block_offset + len(rb)] = rb
+    return (
+        (0, header + ext + backing_name),
+        (layout.refcount_table_offset, rt),
+        (layout.refcount_block_offset, rb),
+    )
+
+
+def image_bytes(layout: Layout, pieces: tuple[Piece, ...]) -> bytes:
+    """The whole file as bytes (for tests and for writers that cannot leave holes)."""
+    buf = bytearray(layout.file_size)
+    for offset, data in pieces:
+        buf[offset : offset + len(data)] = data
     return bytes(buf)
 
 
@@ -295,8 +306,8 @@ def create_overlay(
             f"overlay size {size} exceeds the maximum virtual size {max_virtual_size}"
         )
     layout = plan_layout(size, cluster_size)
-    data = build_metadata(layout, name, fmt.encode(), lazy_refcounts=lazy_refcounts)
-    _write_atomically(out, data, layout.file_size, replace=replace, durable=durable)
+    pieces = build_metadata(layout, name, fmt.encode(), lazy_refcounts=lazy_refcounts)
+    _write_atomically(out, pieces, layout.file_size, replace=replace, durable=durable)
     log.debug("created overlay %s on %s (%s, %d bytes)", out, backing, fmt, size)
     return OverlayResult(
         path=out, virtual_size=size, cluster_size=cluster_size, backing=backing, backing_format=fmt
@@ -309,7 +320,7 @@ def _io_error(action: str, path: Path, exc: OSError) -> LocalIOError:
 
 
 def _write_atomically(
-    out: Path, data: bytes, file_size: int, *, replace: bool, durable: bool
+    out: Path, pieces: tuple[Piece, ...], file_size: int, *, replace: bool, durable: bool
 ) -> None:
     directory = out.parent
     tmp = directory / f".{out.name}.{secrets.token_hex(6)}.tmp"
@@ -320,9 +331,13 @@ def _write_atomically(
         raise _io_error("create", tmp, exc) from exc
     try:
         try:
-            os.write(fd, data)  # a regular file takes a short buffer in one write
-            if file_size > len(data):
-                os.ftruncate(fd, file_size)
+            # Size first, then only the non-zero bytes: the zero tables stay holes.
+            os.ftruncate(fd, file_size)
+            for offset, data in pieces:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
             if durable:
                 os.fsync(fd)
         finally:
