@@ -1,0 +1,255 @@
+"""Instance folders and cowfleet's record of an instance (``instance.json``).
+
+Layout of ``<instances_path>/<uuid>/`` (as Nova's, plus cowfleet's record)::
+
+    disk          qcow2 overlay on _base/<sha1(image id)>        (vda)
+    disk.local    qcow2 overlay on _base/ephemeral_...           (vdb, if ephemeral_gb)
+    disk.swap     qcow2 overlay on _base/swap_<MiB>              (vdc, if swap_mb)
+    disk.info     one JSON line {"<abs path>": "qcow2", ...}: every disk's format, pinned
+    console.log   the serial console
+    kernel        copy of the kernel base (aki images), so libvirt relabels a private file
+    ramdisk       copy of the ramdisk base (ari images)
+    instance.json this record
+
+The folders are the truth about which instances exist on the node; the
+hypervisor is the truth about their state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid as uuid_mod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cowfleet.compute.flavors import Flavor
+from cowfleet.errors import ConflictError, LocalIOError, NotFoundError, ValidationError
+
+log = logging.getLogger(__name__)
+
+RECORD = "instance.json"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# disk file -> guest target, in attach order
+DISK_TARGETS: tuple[tuple[str, str], ...] = (
+    ("disk", "vda"),
+    ("disk.local", "vdb"),
+    ("disk.swap", "vdc"),
+)
+
+
+def validate_name(name: str) -> str:
+    """Instance names: 1-63 of [A-Za-z0-9._-], starting with a letter or digit."""
+    if not NAME_RE.match(name):
+        raise ValidationError(
+            f"invalid server name {name!r}: use 1-63 characters of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    if is_uuid(name):
+        raise ValidationError(f"a server name must not be a UUID: {name!r}")
+    return name
+
+
+def is_uuid(text: str) -> bool:
+    return bool(_UUID_RE.match(text))
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One instance disk: file name in the folder, guest target, and its backing base."""
+
+    file: str
+    target: str
+    backing: str  # absolute path of the base in _base
+    backing_format: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    uuid: str
+    name: str
+    created_at: str
+    driver: str
+    virt_type: str
+    image_id: str
+    image_name: str | None
+    image_disk_format: str | None
+    flavor: Flavor
+    disks: tuple[DiskRecord, ...]
+    kernel_id: str | None = None
+    ramdisk_id: str | None = None
+    kernel_base: str | None = None
+    ramdisk_base: str | None = None
+    os_command_line: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "created_at": self.created_at,
+            "driver": self.driver,
+            "virt_type": self.virt_type,
+            "image": {
+                "id": self.image_id,
+                "name": self.image_name,
+                "disk_format": self.image_disk_format,
+            },
+            "flavor": self.flavor.to_dict(),
+            "disks": [
+                {
+                    "file": d.file,
+                    "target": d.target,
+                    "backing": d.backing,
+                    "backing_format": d.backing_format,
+                    "virtual_size": d.virtual_size,
+                }
+                for d in self.disks
+            ],
+            "kernel_id": self.kernel_id,
+            "ramdisk_id": self.ramdisk_id,
+            "kernel_base": self.kernel_base,
+            "ramdisk_base": self.ramdisk_base,
+            "os_command_line": self.os_command_line,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InstanceRecord:
+        try:
+            image = data["image"]
+            rec = cls(
+                uuid=str(data["uuid"]),
+                name=str(data["name"]),
+                created_at=str(data["created_at"]),
+                driver=str(data["driver"]),
+                virt_type=str(data.get("virt_type", "kvm")),
+                image_id=str(image["id"]),
+                image_name=image.get("name"),
+                image_disk_format=image.get("disk_format"),
+                flavor=Flavor.from_dict(data["flavor"]),
+                disks=tuple(
+                    DiskRecord(
+                        file=str(d["file"]),
+                        target=str(d["target"]),
+                        backing=str(d["backing"]),
+                        backing_format=str(d["backing_format"]),
+                        virtual_size=int(d["virtual_size"]),
+                    )
+                    for d in data["disks"]
+                ),
+                kernel_id=data.get("kernel_id"),
+                ramdisk_id=data.get("ramdisk_id"),
+                kernel_base=data.get("kernel_base"),
+                ramdisk_base=data.get("ramdisk_base"),
+                os_command_line=data.get("os_command_line"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError(f"malformed instance record: {exc!r}") from exc
+        if not is_uuid(rec.uuid) or {d.file for d in rec.disks} - {f for f, _ in DISK_TARGETS}:
+            raise ValidationError("malformed instance record: bad uuid or disk file name")
+        return rec
+
+
+@dataclass(frozen=True)
+class InstanceDir:
+    """Paths inside one instance folder."""
+
+    path: Path
+
+    @property
+    def uuid(self) -> str:
+        return self.path.name
+
+    @property
+    def record(self) -> Path:
+        return self.path / RECORD
+
+    @property
+    def disk_info(self) -> Path:
+        return self.path / "disk.info"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "kernel"
+
+    @property
+    def ramdisk(self) -> Path:
+        return self.path / "ramdisk"
+
+    def disk(self, file: str) -> Path:
+        return self.path / file
+
+
+def new_uuid() -> str:
+    return str(uuid_mod.uuid4())
+
+
+def read_record(folder: Path) -> InstanceRecord:
+    path = folder / RECORD
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"instance record missing: {path}", path=str(path)) from exc
+    except OSError as exc:
+        raise LocalIOError(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
+    except ValueError as exc:
+        raise ValidationError(f"instance record {path} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValidationError(f"instance record {path} is not a JSON object")
+    rec = InstanceRecord.from_dict(data)
+    if rec.uuid != folder.name:
+        raise ValidationError(f"instance record {path} names uuid {rec.uuid}, not {folder.name}")
+    return rec
+
+
+@dataclass(frozen=True)
+class FolderEntry:
+    """An instance folder; ``record`` is None when instance.json is missing or unreadable."""
+
+    uuid: str
+    path: Path
+    record: InstanceRecord | None
+    problem: str | None = None
+
+
+def scan(instances_path: Path) -> list[FolderEntry]:
+    """Every ``<uuid>/`` folder under ``instances_path`` (``_base``, ``locks``, temp skipped)."""
+    try:
+        children = sorted(instances_path.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LocalIOError(f"cannot list {instances_path}: {exc.strerror}") from exc
+    out: list[FolderEntry] = []
+    for child in children:
+        if not is_uuid(child.name) or not child.is_dir():
+            continue
+        try:
+            out.append(FolderEntry(child.name, child, read_record(child)))
+        except (NotFoundError, ValidationError, LocalIOError) as exc:
+            log.warning("instance folder %s: %s", child, exc)
+            out.append(FolderEntry(child.name, child, None, problem=str(exc)))
+    return out
+
+
+def find(instances_path: Path, ref: str) -> FolderEntry:
+    """The instance named ``ref`` or with UUID ``ref``."""
+    entries = scan(instances_path)
+    if is_uuid(ref.lower()):
+        for e in entries:
+            if e.uuid == ref.lower():
+                return e
+    else:
+        matches = [e for e in entries if e.record is not None and e.record.name == ref]
+        if len(matches) > 1:
+            raise ConflictError(f"several servers are named {ref!r}; use the UUID", name=ref)
+        if matches:
+            return matches[0]
+    raise NotFoundError(f"server {ref!r} not found in {instances_path}", server=ref)
