@@ -59,6 +59,8 @@ class Qcow2Header:
     backing_format: str | None  # from the backing-format header extension
     data_file: str | None  # from the external-data-file header extension
     compression_type: str  # "zlib" or "zstd" (or "unknown:<n>")
+    extension_types: tuple[int, ...] = ()  # every header extension type, in file order
+    feature_names: tuple[tuple[int, int, str], ...] = ()  # (kind, bit, name) from the table
 
     # Incompatible feature bits (qcow2.txt)
     INCOMPAT_DIRTY = 1 << 0
@@ -95,6 +97,19 @@ class Qcow2Header:
         return 1 << self.refcount_order
 
     @property
+    def has_backing(self) -> bool:
+        """A backing file is declared (even one whose name could not be read)."""
+        return bool(self.backing_file_offset) or self.backing_file is not None
+
+    @property
+    def has_fde_extension(self) -> bool:
+        return 0x0537BE77 in self.extension_types
+
+    @property
+    def has_bitmaps_extension(self) -> bool:
+        return 0x23852875 in self.extension_types
+
+    @property
     def unknown_incompatible(self) -> int:
         return self.incompatible_features & ~self.INCOMPAT_KNOWN
 
@@ -111,9 +126,10 @@ class Qcow2Header:
 @dataclass(frozen=True)
 class VmdkInfo:
     create_type: str | None  # from the descriptor, e.g. "monolithicSparse"
-    extents: tuple[str, ...]  # every extent file name a descriptor line names
+    extents: tuple[str, ...]  # file name of every extent line, in order ("" when none)
     sparse_header: bool  # True when the file starts with the "KDMV" sparse header
     descriptor_embedded: bool
+    extent_types: tuple[str, ...] = ()  # type of every extent line (SPARSE, FLAT, ZERO ...)
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,13 @@ class Inspection:
     encrypted: bool = False
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     complete: bool = True  # False when fed fewer bytes than needed to decide
+    # A parent/backing reference of a non-qcow2 format (qcow v1, qed, differencing vhd,
+    # vhdx parent locator, vmdk parentFileNameHint): "" when declared but unnamed.
+    parent: str | None = None
+    encryption: str | None = None  # "aes", "luks", "luks1", "luks2" ... when encrypted
 
     @property
     def backing_file(self) -> str | None:
-        return self.qcow2.backing_file if self.qcow2 else None
+        if self.qcow2 is not None and self.qcow2.backing_file is not None:
+            return self.qcow2.backing_file
+        return self.parent
