@@ -8,9 +8,10 @@ the directory of the image that names them, the way qemu combines paths.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
+import struct
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from cowfleet.errors import ImageFormatError, LocalIOError, NotFoundError
 from cowfleet.formats.inspection import Inspection, Qcow2Header, qemu_format_name
+from cowfleet.formats.inspector import inspect_path
 
 Inspect = Callable[[Path], Inspection]
 
@@ -115,10 +117,7 @@ def size_to_str(n: int) -> str:
 
 
 def _default_inspect(path: Path) -> Inspection:
-    # TODO(formats-qcow2): direct import once formats.inspector is on main.
-    inspector = importlib.import_module("cowfleet.formats.inspector")
-    result: Inspection = inspector.inspect_path(path)
-    return result
+    return inspect_path(path)
 
 
 def full_backing_name(image: str, backing: str) -> str:
@@ -196,14 +195,87 @@ def disk_info(
             backing_filename_format=h.backing_format if backing else None,
             format_specific=_qcow2_specific(h),
         )
+    cluster_size = inspection.cluster_size
+    if cluster_size is None and detected in _BLOCK_SIZE_READERS:
+        try:
+            cluster_size = _BLOCK_SIZE_READERS[detected](p)
+        except OSError as exc:
+            raise LocalIOError(f"cannot read {filename}: {exc.strerror}", path=filename) from exc
     return DiskInfo(
         filename=filename,
         format=detected,
         virtual_size=inspection.virtual_size,
         actual_size=actual_size,
-        cluster_size=inspection.cluster_size,
+        cluster_size=cluster_size,
         encrypted=inspection.encrypted,
     )
+
+
+# qemu reports the block size of dynamic VHD and of VHDX as "cluster-size". These
+# bounded readers fill it in while the inspector does not report it.
+_VHD_COOKIE = b"conectix"
+_VHD_DYNAMIC_COOKIE = b"cxsparse"
+_VHDX_REGION_TABLE = 192 * 1024
+_VHDX_METADATA_REGION = uuid.UUID("8b7ca206-4790-4b9a-b8fe-575f050f886e").bytes_le
+_VHDX_FILE_PARAMETERS = uuid.UUID("caa16737-fa36-4d43-b3b6-33f0aa44e76b").bytes_le
+_MAX_TABLE_ENTRIES = 2047
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def _vpc_block_size(path: Path) -> int | None:
+    footer = _pread(path, 0, 512)
+    if footer[:8] != _VHD_COOKIE:
+        size = os.stat(path).st_size
+        footer = _pread(path, max(size - 512, 0), 512)
+    if len(footer) < 512 or footer[:8] != _VHD_COOKIE:
+        return None
+    if struct.unpack_from(">I", footer, 60)[0] not in (3, 4):  # dynamic or differencing
+        return None
+    dyn_offset = struct.unpack_from(">Q", footer, 16)[0]
+    if dyn_offset >= 1 << 62:
+        return None
+    dyn = _pread(path, dyn_offset, 64)
+    if len(dyn) < 36 or dyn[:8] != _VHD_DYNAMIC_COOKIE:
+        return None
+    value: int = struct.unpack_from(">I", dyn, 32)[0]
+    return value
+
+
+def _vhdx_block_size(path: Path) -> int | None:
+    table = _pread(path, _VHDX_REGION_TABLE, 16 + 32 * _MAX_TABLE_ENTRIES)
+    if len(table) < 16 or table[:4] != b"regi":
+        return None
+    count = min(struct.unpack_from("<I", table, 8)[0], (len(table) - 16) // 32)
+    for i in range(count):
+        entry = table[16 + 32 * i : 48 + 32 * i]
+        if entry[:16] != _VHDX_METADATA_REGION:
+            continue
+        meta_off = struct.unpack_from("<Q", entry, 16)[0]
+        meta = _pread(path, meta_off, 32 + 32 * _MAX_TABLE_ENTRIES)
+        if len(meta) < 32 or meta[:8] != b"metadata":
+            return None
+        n = min(struct.unpack_from("<H", meta, 10)[0], (len(meta) - 32) // 32)
+        for j in range(n):
+            item = meta[32 + 32 * j : 64 + 32 * j]
+            if item[:16] == _VHDX_FILE_PARAMETERS:
+                off = struct.unpack_from("<I", item, 16)[0]
+                raw = _pread(path, meta_off + off, 4)
+                if len(raw) == 4:
+                    value: int = struct.unpack("<I", raw)[0]
+                    return value
+        return None
+    return None
+
+
+_BLOCK_SIZE_READERS: dict[str, Callable[[Path], int | None]] = {
+    "vpc": _vpc_block_size,
+    "vhdx": _vhdx_block_size,
+}
 
 
 def _raw_info(filename: str, p: Path, size: int, actual_size: int) -> DiskInfo:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import logging
 import os
 import secrets
@@ -38,6 +37,8 @@ from cowfleet.errors import (
     UsageError,
     ValidationError,
 )
+from cowfleet.formats import policy
+from cowfleet.formats.inspector import inspect_path
 
 log = logging.getLogger(__name__)
 
@@ -239,14 +240,10 @@ def _normalize_format(backing_format: str) -> str:
 
 def _backing_virtual_size(backing: Path, fmt: str, max_virtual_size: int) -> int:
     """Inspect the backing file and apply the safety policy; return its virtual size."""
-    from cowfleet.formats import policy
-
-    # TODO(formats-qcow2): direct import once formats.inspector is on main.
-    inspector = importlib.import_module("cowfleet.formats.inspector")
-    inspection = inspector.inspect_path(backing)
+    inspection = inspect_path(backing)
     verdict = policy.check(BACKING_FORMATS[fmt], inspection, max_virtual_size=max_virtual_size)
     verdict.raise_if_unsafe(path=str(backing))
-    return int(inspection.virtual_size)
+    return inspection.virtual_size
 
 
 def create_overlay(
