@@ -214,7 +214,9 @@ def _snapshot(base_dir: Path) -> dict[str, tuple[Any, ...]]:
 
 
 def _instance_dirs(cfg: config.Config) -> list[str]:
-    return sorted(p.name for p in cfg.instances_path.iterdir() if p.name not in ("_base", "locks"))
+    return sorted(
+        p.name for p in cfg.instances_path.iterdir() if p.name not in ("_base", "locks", ".names")
+    )
 
 
 def test_full_flavor_builds_the_nova_layout(env: Env) -> None:
@@ -426,3 +428,20 @@ def test_kernel_without_command_line_gets_default(env: Env) -> None:
     env.prov().create("k2", IMAGE_ID, "t1.small")
     assert env.driver.specs[-1].cmdline == DEFAULT_CMDLINE
     assert env.driver.specs[-1].initrd is None
+
+
+def test_base_altered_after_caching_is_refused(env: Env, tmp_path: Path) -> None:
+    """A cached base that no longer passes inspection (now a qcow2 naming a host file)."""
+    from cowfleet.errors import UnsafeImageError
+    from cowfleet.formats.overlay import create_overlay
+
+    base = env.cache.ensure_cached(IMAGE_ID).path
+    evil = tmp_path / "evil.qcow2"
+    create_overlay(evil, Path("/etc/shadow"), "raw", size=1 << 20, backing_virtual_size=1 << 20)
+    os.chmod(base, 0o644)
+    base.write_bytes(evil.read_bytes().ljust(4 * 1024 * 1024, b"\0"))
+    env.cache.calls.clear()
+    with pytest.raises(UnsafeImageError):
+        env.prov().create("evil", IMAGE_ID, "t1.small")
+    assert _instance_dirs(env.cfg) == []
+    assert not (env.cfg.instances_path / ".names" / "evil").exists()

@@ -274,3 +274,21 @@ def test_metadata_marks_instances_path(cfg: config.Config) -> None:
     info = lv.info(u)
     assert info is not None
     assert info.metadata == DomainMetadata(str(cfg.instances_path), IMAGE_ID, "m1.tiny")
+
+
+def test_names_are_free_again_after_delete_or_lost_folder(cfg: config.Config) -> None:
+    lv = FakeLibvirt()
+    first = _create(cfg, lv, "a")
+    with _manager(cfg, lv) as mgr:
+        mgr.delete("a")
+    second = _create(cfg, lv, "a")  # released by delete
+    assert second != first
+    import shutil
+
+    lv.undefine(second)
+    shutil.rmtree(cfg.instances_path / second)  # folder lost by hand: the claim is stale
+    third = _create(cfg, lv, "a")
+    with _manager(cfg, lv) as mgr:
+        assert [r.uuid for r in mgr.list_servers()] == [third]
+    with pytest.raises(ConflictError):
+        _create(cfg, lv, "a")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import uuid as uuid_mod
 from dataclasses import dataclass
@@ -185,6 +186,53 @@ class InstanceDir:
 
     def disk(self, file: str) -> Path:
         return self.path / file
+
+
+NAMES_DIR = ".names"  # <instances_path>/.names/<name> holds the UUID that claimed the name
+
+
+def name_claim_path(instances_path: Path, name: str) -> Path:
+    return instances_path / NAMES_DIR / validate_name(name)
+
+
+def name_owner(instances_path: Path, name: str) -> str | None:
+    """The UUID of the live instance (or creation in progress) holding ``name``, if any.
+
+    A claim whose folder (final or temporary) is gone is stale and ignored.
+    """
+    try:
+        owner = name_claim_path(instances_path, name).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LocalIOError(f"cannot read name claim of {name!r}: {exc.strerror}") from exc
+    if not is_uuid(owner):
+        return None
+    if (instances_path / owner).is_dir() or (instances_path / f".{owner}.tmp").is_dir():
+        return owner
+    return None
+
+
+def write_name_claim(instances_path: Path, name: str, uuid: str) -> Path:
+    """Claim ``name`` for ``uuid`` (the caller holds the names lock); returns the claim file."""
+    path = name_claim_path(instances_path, name)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(f".{name}.{uuid}")
+    tmp.write_text(uuid + "\n")
+    os.rename(tmp, path)
+    return path
+
+
+def release_name(instances_path: Path, name: str, uuid: str) -> None:
+    """Drop the claim of ``name`` if ``uuid`` holds it."""
+    path = name_claim_path(instances_path, name)
+    try:
+        if path.read_text().strip() == uuid:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot release name claim %s: %s", path, exc.strerror)
 
 
 def new_uuid() -> str:

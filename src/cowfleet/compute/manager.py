@@ -181,6 +181,9 @@ class ServerManager:
             self.driver("libvirt").undefine(row.uuid)
         if entry is not None:
             _remove_folder(entry.path)
+        if row.name and row.name != "-":
+            with contextlib.suppress(ValidationError):
+                inst.release_name(self.cfg.instances_path, row.name, row.uuid)
         log.info("deleted server %s (%s)", row.name, row.uuid)
         return row
 

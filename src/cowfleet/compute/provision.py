@@ -136,6 +136,7 @@ class Provisioner:
         new_uuid: Callable[[], str] = inst.new_uuid,
         runner: Callable[..., proc.Completed] = proc.run,
         durable: bool = True,
+        reinspect_bases: bool = True,
     ) -> None:
         self.cfg = cfg
         self.images = images
@@ -146,6 +147,10 @@ class Provisioner:
         self.new_uuid = new_uuid
         self.runner = runner
         self.durable = durable
+        # Re-inspect an image base (head reads + safety policy) on every use, so a base
+        # altered after the cache verified it is refused; cowfleet's own ephemeral/swap
+        # bases are trusted.
+        self.reinspect_bases = reinspect_bases
 
     # validation -------------------------------------------------------------
     def plan(self, name: str, image_ref: str, flavor_name: str) -> Plan:
@@ -223,6 +228,10 @@ class Provisioner:
             )
 
     def _check_name_free(self, name: str) -> None:
+        owner = inst.name_owner(self.cfg.instances_path, name)
+        if owner is not None:
+            raise ConflictError(f"a server named {name!r} already exists ({owner})", name=name)
+        # The folders are the truth (a folder may predate its claim, e.g. restored by hand).
         for entry in inst.scan(self.cfg.instances_path):
             if entry.record is not None and entry.record.name == name:
                 raise ConflictError(
@@ -272,14 +281,16 @@ class Provisioner:
     ) -> inst.InstanceRecord:
         """Write the instance folder for ``plan`` on cached bases and hand it to the driver."""
         cfg = self.cfg
+        targets = dict(inst.DISK_TARGETS)
         bases: list[tuple[str, CachedBaseLike]] = [("disk", root), *self._local_bases(plan.flavor)]
+        trusted = {"disk.local", "disk.swap"} if self.reinspect_bases else set(targets)
         uuid = self.new_uuid()
         final = cfg.instances_path / uuid
         tmp = cfg.instances_path / f".{uuid}.tmp"
-        targets = dict(inst.DISK_TARGETS)
         created_at = datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds")
         disks: list[inst.DiskRecord] = []
         renamed = defined = False
+        claim: Path | None = None
         try:
             try:
                 cfg.instances_path.mkdir(parents=True, exist_ok=True)
@@ -295,9 +306,9 @@ class Provisioner:
                     base.path,
                     base.format,
                     size=size,
-                    backing_virtual_size=base.virtual_size,
+                    backing_virtual_size=base.virtual_size if file in trusted else None,
                     max_virtual_size=max(cfg.max_virtual_size, size),
-                    durable=self.durable,
+                    durable=False,  # fsynced together below
                 )
                 os.chmod(tmp / file, FILE_MODE)
                 disks.append(
@@ -335,19 +346,30 @@ class Provisioner:
             )
             self._write(tmp / inst.RECORD, json.dumps(record.to_dict(), indent=2) + "\n")
             if self.durable:
-                _fsync_dir(tmp)
+                # One pass of fsyncs after all writes costs less than one per file.
+                for child in os.listdir(tmp):
+                    _fsync_path(tmp / child)
+                _fsync_path(tmp)
             with self.lock(cfg.locks_dir, NAMES_LOCK):
-                self._check_name_free(plan.name)
+                owner = inst.name_owner(cfg.instances_path, plan.name)
+                if owner is not None:
+                    raise ConflictError(
+                        f"a server named {plan.name!r} already exists ({owner})", name=plan.name
+                    )
+                claim = inst.write_name_claim(cfg.instances_path, plan.name, uuid)
                 os.rename(tmp, final)
                 renamed = True
             if self.durable:
-                _fsync_dir(cfg.instances_path)
+                _fsync_path(claim.parent)
+                _fsync_path(cfg.instances_path)
             self.driver.define(domain_spec(cfg, record))
             defined = True
             if start and self.driver.can_run:
                 self.driver.start(uuid)
         except BaseException as exc:
             self._rollback(tmp, final if renamed else None, uuid if defined else None)
+            if claim is not None:
+                inst.release_name(cfg.instances_path, plan.name, uuid)
             if isinstance(exc, OSError):
                 cls = StorageFullError if exc.errno in (28, 122) else LocalIOError
                 raise cls(f"cannot create instance {plan.name}: {exc}", name=plan.name) from exc
@@ -362,13 +384,11 @@ class Provisioner:
         )
         return record
 
-    def _write(self, path: Path, text: str) -> None:
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-            if self.durable:
-                fh.flush()
-                os.fsync(fh.fileno())
 
     def _rollback(self, tmp: Path, final: Path | None, defined_uuid: str | None) -> None:
         if defined_uuid is not None:
@@ -381,8 +401,8 @@ class Provisioner:
                 _remove_instance_dir(folder)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
