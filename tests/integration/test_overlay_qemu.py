@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cowfleet import proc, qemuimg
-from cowfleet.errors import CommandError, ValidationError
+from cowfleet.errors import CommandError, UnsafeImageError, ValidationError
 from cowfleet.formats.overlay import create_overlay
 from tests.conftest import require_program
 
@@ -138,3 +138,35 @@ def test_existing_file_is_replaced_atomically(tmp_path: Path, raw_base: Path) ->
     create_overlay(out, raw_base, "raw", backing_virtual_size=GiB)
     _assert_clean(out)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_backing_is_inspected_and_default_size_is_its_virtual_size(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qemuimg.create(base, "qcow2", 3 * GiB + 4096)
+    out = tmp_path / "disk"
+    res = create_overlay(out, base, "qcow2")
+    assert res.virtual_size == 3 * GiB + 4096
+    _assert_clean(out)
+    assert [c.virtual_size for c in qemuimg.info_chain(out, "qcow2")] == [res.virtual_size] * 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    ["backing-file", "data-file", "format-mismatch"],
+)
+def test_hostile_backing_made_by_qemu_is_refused(tmp_path: Path, raw_base: Path, make: str) -> None:
+    bad = tmp_path / "bad.qcow2"
+    fmt = "qcow2"
+    if make == "backing-file":
+        qemuimg.create(bad, "qcow2", GiB, backing=raw_base, backing_fmt="raw")
+    elif make == "data-file":
+        qemuimg.create(bad, "qcow2", GiB, options={"data_file": str(tmp_path / "data.raw")})
+    else:
+        qemuimg.create(bad, "qcow2", GiB)
+        fmt = "raw"  # a qcow2 file declared as raw
+    out = tmp_path / "disk"
+    with pytest.raises(UnsafeImageError) as err:
+        create_overlay(out, bad, fmt, size=2 * GiB)
+    assert err.value.failures
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
