@@ -9,7 +9,6 @@ into the file or the VHDX metadata table. Every region is bounded by a constant.
 from __future__ import annotations
 
 import json
-import re
 import struct
 import uuid
 from collections.abc import Callable
@@ -203,11 +202,7 @@ def probe_qed(v: View) -> Probe | None:
 
 # --------------------------------------------------------------------------- vmdk
 
-_EXTENT = re.compile(
-    r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"([^"]*)")?(?:\s+(\d+))?\s*$'
-)
-_KEY = re.compile(r'^\s*([A-Za-z.]+)\s*=\s*"?([^"]*)"?\s*$')
-_VERSION_LINE = re.compile(rb"^[ \t]*version[ \t]*=[ \t]*\"?[123]\"?[ \t]*\r?$", re.M)
+EXTENT_ACCESS = ("RW", "RDONLY", "NOACCESS")
 
 
 @dataclass(frozen=True)
@@ -218,32 +213,41 @@ class Descriptor:
     parent_cid: str | None
 
 
+def _extent(line: str) -> tuple[str, int, str, str | None]:
+    """``ACCESS SECTORS TYPE ["FILE" [OFFSET]]``; the file name is what lies between quotes."""
+    head, _, rest = line.partition('"')
+    words = head.split()
+    sectors = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+    kind = words[2].upper() if len(words) > 2 else "UNKNOWN"
+    name = rest.partition('"')[0] if rest else None
+    return words[0], sectors, kind, name
+
+
 def parse_descriptor(text: bytes) -> Descriptor:
-    """Every key and every extent line of a VMDK descriptor, wherever it stands."""
+    """Every key and every extent line of a VMDK descriptor, wherever it stands.
+
+    Plain string operations only (no regular expressions): the text is hostile.
+    """
     create_type = parent_hint = parent_cid = None
     extents: list[tuple[str, int, str, str | None]] = []
     for raw in text.split(b"\0", 1)[0].decode("utf-8", errors="replace").splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        m = _EXTENT.match(line)
-        if m:
-            extents.append((m[1], int(m[2]), m[3].upper(), m[4]))
+        first = line.split(None, 1)[0]
+        if first in EXTENT_ACCESS:
+            extents.append(_extent(line))
             continue
-        if line.split(None, 1)[0] in ("RW", "RDONLY", "NOACCESS"):
-            # An extent line we cannot fully parse is still an extent line.
-            name = line.split('"')[1] if line.count('"') >= 2 else None
-            extents.append((line.split(None, 1)[0], 0, "UNKNOWN", name))
+        key, sep, value = line.partition("=")
+        if not sep:
             continue
-        k = _KEY.match(line)
-        if k:
-            key, value = k[1], k[2]
-            if key == "createType":
-                create_type = value
-            elif key == "parentFileNameHint":
-                parent_hint = value
-            elif key == "parentCID":
-                parent_cid = value
+        key, value = key.strip(), value.strip().strip('"')
+        if key == "createType":
+            create_type = value
+        elif key == "parentFileNameHint":
+            parent_hint = value
+        elif key == "parentCID":
+            parent_cid = value
     return Descriptor(create_type, tuple(extents), parent_hint, parent_cid)
 
 
@@ -262,10 +266,15 @@ def _vmdk_probe_from(desc: Descriptor, p: Probe, *, sparse: bool, embedded: bool
 
 
 def is_text_descriptor(head: bytes) -> bool:
+    """A plain-text VMDK descriptor: a ``version=1|2|3`` line and a createType or header."""
     text = head[:4096].split(b"\0", 1)[0]
-    return bool(_VERSION_LINE.search(text)) and (
-        b"# Disk DescriptorFile" in text or b"createType" in text
-    )
+    if b"# Disk DescriptorFile" not in text and b"createType" not in text:
+        return False
+    for line in text.splitlines():
+        key, sep, value = line.partition(b"=")
+        if sep and key.strip() == b"version" and value.strip().strip(b'"') in (b"1", b"2", b"3"):
+            return True
+    return False
 
 
 def vmdk_descriptor_request(v: View) -> Request | None:
