@@ -251,3 +251,26 @@ def test_overlay_on_backing_with_its_own_backing_is_refused(
 def test_info_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["disk", "info", str(tmp_path / "nope")]) == 4
     assert "not found" in capsys.readouterr().err
+
+
+def test_works_without_qemu_img(
+    tmp_path: Path,
+    base: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No subprocess at all: an empty PATH and a failing subprocess module change nothing."""
+    import subprocess
+
+    def no_subprocess(*args: object, **kwargs: object) -> None:
+        raise AssertionError("disk info/overlay must not run a program")
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    out = tmp_path / "disk"
+    assert (
+        main(["disk", "overlay", "--backing", str(base), "--backing-format", "raw", str(out)]) == 0
+    )
+    assert main(["disk", "info", "--backing-chain", "--output", "json", str(out)]) == 0
+    assert "qcow2" in capsys.readouterr().out
