@@ -8,6 +8,7 @@ the directory of the image that names them, the way qemu combines paths.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import struct
@@ -64,10 +65,7 @@ class DiskInfo:
         if self.backing_filename_format is not None:
             out["backing-filename-format"] = self.backing_filename_format
         if self.format_specific is not None:
-            out["format-specific"] = {
-                "type": self.format_specific["type"],
-                "data": dict(self.format_specific["data"]),
-            }
+            out["format-specific"] = copy.deepcopy(dict(self.format_specific))
         out["dirty-flag"] = self.dirty_flag
         return out
 
@@ -94,9 +92,27 @@ class DiskInfo:
             lines.append(f"backing file format: {self.backing_filename_format}")
         if self.format_specific is not None:
             lines.append("Format specific information:")
-            for key, value in self.format_specific["data"].items():
-                lines.append(f"    {key.replace('-', ' ')}: {_human_value(value)}")
+            _render_dict(self.format_specific["data"], 4, lines)
         return "\n".join(lines) + "\n"
+
+
+def _render_dict(data: Mapping[str, Any], indent: int, lines: list[str]) -> None:
+    pad = " " * indent
+    for key, value in data.items():
+        name = key.replace("-", " ")
+        if isinstance(value, Mapping):
+            lines.append(f"{pad}{name}:")
+            _render_dict(value, indent + 4, lines)
+        elif isinstance(value, list):
+            lines.append(f"{pad}{name}:")
+            for i, item in enumerate(value):
+                lines.append(f"{pad}    [{i}]:")
+                if isinstance(item, Mapping):
+                    _render_dict(item, indent + 8, lines)
+                else:
+                    lines.append(f"{pad}        {_human_value(item)}")
+        else:
+            lines.append(f"{pad}{name}: {_human_value(value)}")
 
 
 def _human_value(value: Any) -> str:
@@ -196,6 +212,12 @@ def disk_info(
             format_specific=_qcow2_specific(h),
         )
     cluster_size = inspection.cluster_size
+    specific = None
+    if detected == "vmdk" and inspection.vmdk is not None and inspection.vmdk.sparse_header:
+        try:
+            specific = _vmdk_specific(p, filename)
+        except OSError as exc:
+            raise LocalIOError(f"cannot read {filename}: {exc.strerror}", path=filename) from exc
     if cluster_size is None and detected in _BLOCK_SIZE_READERS:
         try:
             cluster_size = _BLOCK_SIZE_READERS[detected](p)
@@ -208,6 +230,7 @@ def disk_info(
         actual_size=actual_size,
         cluster_size=cluster_size,
         encrypted=inspection.encrypted,
+        format_specific=specific,
     )
 
 
@@ -270,6 +293,55 @@ def _vhdx_block_size(path: Path) -> int | None:
                     return value
         return None
     return None
+
+
+_VMDK_MAGIC = b"KDMV"
+_VMDK_COMPRESSION_DEFLATE = 1
+_MAX_DESCRIPTOR = 64 * 1024
+
+
+def _vmdk_specific(path: Path, filename: str) -> dict[str, Any] | None:
+    """qemu's vmdk block for a monolithic sparse or streamOptimized file (embedded descriptor)."""
+    head = _pread(path, 0, 512)
+    if len(head) < 80 or head[:4] != _VMDK_MAGIC:
+        return None
+    capacity, grain, desc_off, desc_size = struct.unpack_from("<QQQQ", head, 12)
+    compress = struct.unpack_from("<H", head, 77)[0]
+    if not desc_off or not desc_size or desc_off >= 1 << 40:
+        return None
+    text = _pread(path, desc_off * SECTOR, min(desc_size * SECTOR, _MAX_DESCRIPTOR))
+    fields: dict[str, str] = {}
+    for raw in text.split(b"\n"):
+        line = raw.split(b"\0", 1)[0].strip().decode("utf-8", errors="replace")
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            fields[key.strip()] = value.strip().strip('"')
+    try:
+        cid = int(fields["CID"], 16)
+        parent_cid = int(fields["parentCID"], 16)
+        create_type = fields["createType"]
+    except (KeyError, ValueError):
+        return None
+    extent: dict[str, Any] = {}
+    if compress == _VMDK_COMPRESSION_DEFLATE:
+        extent["compressed"] = True
+    extent.update(
+        {
+            "virtual-size": capacity * SECTOR,
+            "filename": filename,
+            "cluster-size": grain * SECTOR,
+            "format": "",
+        }
+    )
+    return {
+        "type": "vmdk",
+        "data": {
+            "cid": cid,
+            "parent-cid": parent_cid,
+            "create-type": create_type,
+            "extents": [extent],
+        },
+    }
 
 
 _BLOCK_SIZE_READERS: dict[str, Callable[[Path], int | None]] = {
