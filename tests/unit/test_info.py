@@ -212,3 +212,35 @@ def test_chain_unrecorded_backing_format_is_not_probed(tmp_path: Path) -> None:
 )
 def test_protocol_names(name: str, protocol: bool) -> None:
     assert info._has_protocol(name) is protocol
+
+
+def test_render_nested_format_specific() -> None:
+    d = info.DiskInfo(
+        filename="a.vmdk",
+        format="vmdk",
+        virtual_size=GiB,
+        actual_size=12288,
+        cluster_size=65536,
+        format_specific={
+            "type": "vmdk",
+            "data": {
+                "cid": 1,
+                "create-type": "streamOptimized",
+                "extents": [{"compressed": True, "filename": "a.vmdk", "format": ""}],
+            },
+        },
+    )
+    assert d.render().endswith(
+        "Format specific information:\n"
+        "    cid: 1\n"
+        "    create type: streamOptimized\n"
+        "    extents:\n"
+        "        [0]:\n"
+        "            compressed: true\n"
+        "            filename: a.vmdk\n"
+        "            format: \n"
+    )
+    j = d.to_qemu_json()
+    j["format-specific"]["data"]["extents"][0]["format"] = "changed"
+    assert d.format_specific is not None
+    assert d.format_specific["data"]["extents"][0]["format"] == ""  # a copy, not a view
