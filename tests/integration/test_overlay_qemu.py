@@ -170,3 +170,32 @@ def test_hostile_backing_made_by_qemu_is_refused(tmp_path: Path, raw_base: Path,
     assert err.value.failures
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(
+    ("fmt", "opts"),
+    [
+        ("raw", {}),
+        ("qcow2", {}),
+        ("vmdk", {}),
+        ("vmdk", {"subformat": "streamOptimized"}),
+        ("vpc", {}),
+        ("vhdx", {}),
+        ("vdi", {}),
+    ],
+    ids=["raw", "qcow2", "vmdk", "vmdk-stream", "vpc", "vhdx", "vdi"],
+)
+def test_overlay_on_every_backing_format(tmp_path: Path, fmt: str, opts: dict[str, str]) -> None:
+    qemu_io = require_program("qemu-io")
+    base = tmp_path / f"base.{fmt}"
+    qemuimg.create(base, fmt, 64 * 1024 * 1024, options=opts or None)
+    if opts.get("subformat") != "streamOptimized":  # stream-optimized files are append-only
+        proc.run([qemu_io, "-f", fmt, "-c", "write -P 0x61 0 64k", str(base)])
+    out = tmp_path / "disk"
+    res = create_overlay(out, base, fmt)  # inspected + policy-checked, default size
+    chain = qemuimg.info_chain(out, "qcow2")
+    assert res.virtual_size == chain[1].virtual_size
+    assert chain[0].backing_filename_format == fmt
+    _assert_clean(out)
+    pattern = "0" if opts.get("subformat") == "streamOptimized" else "0x61"
+    proc.run([qemu_io, "-f", "qcow2", "-c", f"read -P {pattern} 0 64k", str(out)])
