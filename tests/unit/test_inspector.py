@@ -217,3 +217,11 @@ def test_inspect_path_errors(tmp_path: Path) -> None:
         inspect_path(tmp_path / "missing")
     with pytest.raises(LocalIOError, match="not a regular file"):
         inspect_path(tmp_path)
+
+
+def test_memoryview_slice_of_larger_buffer() -> None:
+    image = hc.qcow2(backing=b"/b")
+    big = b"\xaa" * 3 + image + b"\xbb" * 300_000
+    insp = Inspector()
+    insp.feed(memoryview(big)[3 : 3 + len(image)])
+    assert insp.finish() == inspect_bytes(image)

@@ -83,7 +83,8 @@ class Inspector:
         if n == 0:
             return
         if self._pending:
-            self._capture(offset, memoryview(chunk).cast("B"))
+            raw = chunk if type(chunk) is bytes else None
+            self._capture(offset, memoryview(chunk).cast("B"), raw)
         if n >= TAIL_SIZE:
             self._tail = bytes(chunk[n - TAIL_SIZE :])
         elif offset == self._pos:
@@ -107,7 +108,7 @@ class Inspector:
         self._requested.add(key)
         self._pending[req.offset] = (req.length, bytearray())
 
-    def _capture(self, offset: int, mv: memoryview) -> None:
+    def _capture(self, offset: int, mv: memoryview, raw: bytes | None) -> None:
         end = offset + len(mv)
         changed = True
         while changed:
@@ -121,6 +122,13 @@ class Inspector:
                 if cur >= end:
                     continue
                 stop = min(start + length, end)
+                if not buf and stop == start + length:
+                    # The whole region is in this chunk: one copy (none for exact bytes).
+                    piece = mv[cur - offset : stop - offset]
+                    exact = raw is not None and len(piece) == len(raw)
+                    self._complete(start, raw if exact and raw is not None else piece.tobytes())
+                    changed = True
+                    continue
                 buf += mv[cur - offset : stop - offset]
                 if len(buf) == length:
                     self._complete(start, bytes(buf))
