@@ -9,16 +9,19 @@
 #                  Its /init loads the modules, prints "cowfleet-guest: ..." lines to
 #                  the serial console, writes "COWFLEET-MARKER <token>" (token from the
 #                  kernel command line option cowfleet.marker=) into the first sector
-#                  of /dev/vda, syncs and powers off.
+#                  of /dev/vda, syncs, waits cowfleet.hold= seconds (default 0) and
+#                  powers off.
 #   root.img       a 16 MiB raw disk holding an ext4 filesystem (mkfs.ext4 -d): the root
 #                  disk image, the one the instance's qcow2 overlay is backed by.
 #   kernel-version the kernel release the files were built from.
+#   guest-version  the version of this recipe (a different one triggers a rebuild).
 # Needs: apt-get (download only), dpkg, busybox-static, cpio, gzip, e2fsprogs.
 
 _cowfleet_guest_build() {
   local dest="${COWFLEET_TEST_GUEST_DIR:-/opt/cowfleet-test/guest}"
+  local version=2  # bump when the guest changes: a rebuild follows
   if [[ -s "$dest/vmlinuz" && -s "$dest/initramfs.img" && -s "$dest/root.img" \
-        && -s "$dest/kernel-version" ]]; then
+        && "$(cat "$dest/guest-version" 2>/dev/null)" == "$version" ]]; then
     export COWFLEET_TEST_GUEST_DIR="$dest"
     return 0
   fi
@@ -87,8 +90,12 @@ for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m" || echo "cowflee
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 token=none
+hold=0
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in cowfleet.marker=*) token="${arg#cowfleet.marker=}" ;; esac
+  case "$arg" in
+    cowfleet.marker=*) token="${arg#cowfleet.marker=}" ;;
+    cowfleet.hold=*) hold="${arg#cowfleet.hold=}" ;;
+  esac
 done
 if [ -b /dev/vda ]; then
   magic="$(dd if=/dev/vda bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n')"
@@ -102,6 +109,10 @@ fi
 for d in vdb vdc; do
   [ -b /dev/$d ] && echo "cowfleet-guest: $d sectors $(cat /sys/block/$d/size)"
 done
+if [ "$hold" -gt 0 ] 2>/dev/null; then
+  echo "cowfleet-guest: holding $hold s"
+  sleep "$hold"
+fi
 echo "cowfleet-guest: powering off"
 poweroff -f
 EOF
@@ -121,6 +132,7 @@ EOF
   mv "$work/initramfs.img" "$stage/initramfs.img"
   mv "$work/root.img" "$stage/root.img"
   echo "$kver" >"$stage/kernel-version"
+  echo "$version" >"$stage/guest-version"
   chmod 0644 "$stage"/*
   rm -rf "$dest"
   mkdir -p "$(dirname "$dest")"

@@ -110,8 +110,8 @@ def _ensure_base(
     if path.is_file():  # fast path: no lock needed to use an existing base
         return LocalBase(path=path, format="raw", virtual_size=path.stat().st_size, created=False)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        locks_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        locks_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
         raise LocalIOError(f"cannot create {path.parent}: {exc.strerror}") from exc
     with lock(locks_dir, path.name):
