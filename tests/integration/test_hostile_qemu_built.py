@@ -36,9 +36,13 @@ def create(path: Path, fmt: str, size: str, *options: str) -> Path:
     return path
 
 
+def qemu_info(path: Path, qemu_fmt: str) -> dict[str, object]:
+    info: dict[str, object] = json.loads(qemu_img("info", "--output=json", "-f", qemu_fmt, path))
+    return info
+
+
 def qemu_virtual_size(path: Path, qemu_fmt: str) -> int:
-    info = json.loads(qemu_img("info", "--output=json", "-f", qemu_fmt, path))
-    return int(info["virtual-size"])
+    return int(str(qemu_info(path, qemu_fmt)["virtual-size"]))
 
 
 @pytest.fixture
@@ -211,7 +215,10 @@ def test_qemu_built_valid_images_are_safe(
     insp = inspect_path(path)
     verdict = check(declared, insp)
     assert verdict.safe, verdict.failures
-    assert insp.virtual_size == qemu_virtual_size(path, qemu_fmt)
+    info = qemu_info(path, qemu_fmt)
+    assert insp.virtual_size == info["virtual-size"]
+    if "cluster-size" in info:
+        assert insp.cluster_size == info["cluster-size"]
     # Any other declaration of a non-raw image is refused.
     for other in GLANCE_DISK_FORMATS:
         if GLANCE_DISK_FORMATS[other] != insp.format and insp.format != "raw":

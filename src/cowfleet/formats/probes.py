@@ -36,6 +36,7 @@ VHDX_REGION_SIGNATURE = b"regi"
 VHDX_METADATA_SIGNATURE = b"metadata"
 VHDX_METADATA_REGION = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
 VHDX_VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8").bytes_le
+VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B").bytes_le
 VHDX_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C").bytes_le
 VDI_SIGNATURE_OFFSET = 0x40
 VDI_SIGNATURE = 0xBEDA107F
@@ -373,12 +374,15 @@ def probe_vhd(v: View) -> Probe | None:
         sectors = _u64be(footer, 48) // SECTOR
     p.virtual_size = sectors * SECTOR
     disk_type = _u32be(footer, 60)
-    if disk_type == 4:
-        p.parent = ""
+    if disk_type in (3, 4):
         dyn_off = _u64be(footer, 16)
         dyn = v.read(dyn_off, 1024) if dyn_off < (1 << 62) else None
         if dyn is not None and dyn[:8] == VHD_DYNAMIC_COOKIE:
-            p.parent = dyn[64:576].decode("utf-16-be", errors="replace").rstrip("\0")
+            p.cluster_size = _u32be(dyn, 32)  # block size, qemu's "cluster-size"
+        if disk_type == 4:
+            p.parent = ""
+            if dyn is not None and dyn[:8] == VHD_DYNAMIC_COOKIE:
+                p.parent = dyn[64:576].decode("utf-16-be", errors="replace").rstrip("\0")
     elif disk_type not in VHD_DISK_TYPES:
         p.findings.append(Finding("invalid-header", f"vhd disk type {disk_type} is unknown"))
     if at_start and disk_type == 2:
@@ -431,8 +435,9 @@ def vhdx_requests(v: View) -> list[Request]:
     items = _vhdx_items(v, meta_off)
     if items:
         for guid, off, length in items:
-            if guid == VHDX_VIRTUAL_DISK_SIZE:
-                out.append(Request(meta_off + off, min(length, MAX_ITEM), meta_off + MAX_REGION))
+            if guid in (VHDX_VIRTUAL_DISK_SIZE, VHDX_FILE_PARAMETERS):
+                after = meta_off + min(meta_len, MAX_REGION)
+                out.append(Request(meta_off + off, min(length, MAX_ITEM), after))
     return out
 
 
@@ -453,6 +458,10 @@ def probe_vhdx(v: View) -> Probe | None:
             raw = v.read(meta_off + off, 8)
             if raw is not None:
                 p.virtual_size = _u64le(raw, 0)
+        elif guid == VHDX_FILE_PARAMETERS and length >= 8:
+            raw = v.read(meta_off + off, 8)
+            if raw is not None:
+                p.cluster_size = _u32le(raw, 0)  # block size, qemu's "cluster-size"
         elif guid == VHDX_PARENT_LOCATOR:
             p.parent = ""
     if p.virtual_size is None:
