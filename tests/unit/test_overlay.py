@@ -12,6 +12,7 @@ from cowfleet.errors import (
     ConflictError,
     LocalIOError,
     NotFoundError,
+    UnsafeImageError,
     UsageError,
     ValidationError,
 )
@@ -282,3 +283,41 @@ def test_file_mode(tmp_path: Path, backing: Path) -> None:
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+# ---- the backing file is inspected and judged by the safety policy -------------------
+
+
+def test_backing_with_its_own_backing_is_refused(tmp_path: Path, backing: Path) -> None:
+    mid = tmp_path / "mid"
+    create_overlay(mid, backing, "raw")  # inspected: a plain raw file passes
+    with pytest.raises(UnsafeImageError) as err:
+        create_overlay(tmp_path / "top", mid, "qcow2")
+    assert "backing-file" in {f.code for f in err.value.failures}
+    assert not (tmp_path / "top").exists()
+    # A caller that vouches for the backing file (the node cache) may still layer on it.
+    create_overlay(tmp_path / "top", mid, "qcow2", backing_virtual_size=GiB)
+
+
+def test_declared_format_must_match_content(tmp_path: Path, backing: Path) -> None:
+    with pytest.raises(UnsafeImageError) as err:
+        create_overlay(tmp_path / "d", backing, "qcow2")  # raw bytes declared qcow2
+    assert "format-mismatch" in {f.code for f in err.value.failures}
+    qcow = tmp_path / "q"
+    create_overlay(qcow, backing, "raw")
+    with pytest.raises(UnsafeImageError):
+        create_overlay(tmp_path / "d", qcow, "raw")  # qcow2 bytes declared raw
+
+
+def test_backing_above_max_virtual_size_is_refused(tmp_path: Path, backing: Path) -> None:
+    with pytest.raises(UnsafeImageError) as err:
+        create_overlay(tmp_path / "d", backing, "raw", max_virtual_size=GiB // 2)
+    assert "virtual-size-too-large" in {f.code for f in err.value.failures}
+
+
+def test_default_size_from_inspection(tmp_path: Path) -> None:
+    base = tmp_path / "b"
+    with base.open("wb") as f:
+        f.truncate(5 * 1024 * 1024 + 100)
+    res = create_overlay(tmp_path / "d", base, "raw")
+    assert res.virtual_size == 5 * 1024 * 1024 + 512  # raw size rounded to a sector
