@@ -50,6 +50,8 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert doc["qcow2"]["backing_file"] == 'json:{"x":1}'
     assert doc["qcow2"]["backing_format"] == "raw"
     assert doc["virtual_size"] == 64 * hc.MIB
+    assert doc["backing_file"] == 'json:{"x":1}' and doc["cluster_size"] == 65536
+    assert doc["encryption"] is None and doc["complete"] is True
 
 
 def test_json_safe_raw(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

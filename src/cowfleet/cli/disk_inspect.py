@@ -49,6 +49,10 @@ def verdict_json(path: Path, insp: Inspection, verdict: Verdict) -> dict[str, An
         "data_size": insp.data_size,
         "matches": list(insp.matches),
         "partition_table": insp.partition_table,
+        "cluster_size": insp.cluster_size,
+        "backing_file": insp.backing_file,
+        "encryption": insp.encryption if insp.encrypted else None,
+        "complete": insp.complete,
         "safe": verdict.safe,
         "failures": [{"code": f.code, "message": f.message} for f in verdict.failures],
     }
