@@ -172,7 +172,8 @@ def test_chain_loop_refused(tmp_path: Path) -> None:
 def test_chain_self_loop_refused(tmp_path: Path) -> None:
     a = tmp_path / "a"
     _raw(a, 1)
-    create_overlay(a, a, "qcow2", backing_virtual_size=0)
+    create_overlay(tmp_path / "a2", a, "qcow2", backing_virtual_size=0)
+    (tmp_path / "a2").replace(a)  # a now names itself as its backing file
     with pytest.raises(ImageFormatError, match="loop"):
         backing_chain(a)
 

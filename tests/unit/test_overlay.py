@@ -226,6 +226,20 @@ def test_refuses_name_that_does_not_fit_first_cluster(tmp_path: Path) -> None:
     assert parse_header((tmp_path / "d").read_bytes()).backing_file == str(base)
 
 
+def test_refuses_to_replace_its_own_backing(tmp_path: Path, backing: Path) -> None:
+    hard = tmp_path / "hard"
+    os.link(backing, hard)
+    for out in (backing, hard):
+        with pytest.raises(ValidationError, match="replace the backing file"):
+            create_overlay(out, backing, "raw", backing_virtual_size=GiB)
+    assert backing.stat().st_size == GiB
+    # A symlink to the backing file is replaced by the overlay; the backing file stays.
+    link = tmp_path / "alias"
+    link.symlink_to(backing)
+    create_overlay(link, backing, "raw", backing_virtual_size=GiB)
+    assert not link.is_symlink() and backing.stat().st_size == GiB
+
+
 def test_refuses_too_large_l1(tmp_path: Path, backing: Path) -> None:
     with pytest.raises(ValidationError, match="too large"):
         create_overlay(

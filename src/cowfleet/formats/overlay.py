@@ -281,6 +281,12 @@ def create_overlay(
         raise LocalIOError(f"cannot stat backing file {backing}: {exc}") from exc
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise ValidationError(f"backing file is not a regular file or block device: {backing}")
+    try:
+        out_st = os.lstat(out)  # a symlink at ``out`` is replaced, not followed
+    except OSError:
+        out_st = None
+    if out_st is not None and (out_st.st_dev, out_st.st_ino) == (st.st_dev, st.st_ino):
+        raise ValidationError(f"refusing to replace the backing file {backing} with its overlay")
     name = os.fsencode(str(backing))
     if len(name) > MAX_BACKING_NAME:
         raise ValidationError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
