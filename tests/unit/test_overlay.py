@@ -198,6 +198,13 @@ def test_refuses_relative_backing(tmp_path: Path) -> None:
         create_overlay(tmp_path / "d", Path("base.raw"), "raw", backing_virtual_size=GiB)
 
 
+def test_refuses_nul_in_names(tmp_path: Path, backing: Path) -> None:
+    with pytest.raises(UsageError, match="NUL"):
+        create_overlay(tmp_path / "d\0x", backing, "raw", backing_virtual_size=GiB)
+    with pytest.raises(UsageError, match="NUL"):
+        create_overlay(tmp_path / "d", Path(f"{backing}\0"), "raw", backing_virtual_size=GiB)
+
+
 def test_refuses_missing_backing(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="not found"):
         create_overlay(tmp_path / "d", tmp_path / "nope", "raw", backing_virtual_size=GiB)

@@ -266,11 +266,14 @@ def create_overlay(
     inspected the backing file, e.g. the node cache), the backing file is inspected and
     must pass the safety policy. ``replace=False`` refuses an existing ``out``
     (ConflictError); by default an existing file is atomically replaced, like qemu-img.
-    ``durable=False`` skips the fsyncs (benchmarks only).
+    ``durable=False`` skips the fsyncs of the file and its directory: for callers that
+    sync several files together themselves, and for benchmarks.
     """
     fmt = _normalize_format(backing_format)
     backing = Path(backing)
     out = Path(out)
+    if "\0" in str(out) or "\0" in str(backing):
+        raise UsageError("file names must not contain NUL bytes")
     if not backing.is_absolute():
         raise UsageError(f"backing file must be an absolute path: {str(backing)!r}")
     try:
