@@ -178,8 +178,8 @@ def disk_info(
         st = os.stat(p)
     except FileNotFoundError:
         raise NotFoundError(f"image not found: {filename}", path=filename) from None
-    except OSError as exc:
-        raise LocalIOError(f"cannot read {filename}: {exc.strerror}", path=filename) from exc
+    except (OSError, ValueError) as exc:
+        raise LocalIOError(f"cannot read {filename}: {exc}", path=filename) from exc
     actual_size = st.st_blocks * 512
     if fmt == "raw":
         return _raw_info(filename, p, st.st_size, actual_size)
