@@ -391,6 +391,8 @@ def backing_chain(path: Path | str, *, inspect: Inspect | None = None) -> list[D
             raise NotFoundError(
                 f"backing file {name} of {child.filename} not found", path=name
             ) from None
+        except (OSError, ValueError) as exc:
+            raise LocalIOError(f"cannot read backing file {name}: {exc}", path=name) from exc
         if ident in seen:
             raise ImageFormatError(f"backing chain loop: {child.filename} -> {name}")
         seen.add(ident)
