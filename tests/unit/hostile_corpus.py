@@ -187,6 +187,28 @@ def vmdk_descriptor(
     return ("\n".join(lines) + "\n").encode()
 
 
+def _vmdk_header(capacity: int, desc_sector: int, desc_sectors: int, gd_offset: int) -> bytes:
+    out = bytearray(512)
+    struct.pack_into(
+        "<4sIIQQQQIQQQ",
+        out,
+        0,
+        b"KDMV",
+        3,
+        0x30003,
+        capacity,
+        128,
+        desc_sector,
+        desc_sectors,
+        512,
+        21,
+        gd_offset,
+        128,
+    )
+    out[73:77] = b"\n \r\n"
+    return bytes(out)
+
+
 def vmdk_sparse(
     *,
     capacity_sectors: int = 2048,
@@ -194,31 +216,23 @@ def vmdk_sparse(
     descriptor_offset_sectors: int = 1,
     descriptor_sectors: int = 20,
     pad_to: int = 64 * 1024,
+    stream_footer_capacity: int | None = None,
 ) -> bytes:
+    """A sparse VMDK; with ``stream_footer_capacity`` its grain directory is "at end" and a
+    footer (marker, header copy, end-of-stream marker) closes the file."""
     if descriptor is None:
         descriptor = vmdk_descriptor()
+    gd = 0xFFFFFFFFFFFFFFFF if stream_footer_capacity is not None else 25
     out = bytearray(pad_to)
-    struct.pack_into(
-        "<4sIIQQQQIQQQ",
-        out,
-        0,
-        b"KDMV",
-        1,
-        3,
-        capacity_sectors,
-        128,
-        descriptor_offset_sectors,
-        descriptor_sectors,
-        512,
-        21,
-        25,
-        128,
-    )
-    out[73:77] = b"\n \r\n"
+    out[:512] = _vmdk_header(capacity_sectors, descriptor_offset_sectors, descriptor_sectors, gd)
     d = descriptor_offset_sectors * 512
     text = descriptor[: descriptor_sectors * 512]
     if d + len(text) <= len(out):
         out[d : d + len(text)] = text
+    if stream_footer_capacity is not None:
+        marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")
+        copy = _vmdk_header(stream_footer_capacity, descriptor_offset_sectors, 20, 40)
+        out += marker + copy + b"\0" * 512
     return bytes(out)
 
 
@@ -497,7 +511,44 @@ def corpus() -> list[Case]:
             vmdk_sparse(descriptor_offset_sectors=1 << 20, pad_to=4096)[:4096],
             "vmdk",
             "descriptor-past-end",
+            "vmdk-descriptor-offset",
             "vmdk-create-type",
+        ),
+        _c(
+            "vmdk-zero-capacity-descriptor",
+            vmdk_sparse(
+                capacity_sectors=0,
+                descriptor=vmdk_descriptor("monolithicSparse", ('RW 2048 SPARSE "disk.vmdk"',)),
+            ),
+            "vmdk",
+            "vmdk-zero-capacity",
+        ),
+        _c(
+            "vmdk-sparse-extent-is-a-path",
+            vmdk_sparse(
+                descriptor=vmdk_descriptor("monolithicSparse", ('RW 2048 SPARSE "/srv/x.vmdk"',))
+            ),
+            "vmdk",
+            "vmdk-extent",
+        ),
+        _c(
+            "vmdk-descriptor-not-sector-1",
+            vmdk_sparse(descriptor_offset_sectors=5),
+            "vmdk",
+            "vmdk-descriptor-offset",
+        ),
+        _c("vmdk-stream-footer-valid", vmdk_sparse(stream_footer_capacity=4096), "vmdk"),
+        _c(
+            "vmdk-stream-footer-huge",
+            vmdk_sparse(stream_footer_capacity=1 << 40),
+            "vmdk",
+            "virtual-size-too-large",
+        ),
+        _c(
+            "vmdk-stream-footer-missing",
+            vmdk_sparse(stream_footer_capacity=4096)[:-1536],
+            "vmdk",
+            "invalid-header",
         ),
         _c("vhd-differencing", vhd_dynamic(differencing=True), "vhd", "backing-file"),
         _c("vhdx-parent-locator", vhdx(parent=True), "vhdx", "backing-file"),

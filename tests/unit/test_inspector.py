@@ -27,6 +27,7 @@ def feed_in(data: bytes, size: int) -> Inspector:
         (hc.qcow1(size=3 * hc.MIB), "qcow", 3 * hc.MIB),
         (hc.qed(size=7 * hc.MIB), "qed", 7 * hc.MIB),
         (hc.vmdk_sparse(capacity_sectors=4096), "vmdk", 4096 * 512),
+        (hc.vmdk_sparse(capacity_sectors=8, stream_footer_capacity=4096), "vmdk", 4096 * 512),
         (
             hc.vmdk_descriptor("monolithicFlat", ('RW 100 FLAT "a" 0', "RW 28 ZERO")),
             "vmdk",
@@ -115,8 +116,9 @@ def test_vhdx_metadata_past_head_needs_the_bytes() -> None:
         hc.vhd_dynamic(),
         hc.iso(mbr=True),
         hc.vmdk_sparse(descriptor_offset_sectors=2048, pad_to=2 * hc.MIB),
+        hc.vmdk_sparse(stream_footer_capacity=4096),
     ],
-    ids=["qcow2", "vhdx", "vhd-fixed", "vhd-dynamic", "iso", "vmdk-far-descriptor"],
+    ids=["qcow2", "vhdx", "vhd-fixed", "vhd-dynamic", "iso", "vmdk-far-descriptor", "vmdk-footer"],
 )
 def test_verdict_independent_of_chunking(data: bytes, size: int) -> None:
     if size < 4096 and len(data) > 300_000:

@@ -75,6 +75,8 @@ FAILURE_CODES: dict[str, str] = {
     "backing-file-name-past-end": "the backing file name lies past the end of the data",
     "descriptor-past-end": "the VMDK embedded descriptor lies past the end of the data",
     "descriptor-unreadable": "the VMDK embedded descriptor could not be read",
+    "vmdk-zero-capacity": "a VMDK sparse header of capacity 0 (qemu would follow its descriptor)",
+    "vmdk-descriptor-offset": "a VMDK embedded descriptor not at sector 1 (qemu reads sector 1)",
 }
 
 
@@ -202,7 +204,14 @@ def _check_vmdk(out: list[Failure], insp: Inspection) -> None:
     # extent line; any other extent line (anywhere in the descriptor) names a file.
     lines = list(zip(v.extent_types or ("",) * len(v.extents), v.extents, strict=False))
     if v.sparse_header and v.descriptor_embedded and lines and lines[0][0] == "SPARSE":
+        own = lines[0][1]
         lines = lines[1:]
+        if any(c in own for c in "/\\") or own.lstrip().startswith("json:"):
+            _fail(
+                out,
+                "vmdk-extent",
+                f"the vmdk sparse extent names a path, not the image itself: {own!r}",
+            )
     extra = [name for kind, name in lines if name or kind != "ZERO"]
     if extra:
         named = ", ".join(repr(n or "(unnamed)") for n in extra)

@@ -20,7 +20,7 @@ from cowfleet.formats.inspection import Finding, Qcow2Header, VmdkInfo
 
 SECTOR = 512
 HEAD_SIZE = 256 * 1024  # covers ISO descriptors (32 KiB+) and VHDX region tables (192 KiB)
-TAIL_SIZE = 512  # the VHD footer
+TAIL_SIZE = 1536  # the VHD footer (last 512 B) and a VMDK stream footer (last 1536 B)
 MAX_REGION = 64 * 1024  # any further region (VMDK descriptor, VHDX metadata table)
 MAX_ITEM = 4096  # a VHDX metadata item
 
@@ -28,6 +28,7 @@ MAX_ITEM = 4096  # a VHDX metadata item
 QED_MAGIC = b"QED\0"
 VMDK_SPARSE_MAGIC = b"KDMV"
 VMDK_COWD_MAGIC = b"COWD"
+VMDK_GD_AT_END = 0xFFFFFFFFFFFFFFFF
 VHD_COOKIE = b"conectix"
 VHD_DYNAMIC_COOKIE = b"cxsparse"
 VHDX_SIGNATURE = b"vhdxfile"
@@ -301,8 +302,35 @@ def probe_vmdk(v: View) -> Probe | None:
         if len(head) < 80:
             p.findings.append(_truncated("vmdk", 80, len(head)))
             return p
-        p.virtual_size = _u64le(head, 12) * SECTOR
-        p.cluster_size = _u64le(head, 20) * SECTOR
+        capacity, grain = _u64le(head, 12), _u64le(head, 20)
+        desc_sector, desc_sectors = _u64le(head, 28), _u64le(head, 36)
+        if _u64le(head, 56) == VMDK_GD_AT_END:
+            # streamOptimized with a footer: qemu takes the header from the footer.
+            footer = v.read(v.data_size - 1024, 512) if v.data_size >= 1536 else None
+            if footer is None or footer[:4] != VMDK_SPARSE_MAGIC:
+                p.findings.append(
+                    Finding("invalid-header", "vmdk grain directory at end but no valid footer")
+                )
+            else:
+                capacity, grain = _u64le(footer, 12), _u64le(footer, 20)
+        p.virtual_size = capacity * SECTOR
+        p.cluster_size = grain * SECTOR
+        if capacity == 0 and desc_sector:
+            p.findings.append(
+                Finding(
+                    "vmdk-zero-capacity",
+                    "vmdk sparse header with zero capacity: qemu would open the embedded "
+                    "descriptor as a descriptor file and follow its extents",
+                )
+            )
+        if desc_sectors and desc_sector != 1:
+            p.findings.append(
+                Finding(
+                    "vmdk-descriptor-offset",
+                    f"vmdk embedded descriptor at sector {desc_sector}, not 1: qemu reads the "
+                    "descriptor at sector 1 for the parent, so the two could disagree",
+                )
+            )
         req = vmdk_descriptor_request(v)
         if req is None:
             _vmdk_probe_from(Descriptor(None, (), None, None), p, sparse=True, embedded=False)
