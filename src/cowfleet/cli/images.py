@@ -1,0 +1,92 @@
+"""``cowfleet images serve``: run the embedded Glance v2-compatible image service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from cowfleet.cli.common import add_command
+from cowfleet.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    group = sub.add_parser("images", help="the embedded image service (server side)")
+    cmds = group.add_subparsers(dest="command", metavar="COMMAND")
+    p = add_command(cmds, "serve", serve, "serve the Glance v2-compatible image API", output=False)
+    p.add_argument(
+        "--host",
+        dest="images_host",
+        metavar="ADDR",
+        help="address to bind (default 127.0.0.1: loopback only)",
+    )
+    p.add_argument(
+        "--port",
+        dest="images_port",
+        type=int,
+        metavar="PORT",
+        help="port to listen on (default 9292)",
+    )
+    p.add_argument(
+        "--data-dir",
+        dest="images_data_dir",
+        type=Path,
+        metavar="DIR",
+        help="where images, staging files, the catalog and the token live",
+    )
+    p.add_argument(
+        "--database",
+        dest="images_database",
+        metavar="URL",
+        help="catalog database URL (default: SQLite in the data dir; "
+        "postgresql+psycopg://user:pw@host/db for PostgreSQL)",
+    )
+    p.add_argument(
+        "--token-file",
+        dest="image_token_file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the X-Auth-Token (created 0600 when missing; default: <data dir>/token)",
+    )
+
+
+def serve(args: argparse.Namespace, cfg: Config) -> int:
+    import uvicorn
+
+    from cowfleet.images.server import ServerSettings, create_app
+    from cowfleet.images.server.token import load_or_create_token
+
+    token = load_or_create_token(cfg.token_file)
+    settings = ServerSettings.from_config(cfg, token)
+    app = create_app(settings)
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    config = uvicorn.Config(
+        app,
+        host=cfg.images_host,
+        port=cfg.images_port,
+        loop=loop,
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    host = f"[{cfg.images_host}]" if ":" in cfg.images_host else cfg.images_host
+    logging.getLogger("cowfleet").warning(
+        "image service on http://%s:%d (data %s, token file %s)",
+        host,
+        cfg.images_port,
+        cfg.data_dir,
+        cfg.token_file,
+    )
+    server.run()
+    return 0

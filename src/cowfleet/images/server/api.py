@@ -1,0 +1,405 @@
+"""Routes of the Glance v2 subset (images, their data, schemas, versions)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from cowfleet.errors import NotFoundError, ValidationError
+from cowfleet.formats import policy
+from cowfleet.images.server import schemas
+from cowfleet.images.server.catalog import ACTIVE, FILTER_KEYS, Catalog
+from cowfleet.images.server.download import DescriptorResponse
+from cowfleet.images.server.errors import bad_request
+from cowfleet.images.server.patch import PATCH_MEDIA_TYPES, apply_patch
+from cowfleet.images.server.ranges import parse_range
+from cowfleet.images.server.settings import ServerSettings
+from cowfleet.images.server.store import FilesystemStore
+from cowfleet.images.server.upload import UploadPipeline, too_large
+from cowfleet.images.server.validate import check_uuid, parse_create
+from cowfleet.images.server.views import image_json
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_JSON_BODY = 1024 * 1024
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+@dataclass(frozen=True)
+class Service:
+    """What the routes work with (kept on ``app.state.service``)."""
+
+    settings: ServerSettings
+    catalog: Catalog
+    store: FilesystemStore
+    executor: Executor
+
+
+def service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    return svc
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+def image_id_or_404(image_id: str) -> str:
+    # Glance answers 404 for ids that are not UUIDs.
+    if not _UUID.match(image_id):
+        raise NotFoundError(f"no image with id {image_id[:80]!r}")
+    return image_id.lower()
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_json(request: Request, allowed: tuple[str, ...]) -> Any:
+    if _media_type(request) not in allowed:
+        raise ValidationError(
+            f"content type must be {' or '.join(allowed)}, not "
+            f"{request.headers.get('content-type', 'missing')!r}",
+            http_status=415,
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
+        raise ValidationError("request body too large", http_status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BODY:
+            raise ValidationError("request body too large", http_status=413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad_request(f"malformed JSON in request body: {exc}") from exc
+
+
+router = APIRouter()
+
+
+@router.get("/", status_code=300, response_model=schemas.Versions, tags=["versions"])
+@router.get("/versions", response_model=schemas.Versions, tags=["versions"])
+def versions(request: Request) -> dict[str, Any]:
+    base = str(request.base_url).rstrip("/")
+    return {
+        "versions": [
+            {"id": "v2.9", "status": "CURRENT", "links": [{"rel": "self", "href": f"{base}/v2/"}]}
+        ]
+    }
+
+
+@router.get("/v2/schemas/image", tags=["schemas"], responses=schemas.error_responses(401))
+def image_schema() -> dict[str, Any]:
+    return {
+        "name": "image",
+        "additionalProperties": {"type": "string"},
+        "properties": schemas.Image.model_json_schema(by_alias=True)["properties"],
+        "links": [
+            {"rel": "self", "href": "{self}"},
+            {"rel": "enclosure", "href": "{file}"},
+            {"rel": "describedby", "href": "{schema}"},
+        ],
+    }
+
+
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": schemas.ImageCreate.model_json_schema()}},
+    }
+}
+
+
+@router.post(
+    "/v2/images",
+    status_code=201,
+    response_model=schemas.Image,
+    responses=schemas.error_responses(400, 401, 403, 409, 413, 415),
+    openapi_extra=_CREATE_BODY,
+    tags=["images"],
+)
+async def create_image(request: Request) -> JSONResponse:
+    svc = service(request)
+    req = parse_create(await read_json(request, ("application/json",)))
+    fields = dict(req.fields)
+    fields.setdefault("owner", svc.settings.owner)
+    image_id = req.image_id or str(uuid.uuid4())
+    rec = await call(
+        svc.catalog.create, image_id, fields=fields, properties=req.properties, tags=req.tags
+    )
+    log.info("created image %s (%s)", rec.id, rec.name)
+    return JSONResponse(
+        image_json(rec), status_code=201, headers={"Location": f"/v2/images/{rec.id}"}
+    )
+
+
+@router.get(
+    "/v2/images",
+    response_model=schemas.ImageList,
+    responses=schemas.error_responses(400, 401),
+    tags=["images"],
+)
+def list_images(
+    request: Request,
+    limit: int | None = None,
+    marker: str | None = None,
+    sort_key: str = "created_at",
+    sort_dir: str = "desc",
+    name: str | None = None,
+    status: str | None = None,
+    disk_format: str | None = None,
+    container_format: str | None = None,
+    visibility: str | None = None,
+    owner: str | None = None,
+) -> JSONResponse:
+    svc = service(request)
+    st = svc.settings
+    if limit is None:
+        limit = st.default_page_size
+    if limit < 0:
+        raise bad_request(f"limit must not be negative: {limit}")
+    limit = min(limit, st.max_page_size)
+    given = {
+        "name": name,
+        "status": status,
+        "disk_format": disk_format,
+        "container_format": container_format,
+        "visibility": visibility,
+        "owner": owner,
+    }
+    filters = {k: v for k, v in given.items() if v is not None and k in FILTER_KEYS}
+    if filters.get("visibility") == "all":
+        del filters["visibility"]
+    if marker is not None:
+        marker = check_uuid(marker)
+    try:
+        page, more = svc.catalog.list_page(
+            filters=filters, sort_key=sort_key, sort_dir=sort_dir, limit=limit, marker=marker
+        )
+    except NotFoundError as exc:
+        raise bad_request(f"marker could not be found: {marker}") from exc
+    query = {k: v for k, v in request.query_params.items() if k != "marker"}
+    body: dict[str, Any] = {
+        "images": [image_json(r) for r in page],
+        "first": "/v2/images" + (f"?{urlencode(query)}" if query else ""),
+        "schema": "/v2/schemas/images",
+    }
+    if more and page:
+        body["next"] = "/v2/images?" + urlencode({**query, "marker": page[-1].id})
+    return JSONResponse(body)
+
+
+@router.get(
+    "/v2/images/{image_id}",
+    response_model=schemas.Image,
+    responses=schemas.error_responses(401, 404),
+    tags=["images"],
+)
+def show_image(request: Request, image_id: str) -> JSONResponse:
+    rec = service(request).catalog.get(image_id_or_404(image_id))
+    return JSONResponse(image_json(rec))
+
+
+_PATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            PATCH_MEDIA_TYPES[0]: {
+                "schema": {"type": "array", "items": schemas.PatchOperation.model_json_schema()}
+            }
+        },
+    }
+}
+
+
+@router.patch(
+    "/v2/images/{image_id}",
+    response_model=schemas.Image,
+    responses=schemas.error_responses(400, 401, 403, 404, 409, 413, 415),
+    openapi_extra=_PATCH_BODY,
+    tags=["images"],
+)
+async def update_image(request: Request, image_id: str) -> JSONResponse:
+    svc = service(request)
+    image_id = image_id_or_404(image_id)
+    rec = await call(svc.catalog.get, image_id)
+    body = await read_json(request, PATCH_MEDIA_TYPES)
+    result = apply_patch(rec, body)
+    rec = await call(
+        svc.catalog.update,
+        image_id,
+        fields=result.fields,
+        properties=result.properties,
+        tags=result.tags,
+    )
+    return JSONResponse(image_json(rec))
+
+
+@router.delete(
+    "/v2/images/{image_id}",
+    status_code=204,
+    responses=schemas.error_responses(401, 403, 404),
+    tags=["images"],
+)
+def delete_image(request: Request, image_id: str) -> Response:
+    svc = service(request)
+    rec = svc.catalog.delete(image_id_or_404(image_id))
+    svc.store.delete(rec.id)
+    log.info("deleted image %s", rec.id)
+    return Response(status_code=204)
+
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.put(
+    "/v2/images/{image_id}/file",
+    status_code=204,
+    responses=schemas.error_responses(400, 401, 404, 409, 410, 413, 415),
+    openapi_extra=_UPLOAD_BODY,
+    tags=["image data"],
+)
+async def upload_image(request: Request, image_id: str) -> Response:
+    svc = service(request)
+    st = svc.settings
+    image_id = image_id_or_404(image_id)
+    rec = await call(svc.catalog.get, image_id)
+    if _media_type(request) != "application/octet-stream":
+        raise ValidationError(
+            "image data must be sent as application/octet-stream, not "
+            f"{request.headers.get('content-type', 'missing')!r}",
+            http_status=415,
+        )
+    if rec.disk_format is None or rec.container_format is None:
+        raise bad_request("disk_format and container_format must be set before uploading data")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > st.max_image_size:
+        raise too_large(int(declared), st.max_image_size, image_id)
+    await call(svc.catalog.claim_upload, image_id)
+    staged = svc.store.begin_write(image_id)
+    pipe = UploadPipeline(
+        staged, svc.executor, block_size=st.upload_block, max_size=st.max_image_size
+    )
+    committed = False
+    try:
+        try:
+            async for chunk in request.stream():
+                await pipe.feed(chunk)
+        except ClientDisconnect:
+            log.warning(
+                "image %s: client went away after %d bytes; upload dropped", image_id, pipe.total
+            )
+            raise bad_request("upload aborted: the client disconnected") from None
+        result = await pipe.finish()
+        verdict = policy.check(
+            rec.disk_format, result.inspection, max_virtual_size=st.max_virtual_size
+        )
+        verdict.raise_if_unsafe(image_id=image_id)
+        await call(svc.store.commit, staged)
+        committed = True
+        try:
+            rec = await call(
+                svc.catalog.finish_upload,
+                image_id,
+                size=result.size,
+                virtual_size=result.inspection.virtual_size,
+                checksum=result.checksum,
+                os_hash_algo=result.os_hash_algo,
+                os_hash_value=result.os_hash_value,
+            )
+        except NotFoundError as exc:
+            svc.store.delete(image_id)
+            raise ValidationError(str(exc), http_status=410, image_id=image_id) from exc
+    except BaseException:
+        pipe.abort()
+        if not committed:
+            svc.store.abort(staged)
+        svc.catalog.release_upload(image_id)
+        raise
+    log.info(
+        "image %s active: %d bytes, %s, virtual size %d",
+        image_id,
+        rec.size,
+        rec.disk_format,
+        rec.virtual_size,
+    )
+    return Response(status_code=204)
+
+
+@router.get(
+    "/v2/images/{image_id}/file",
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "the image data",
+        },
+        204: {"description": "the image has no data yet"},
+        206: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "the requested range",
+        },
+        **schemas.error_responses(400, 401, 404, 416),
+    },
+    tags=["image data"],
+)
+def download_image(request: Request, image_id: str) -> Response:
+    svc = service(request)
+    rec = svc.catalog.get(image_id_or_404(image_id))
+    if rec.status != ACTIVE:
+        return Response(status_code=204)
+    fd = svc.store.open_read(rec.id)
+    try:
+        size = os.fstat(fd).st_size
+        rng = parse_range(request.headers.get("range"), size)
+    except BaseException:
+        os.close(fd)
+        raise
+    headers = {"accept-ranges": "bytes"}
+    if rec.checksum:
+        headers["content-md5"] = rec.checksum
+    if rng is None:
+        return DescriptorResponse(
+            fd,
+            offset=0,
+            length=size,
+            status_code=200,
+            headers=headers,
+            chunk_size=svc.settings.download_chunk,
+        )
+    headers["content-range"] = rng.content_range
+    return DescriptorResponse(
+        fd,
+        offset=rng.first,
+        length=rng.length,
+        status_code=206,
+        headers=headers,
+        chunk_size=svc.settings.download_chunk,
+    )

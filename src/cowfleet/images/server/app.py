@@ -1,0 +1,87 @@
+"""The application factory: ``create_app(settings) -> FastAPI``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cowfleet import __version__
+from cowfleet.errors import CowfleetError
+from cowfleet.images.server.api import Service, router
+from cowfleet.images.server.auth import TokenAuth
+from cowfleet.images.server.catalog import Catalog
+from cowfleet.images.server.errors import error_body, status_for
+from cowfleet.images.server.settings import ServerSettings
+from cowfleet.images.server.store import FilesystemStore
+
+log = logging.getLogger(__name__)
+
+# Two hashing threads per upload in flight; a few uploads at once.
+UPLOAD_THREADS = 8
+
+
+def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> FastAPI:
+    """Build the app: open (and migrate) the catalog, tidy the store after a crash."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = FilesystemStore(settings.images_dir, settings.staging_dir)
+    store.clean_staging()
+    catalog = catalog or Catalog.open(settings.database_url)
+    catalog.reset_saving()
+    executor = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="cowfleet-upload")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            executor.shutdown(wait=True)
+            catalog.close()
+
+    app = FastAPI(
+        title="cowfleet image service",
+        version=__version__,
+        description="A Glance v2-compatible subset: images, their data, JSON-patch updates.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.service = Service(settings, catalog, store, executor)
+    app.include_router(router)
+
+    @app.exception_handler(CowfleetError)
+    async def _cowfleet_error(_req: Request, exc: CowfleetError) -> JSONResponse:
+        status = status_for(exc)
+        if status >= 500:
+            log.error("request failed: %s", exc)
+        headers = exc.context.get("headers")
+        return JSONResponse(
+            error_body(status, str(exc)),
+            status_code=status,
+            headers=headers if isinstance(headers, dict) else None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse(error_body(400, "; ".join(parts) or "invalid request"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    app.add_middleware(TokenAuth, token=settings.token)
+    return app

@@ -1,0 +1,421 @@
+"""The image catalog: SQLAlchemy 2.0 models and a small repository.
+
+SQLite by default (WAL journal, busy timeout), PostgreSQL by URL
+(``postgresql+psycopg://user:pw@host/db``). Status changes that race (two uploads of
+one image, a delete during an upload) are single conditional ``UPDATE``/``DELETE``
+statements, so the database decides the winner on every backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from cowfleet.errors import BackendUnavailableError, ConflictError, NotFoundError, UsageError
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+QUEUED, SAVING, ACTIVE = "queued", "saving", "active"
+
+# Fields a list may be sorted by, and the value standing in for NULL while sorting.
+SORT_KEYS: dict[str, Any] = {
+    "name": "",
+    "status": "",
+    "container_format": "",
+    "disk_format": "",
+    "size": -1,
+    "virtual_size": -1,
+    "id": "",
+    "created_at": None,
+    "updated_at": None,
+    "min_disk": None,
+    "min_ram": None,
+    "visibility": "",
+    "owner": "",
+}
+FILTER_KEYS = ("name", "status", "disk_format", "container_format", "visibility", "owner")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255), index=True)
+    status: Mapped[str] = mapped_column(String(30), index=True)
+    disk_format: Mapped[str | None] = mapped_column(String(20))
+    container_format: Mapped[str | None] = mapped_column(String(20))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    virtual_size: Mapped[int | None] = mapped_column(BigInteger)
+    checksum: Mapped[str | None] = mapped_column(String(32))
+    os_hash_algo: Mapped[str | None] = mapped_column(String(64))
+    os_hash_value: Mapped[str | None] = mapped_column(String(128))
+    min_disk: Mapped[int] = mapped_column(Integer, default=0)
+    min_ram: Mapped[int] = mapped_column(Integer, default=0)
+    visibility: Mapped[str] = mapped_column(String(20))
+    protected: Mapped[bool] = mapped_column(Boolean, default=False)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    properties: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image as the catalog stores it."""
+
+    id: str
+    name: str | None
+    status: str
+    disk_format: str | None
+    container_format: str | None
+    size: int | None
+    virtual_size: int | None
+    checksum: str | None
+    os_hash_algo: str | None
+    os_hash_value: str | None
+    min_disk: int
+    min_ram: int
+    visibility: str
+    protected: bool
+    owner: str | None
+    created_at: datetime
+    updated_at: datetime
+    properties: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+
+# Columns a caller may set at create or update (the rest are the server's).
+WRITABLE = (
+    "name",
+    "disk_format",
+    "container_format",
+    "min_disk",
+    "min_ram",
+    "visibility",
+    "protected",
+    "owner",
+)
+
+
+def _record(row: ImageRow) -> ImageRecord:
+    return ImageRecord(
+        id=row.id,
+        name=row.name,
+        status=row.status,
+        disk_format=row.disk_format,
+        container_format=row.container_format,
+        size=row.size,
+        virtual_size=row.virtual_size,
+        checksum=row.checksum,
+        os_hash_algo=row.os_hash_algo,
+        os_hash_value=row.os_hash_value,
+        min_disk=row.min_disk,
+        min_ram=row.min_ram,
+        visibility=row.visibility,
+        protected=row.protected,
+        owner=row.owner,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        properties=dict(row.properties or {}),
+        tags=tuple(row.tags or ()),
+    )
+
+
+def utcnow() -> datetime:
+    """Naive UTC with microseconds (the database stores naive UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and cross-thread use."""
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, future=True
+            )
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            return engine
+        return create_engine(url, pool_pre_ping=True, future=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise UsageError(f"cannot use database URL {_redact(url)}: {exc}") from exc
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+class Catalog:
+    """Repository of :class:`ImageRecord` over one SQLAlchemy engine."""
+
+    def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, *, clock: Clock = utcnow) -> Catalog:
+        cat = cls(make_engine(url), clock=clock)
+        cat.create_schema()
+        return cat
+
+    def create_schema(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise BackendUnavailableError(f"catalog database unavailable: {exc.orig}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise BackendUnavailableError(f"catalog database error: {exc.orig}") from exc
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get(self, image_id: str) -> ImageRecord:
+        with self._session() as s:
+            row = s.get(ImageRow, image_id)
+            if row is None:
+                raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
+            return _record(row)
+
+    def list_page(
+        self,
+        *,
+        filters: Mapping[str, str] | None = None,
+        sort_key: str = "created_at",
+        sort_dir: str = "desc",
+        limit: int = 25,
+        marker: str | None = None,
+    ) -> tuple[list[ImageRecord], bool]:
+        """One page of images and whether more follow (keyset pagination on key, id)."""
+        if sort_key not in SORT_KEYS:
+            raise UsageError(f"cannot sort by {sort_key!r}")
+        if sort_dir not in ("asc", "desc"):
+            raise UsageError(f"sort direction must be asc or desc, not {sort_dir!r}")
+        col = getattr(ImageRow, sort_key)
+        null_as = SORT_KEYS[sort_key]
+        key = col if null_as is None else func.coalesce(col, null_as)
+        with self._session() as s:
+            q = select(ImageRow)
+            for name, value in (filters or {}).items():
+                if name not in FILTER_KEYS:
+                    raise UsageError(f"cannot filter by {name!r}")
+                q = q.where(getattr(ImageRow, name) == value)
+            if marker is not None:
+                mrow = s.get(ImageRow, marker)
+                if mrow is None:
+                    raise NotFoundError(f"marker image {marker} not found", image_id=marker)
+                mval = getattr(mrow, sort_key)
+                if mval is None:
+                    mval = null_as
+                if sort_dir == "asc":
+                    q = q.where(or_(key > mval, and_(key == mval, ImageRow.id > mrow.id)))
+                else:
+                    q = q.where(or_(key < mval, and_(key == mval, ImageRow.id < mrow.id)))
+            order = (
+                (key.asc(), ImageRow.id.asc())
+                if sort_dir == "asc"
+                else (key.desc(), ImageRow.id.desc())
+            )
+            rows = s.scalars(q.order_by(*order).limit(limit + 1)).all()
+            return [_record(r) for r in rows[:limit]], len(rows) > limit
+
+    # -- writes --------------------------------------------------------------------
+
+    def create(
+        self,
+        image_id: str,
+        *,
+        fields: Mapping[str, Any],
+        properties: Mapping[str, str] | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> ImageRecord:
+        unknown = set(fields) - set(WRITABLE)
+        if unknown:
+            raise UsageError(f"not writable: {', '.join(sorted(unknown))}")
+        now = self._clock()
+        row = ImageRow(
+            id=image_id,
+            name=fields.get("name"),
+            status=QUEUED,
+            disk_format=fields.get("disk_format"),
+            container_format=fields.get("container_format"),
+            min_disk=fields.get("min_disk", 0),
+            min_ram=fields.get("min_ram", 0),
+            visibility=fields.get("visibility", "shared"),
+            protected=fields.get("protected", False),
+            owner=fields.get("owner"),
+            created_at=now,
+            updated_at=now,
+            properties=dict(properties or {}),
+            tags=list(dict.fromkeys(tags)),
+        )
+        try:
+            with self._session() as s:
+                s.add(row)
+        except SAIntegrityError as exc:
+            raise ConflictError(
+                f"an image with id {image_id} already exists", image_id=image_id
+            ) from exc
+        return self.get(image_id)
+
+    def update(
+        self,
+        image_id: str,
+        *,
+        fields: Mapping[str, Any],
+        properties: Mapping[str, str],
+        tags: tuple[str, ...] | None = None,
+    ) -> ImageRecord:
+        """Replace writable fields and the whole property map of one image."""
+        unknown = set(fields) - set(WRITABLE)
+        if unknown:
+            raise UsageError(f"not writable: {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = dict(fields)
+        values["properties"] = dict(properties)
+        if tags is not None:
+            values["tags"] = list(dict.fromkeys(tags))
+        values["updated_at"] = self._clock()
+        with self._session() as s:
+            res = s.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
+            if res.rowcount == 0:  # type: ignore[attr-defined]
+                raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
+        return self.get(image_id)
+
+    def claim_upload(self, image_id: str) -> ImageRecord:
+        """queued -> saving, atomically. ConflictError when the image is not queued."""
+        with self._session() as s:
+            res = s.execute(
+                update(ImageRow)
+                .where(ImageRow.id == image_id, ImageRow.status == QUEUED)
+                .values(status=SAVING, updated_at=self._clock())
+            )
+            won = res.rowcount == 1  # type: ignore[attr-defined]
+        rec = self.get(image_id)
+        if not won:
+            raise ConflictError(
+                f"image {image_id} is {rec.status}: data can only be uploaded to a queued image",
+                image_id=image_id,
+                status=rec.status,
+            )
+        return rec
+
+    def finish_upload(
+        self,
+        image_id: str,
+        *,
+        size: int,
+        virtual_size: int,
+        checksum: str,
+        os_hash_algo: str,
+        os_hash_value: str,
+    ) -> ImageRecord:
+        """saving -> active with the computed fields. NotFoundError if deleted meanwhile."""
+        with self._session() as s:
+            res = s.execute(
+                update(ImageRow)
+                .where(ImageRow.id == image_id, ImageRow.status == SAVING)
+                .values(
+                    status=ACTIVE,
+                    size=size,
+                    virtual_size=virtual_size,
+                    checksum=checksum,
+                    os_hash_algo=os_hash_algo,
+                    os_hash_value=os_hash_value,
+                    updated_at=self._clock(),
+                )
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFoundError(
+                    f"image {image_id} was deleted during the upload", image_id=image_id
+                )
+        return self.get(image_id)
+
+    def release_upload(self, image_id: str) -> None:
+        """saving -> queued after a failed or aborted upload (no-op if deleted)."""
+        with self._session() as s:
+            s.execute(
+                update(ImageRow)
+                .where(ImageRow.id == image_id, ImageRow.status == SAVING)
+                .values(status=QUEUED, updated_at=self._clock())
+            )
+
+    def delete(self, image_id: str) -> ImageRecord:
+        """Delete an unprotected image (ConflictError with ``reason="protected"`` if not)."""
+        with self._session() as s:
+            row = s.get(ImageRow, image_id, with_for_update=True)
+            if row is None:
+                raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
+            rec = _record(row)
+            res = s.execute(
+                delete(ImageRow).where(ImageRow.id == image_id, ImageRow.protected.is_(False))
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise ConflictError(
+                    f"image {image_id} is protected and cannot be deleted",
+                    image_id=image_id,
+                    reason="protected",
+                )
+            return rec
+
+    def reset_saving(self) -> int:
+        """At start: uploads in flight when the server stopped go back to queued."""
+        with self._session() as s:
+            res = s.execute(
+                update(ImageRow)
+                .where(ImageRow.status == SAVING)
+                .values(status=QUEUED, updated_at=self._clock())
+            )
+            n = int(res.rowcount)  # type: ignore[attr-defined]
+        if n:
+            log.warning("reset %d image(s) stuck in saving to queued", n)
+        return n

@@ -1,0 +1,54 @@
+"""The values the image server runs with (the CLI builds them from the Config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cowfleet.config import DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MAX_VIRTUAL_SIZE, Config
+
+# Bytes per block handed to the hashing/writing threads during an upload.
+DEFAULT_UPLOAD_BLOCK = 4 * 1024 * 1024
+# Bytes per read when serving a file.
+DEFAULT_DOWNLOAD_CHUNK = 2 * 1024 * 1024
+# Page size of image lists when the client gives no limit, and the largest allowed.
+DEFAULT_PAGE_SIZE = 25
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything :func:`~cowfleet.images.server.app.create_app` needs.
+
+    ``token`` None disables authentication (only for in-process tests; the CLI always
+    sets one). ``owner`` is the ``owner`` field given to new images.
+    """
+
+    data_dir: Path
+    database_url: str
+    token: str | None
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+    owner: str | None = None
+    upload_block: int = DEFAULT_UPLOAD_BLOCK
+    download_chunk: int = DEFAULT_DOWNLOAD_CHUNK
+    default_page_size: int = DEFAULT_PAGE_SIZE
+    max_page_size: int = MAX_PAGE_SIZE
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.data_dir / "staging"
+
+    @classmethod
+    def from_config(cls, cfg: Config, token: str | None) -> ServerSettings:
+        return cls(
+            data_dir=cfg.data_dir,
+            database_url=cfg.database_url,
+            token=token,
+            max_image_size=cfg.max_image_size,
+            max_virtual_size=cfg.max_virtual_size,
+        )

@@ -1,0 +1,153 @@
+"""Image bytes: a small :class:`Store` protocol and the filesystem implementation.
+
+Files are named by image UUID only (never by a user string). An upload is written to
+``staging/<uuid>.<random>.part``, fsynced, and renamed to ``images/<uuid>`` only when
+every check passed; :meth:`FilesystemStore.clean_staging` removes leftovers at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cowfleet.errors import LocalIOError, NotFoundError, StorageFullError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedWrite:
+    """An upload being written: an open descriptor on a staging file."""
+
+    image_id: str
+    path: Path
+    fd: int
+    written: int = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Write every byte (``os.write`` may write less than asked)."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.written += n
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(
+                    f"no space left while storing image {self.image_id}", path=str(self.path)
+                ) from exc
+            raise LocalIOError(
+                f"cannot write image {self.image_id}: {exc.strerror}", path=str(self.path)
+            ) from exc
+
+
+class Store(Protocol):
+    """Where image bytes live. The API layer only uses this interface."""
+
+    def begin_write(self, image_id: str) -> StagedWrite: ...
+
+    def commit(self, staged: StagedWrite) -> None: ...
+
+    def abort(self, staged: StagedWrite) -> None: ...
+
+    def open_read(self, image_id: str) -> int: ...
+
+    def delete(self, image_id: str) -> None: ...
+
+    def size(self, image_id: str) -> int: ...
+
+
+def _checked_id(image_id: str) -> str:
+    # Names on disk come from canonical UUIDs only.
+    canonical = str(uuid.UUID(image_id))
+    if canonical != image_id:
+        raise ValueError(f"not a canonical image id: {image_id!r}")
+    return canonical
+
+
+class FilesystemStore:
+    """Image files under ``images/``, uploads staged under ``staging/``."""
+
+    def __init__(self, images_dir: Path, staging_dir: Path) -> None:
+        self.images_dir = images_dir
+        self.staging_dir = staging_dir
+        for d in (images_dir, staging_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, image_id: str) -> Path:
+        return self.images_dir / _checked_id(image_id)
+
+    def begin_write(self, image_id: str) -> StagedWrite:
+        name = f"{_checked_id(image_id)}.{secrets.token_hex(6)}.part"
+        path = self.staging_dir / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise LocalIOError(f"cannot create staging file {path}: {exc.strerror}") from exc
+        return StagedWrite(image_id, path, fd)
+
+    def commit(self, staged: StagedWrite) -> None:
+        """fsync the staged file and rename it into place (then fsync the directory)."""
+        try:
+            os.fsync(staged.fd)
+            os.close(staged.fd)
+            staged.fd = -1
+            os.rename(staged.path, self.path(staged.image_id))
+            _fsync_dir(self.images_dir)
+        except OSError as exc:
+            self.abort(staged)
+            raise LocalIOError(f"cannot store image {staged.image_id}: {exc.strerror}") from exc
+
+    def abort(self, staged: StagedWrite) -> None:
+        if staged.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(staged.fd)
+            staged.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            staged.path.unlink()
+
+    def open_read(self, image_id: str) -> int:
+        try:
+            return os.open(self.path(image_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no data stored for image {image_id}") from exc
+        except OSError as exc:
+            raise LocalIOError(f"cannot open image {image_id}: {exc.strerror}") from exc
+
+    def delete(self, image_id: str) -> None:
+        # An open descriptor (a download in flight) keeps reading the unlinked file.
+        with contextlib.suppress(FileNotFoundError):
+            self.path(image_id).unlink()
+
+    def size(self, image_id: str) -> int:
+        try:
+            return self.path(image_id).stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no data stored for image {image_id}") from exc
+
+    def clean_staging(self) -> int:
+        """Remove every staging leftover (from a crash); returns how many."""
+        removed = 0
+        for entry in self.staging_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
+        if removed:
+            log.warning("removed %d staging leftover(s) from %s", removed, self.staging_dir)
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
