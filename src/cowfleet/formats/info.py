@@ -12,7 +12,6 @@ import copy
 import math
 import os
 import struct
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,11 +217,6 @@ def disk_info(
             specific = _vmdk_specific(p, filename)
         except OSError as exc:
             raise LocalIOError(f"cannot read {filename}: {exc.strerror}", path=filename) from exc
-    if cluster_size is None and detected in _BLOCK_SIZE_READERS:
-        try:
-            cluster_size = _BLOCK_SIZE_READERS[detected](p)
-        except OSError as exc:
-            raise LocalIOError(f"cannot read {filename}: {exc.strerror}", path=filename) from exc
     return DiskInfo(
         filename=filename,
         format=detected,
@@ -234,65 +228,10 @@ def disk_info(
     )
 
 
-# qemu reports the block size of dynamic VHD and of VHDX as "cluster-size". These
-# bounded readers fill it in while the inspector does not report it.
-_VHD_COOKIE = b"conectix"
-_VHD_DYNAMIC_COOKIE = b"cxsparse"
-_VHDX_REGION_TABLE = 192 * 1024
-_VHDX_METADATA_REGION = uuid.UUID("8b7ca206-4790-4b9a-b8fe-575f050f886e").bytes_le
-_VHDX_FILE_PARAMETERS = uuid.UUID("caa16737-fa36-4d43-b3b6-33f0aa44e76b").bytes_le
-_MAX_TABLE_ENTRIES = 2047
-
-
 def _pread(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
-
-
-def _vpc_block_size(path: Path) -> int | None:
-    footer = _pread(path, 0, 512)
-    if footer[:8] != _VHD_COOKIE:
-        size = os.stat(path).st_size
-        footer = _pread(path, max(size - 512, 0), 512)
-    if len(footer) < 512 or footer[:8] != _VHD_COOKIE:
-        return None
-    if struct.unpack_from(">I", footer, 60)[0] not in (3, 4):  # dynamic or differencing
-        return None
-    dyn_offset = struct.unpack_from(">Q", footer, 16)[0]
-    if dyn_offset >= 1 << 62:
-        return None
-    dyn = _pread(path, dyn_offset, 64)
-    if len(dyn) < 36 or dyn[:8] != _VHD_DYNAMIC_COOKIE:
-        return None
-    value: int = struct.unpack_from(">I", dyn, 32)[0]
-    return value
-
-
-def _vhdx_block_size(path: Path) -> int | None:
-    table = _pread(path, _VHDX_REGION_TABLE, 16 + 32 * _MAX_TABLE_ENTRIES)
-    if len(table) < 16 or table[:4] != b"regi":
-        return None
-    count = min(struct.unpack_from("<I", table, 8)[0], (len(table) - 16) // 32)
-    for i in range(count):
-        entry = table[16 + 32 * i : 48 + 32 * i]
-        if entry[:16] != _VHDX_METADATA_REGION:
-            continue
-        meta_off = struct.unpack_from("<Q", entry, 16)[0]
-        meta = _pread(path, meta_off, 32 + 32 * _MAX_TABLE_ENTRIES)
-        if len(meta) < 32 or meta[:8] != b"metadata":
-            return None
-        n = min(struct.unpack_from("<H", meta, 10)[0], (len(meta) - 32) // 32)
-        for j in range(n):
-            item = meta[32 + 32 * j : 64 + 32 * j]
-            if item[:16] == _VHDX_FILE_PARAMETERS:
-                off = struct.unpack_from("<I", item, 16)[0]
-                raw = _pread(path, meta_off + off, 4)
-                if len(raw) == 4:
-                    value: int = struct.unpack("<I", raw)[0]
-                    return value
-        return None
-    return None
 
 
 _VMDK_MAGIC = b"KDMV"
@@ -342,12 +281,6 @@ def _vmdk_specific(path: Path, filename: str) -> dict[str, Any] | None:
             "extents": [extent],
         },
     }
-
-
-_BLOCK_SIZE_READERS: dict[str, Callable[[Path], int | None]] = {
-    "vpc": _vpc_block_size,
-    "vhdx": _vhdx_block_size,
-}
 
 
 def _raw_info(filename: str, p: Path, size: int, actual_size: int) -> DiskInfo:
