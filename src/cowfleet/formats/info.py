@@ -214,7 +214,7 @@ def disk_info(
     specific = None
     if detected == "vmdk" and inspection.vmdk is not None and inspection.vmdk.sparse_header:
         try:
-            specific = _vmdk_specific(p, filename)
+            specific = _vmdk_specific(p, filename, inspection)
         except OSError as exc:
             raise LocalIOError(f"cannot read {filename}: {exc.strerror}", path=filename) from exc
     return DiskInfo(
@@ -239,7 +239,7 @@ _VMDK_COMPRESSION_DEFLATE = 1
 _MAX_DESCRIPTOR = 64 * 1024
 
 
-def _vmdk_specific(path: Path, filename: str) -> dict[str, Any] | None:
+def _vmdk_specific(path: Path, filename: str, inspection: Inspection) -> dict[str, Any] | None:
     """qemu's vmdk block for a monolithic sparse or streamOptimized file (embedded descriptor)."""
     head = _pread(path, 0, 512)
     if len(head) < 80 or head[:4] != _VMDK_MAGIC:
@@ -266,9 +266,10 @@ def _vmdk_specific(path: Path, filename: str) -> dict[str, Any] | None:
         extent["compressed"] = True
     extent.update(
         {
-            "virtual-size": capacity * SECTOR,
+            # The inspector already resolved stream-optimized footers: prefer its values.
+            "virtual-size": inspection.virtual_size or capacity * SECTOR,
             "filename": filename,
-            "cluster-size": grain * SECTOR,
+            "cluster-size": inspection.cluster_size or grain * SECTOR,
             "format": "",
         }
     )
