@@ -377,6 +377,15 @@ def _c(name: str, data: bytes, declared: str, *codes: str) -> Case:
     return Case(name, data, declared, frozenset(codes))
 
 
+def _vmdk_hidden_parent() -> bytes:
+    """A descriptor declared 1 sector long whose text runs on (no NUL) into a parent hint
+    that qemu, reading 10 KiB at sector 1, would follow."""
+    text = vmdk_descriptor().ljust(600, b"\n") + b'parentFileNameHint="/etc/base.vmdk"\n'
+    out = bytearray(vmdk_sparse(descriptor=b"", descriptor_sectors=1))
+    out[512 : 512 + len(text)] = text
+    return bytes(out)
+
+
 def _polyglot_qcow2_iso() -> bytes:
     out = bytearray(qcow2(cluster_bits=16))
     out[0x8000:0x8006] = b"\x01CD001"
@@ -480,7 +489,36 @@ def corpus() -> list[Case]:
             "unsupported-format",
             "backing-file",
         ),
-        _c("vmdk-flat-extent", flat_extent, "vmdk", "vmdk-create-type", "vmdk-extent"),
+        _c(
+            "vmdk-flat-extent",
+            flat_extent,
+            "vmdk",
+            "vmdk-create-type",
+            "vmdk-extent",
+            "vmdk-descriptor-file",
+        ),
+        _c(
+            "vmdk-text-createtype-in-comment",
+            b'# Disk DescriptorFile\n# createType="monolithicFlat"\nversion=1\n'
+            b'createType="monolithicSparse"\n',
+            "vmdk",
+            "vmdk-create-type",
+            "vmdk-descriptor-file",
+        ),
+        _c(
+            "vmdk-parent-hint-in-comment",
+            vmdk_sparse(
+                descriptor=vmdk_descriptor(trailer=('# parentFileNameHint="/etc/base.vmdk"',))
+            ),
+            "vmdk",
+            "backing-file",
+        ),
+        _c(
+            "vmdk-parent-hint-past-declared-descriptor",
+            _vmdk_hidden_parent(),
+            "vmdk",
+            "backing-file",
+        ),
         _c("vmdk-extent-after-ddb", vmdk_sparse(descriptor=late_extent), "vmdk", "vmdk-extent"),
         _c(
             "vmdk-sparse-names-extent",
@@ -499,7 +537,14 @@ def corpus() -> list[Case]:
             "vmdk",
             "vmdk-create-type",
         ),
-        _c("vmdk-two-gb-text", two_gb, "vmdk", "vmdk-create-type", "vmdk-extent"),
+        _c(
+            "vmdk-two-gb-text",
+            two_gb,
+            "vmdk",
+            "vmdk-create-type",
+            "vmdk-extent",
+            "vmdk-descriptor-file",
+        ),
         _c(
             "vmdk-parent",
             vmdk_sparse(descriptor=vmdk_descriptor(parent="/etc/base.vmdk")),

@@ -59,6 +59,7 @@ FAILURE_CODES: dict[str, str] = {
     "corrupt": "the qcow2 corrupt bit is set",
     "vmdk-create-type": "a VMDK create type other than monolithicSparse/streamOptimized",
     "vmdk-extent": "a VMDK descriptor line names an extent file",
+    "vmdk-descriptor-file": "a plain-text VMDK descriptor file (it only references extent files)",
     "virtual-size-too-large": "the virtual size is above the configured cap",
     "incomplete": "the data ended before the inspector saw every region it needs",
     "empty": "the image has no data",
@@ -202,6 +203,12 @@ def _check_vmdk(out: list[Failure], insp: Inspection) -> None:
         )
     # A sparse file's embedded descriptor names the file itself in its one SPARSE
     # extent line; any other extent line (anywhere in the descriptor) names a file.
+    if not v.sparse_header:
+        _fail(
+            out,
+            "vmdk-descriptor-file",
+            "a plain-text vmdk descriptor holds no data of its own: it only names extent files",
+        )
     lines = list(zip(v.extent_types or ("",) * len(v.extents), v.extents, strict=False))
     if v.sparse_header and v.descriptor_embedded and lines and lines[0][0] == "SPARSE":
         own = lines[0][1]

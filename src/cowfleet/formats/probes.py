@@ -29,6 +29,7 @@ QED_MAGIC = b"QED\0"
 VMDK_SPARSE_MAGIC = b"KDMV"
 VMDK_COWD_MAGIC = b"COWD"
 VMDK_GD_AT_END = 0xFFFFFFFFFFFFFFFF
+VMDK_QEMU_DESC_SIZE = 20 * 512  # what qemu reads at sector 1 when it looks for a parent
 VHD_COOKIE = b"conectix"
 VHD_DYNAMIC_COOKIE = b"cxsparse"
 VHDX_SIGNATURE = b"vhdxfile"
@@ -250,7 +251,39 @@ def parse_descriptor(text: bytes) -> Descriptor:
             parent_hint = value
         elif key == "parentCID":
             parent_cid = value
+    # qemu finds these keys with strstr() anywhere in the text, comments included:
+    # read them its way too, so that a comment cannot hide or change them.
+    plain = text.split(b"\0", 1)[0]
+    qemu_type = _qemu_value(plain, b"createType")
+    if qemu_type is not None and qemu_type != create_type:
+        create_type = f"{create_type} (qemu reads {qemu_type!r})"
+    qemu_parent = _qemu_parent(plain)
+    if qemu_parent is not None and parent_hint is None:
+        parent_hint = qemu_parent
     return Descriptor(create_type, tuple(extents), parent_hint, parent_cid)
+
+
+def _qemu_value(text: bytes, key: bytes) -> str | None:
+    """``key`` as qemu's vmdk_parse_description finds it: first occurrence, skip 2 bytes
+    (``="``), up to the next double quote."""
+    pos = text.find(key)
+    if pos < 0:
+        return None
+    start = pos + len(key) + 2
+    end = text.find(b'"', start)
+    if start > len(text) or end < 0:
+        return None
+    return text[start:end].decode("utf-8", errors="replace")
+
+
+def _qemu_parent(text: bytes) -> str | None:
+    """The parent name qemu's vmdk_parent_open would follow, if any."""
+    pos = text.find(b"parentFileNameHint")
+    if pos < 0:
+        return None
+    start = pos + len(b"parentFileNameHint") + 2
+    end = text.find(b'"', start)
+    return text[start : end if end >= 0 else len(text)].decode("utf-8", errors="replace")
 
 
 def _vmdk_probe_from(desc: Descriptor, p: Probe, *, sparse: bool, embedded: bool) -> None:
@@ -352,6 +385,12 @@ def probe_vmdk(v: View) -> Probe | None:
                 Finding("descriptor-unreadable", f"vmdk descriptor at offset {req.offset} unread")
             )
         _vmdk_probe_from(parse_descriptor(text), p, sparse=True, embedded=True)
+        if p.parent is None:
+            # qemu looks for the parent in the 10 KiB at sector 1, whatever the header says.
+            near = v.read(SECTOR, max(0, min(VMDK_QEMU_DESC_SIZE, v.data_size - SECTOR)))
+            hint = _qemu_parent(near.split(b"\0", 1)[0]) if near else None
+            if hint is not None:
+                p.parent = hint
         return p
     if is_text_descriptor(head):
         p = Probe("vmdk")
