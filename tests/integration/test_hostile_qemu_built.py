@@ -259,3 +259,23 @@ def test_qemu_overlay_on_qcow2_base_is_refused_but_base_is_safe(tmp_path: Path) 
     top_insp = inspect_path(top)
     assert top_insp.virtual_size == qemu_virtual_size(top, "qcow2") == 128 * MiB
     assert [f.code for f in check("qcow2", top_insp).failures] == ["backing-file"]
+
+
+def test_qemu_bitmaps_and_snapshots_are_fine(tmp_path: Path, data_raw: Path) -> None:
+    path = tmp_path / "img.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", data_raw, path)
+    qemu_img("bitmap", "--add", "-f", "qcow2", path, "dirty0")
+    qemu_img("snapshot", "-c", "snap1", path)
+    insp = inspect_path(path)
+    assert insp.qcow2 is not None
+    assert insp.qcow2.has_bitmaps_extension and insp.qcow2.nb_snapshots == 1
+    assert check("qcow2", insp).safe
+
+
+def test_qemu_image_cut_short_is_refused(tmp_path: Path, data_raw: Path) -> None:
+    path = tmp_path / "img.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", data_raw, path)
+    with path.open("r+b") as f:
+        f.truncate(65536 + 512)  # header cluster and a sliver of the refcount table
+    codes = {f.code for f in check("qcow2", inspect_path(path)).failures}
+    assert "refcount-table-past-end" in codes and "l1-table-past-end" in codes
