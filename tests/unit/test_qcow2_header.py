@@ -141,3 +141,18 @@ def test_huge_declared_sizes_do_not_allocate() -> None:
     h = qcow2.parse_header(data)
     codes = {f.code for f in qcow2.layout_findings(h, len(data))}
     assert "l1-table-too-large" in codes and "l1-table-past-end" in codes
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        hc.qcow2(compression=7, incompat=1 << 3),
+        hc.qcow2(compression=1),  # zstd without the feature bit
+        hc.qcow2(incompat=1 << 3),  # the bit without zstd
+        hc.qcow2(nb_snapshots=70000, snapshots_offset=65536),
+    ],
+    ids=["unknown-compression", "zstd-no-bit", "bit-no-zstd", "too-many-snapshots"],
+)
+def test_layout_findings_header_values_qemu_rejects(data: bytes) -> None:
+    h = qcow2.parse_header(data)
+    assert "invalid-header" in {f.code for f in qcow2.layout_findings(h, len(data))}

@@ -64,6 +64,7 @@ MAX_REFCOUNT_ORDER = 6
 MAX_L1_BYTES = 32 * 1024 * 1024  # qemu's QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024  # qemu's QCOW_MAX_REFTABLE_SIZE
 MAX_EXTENSIONS = 256
+MAX_SNAPSHOTS = 65536  # qemu's QCOW_MAX_SNAPSHOTS
 COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 
 
@@ -264,6 +265,18 @@ def layout_findings(h: Qcow2Header, data_size: int) -> list[Finding]:
                 )
             )
 
+    if h.compression_type not in COMPRESSION_TYPES.values():
+        out.append(Finding("invalid-header", f"qcow2 compression type {h.compression_type}"))
+    elif (h.compression_type != "zlib") != bool(h.incompatible_features & h.INCOMPAT_COMPRESSION):
+        out.append(
+            Finding(
+                "invalid-header",
+                f"qcow2 compression type {h.compression_type} disagrees with the "
+                "compression-type feature bit",
+            )
+        )
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        out.append(Finding("invalid-header", f"qcow2 image claims {h.nb_snapshots} snapshots"))
     if h.l1_size * 8 > MAX_L1_BYTES:
         out.append(Finding("l1-table-too-large", f"qcow2 L1 table of {h.l1_size} entries"))
     l2_entries = cs // (16 if h.extended_l2 else 8)
