@@ -10,7 +10,7 @@ from cowfleet.config import DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MAX_VIRTUAL_SIZE, Co
 # Bytes per block handed to the hashing/writing threads during an upload.
 DEFAULT_UPLOAD_BLOCK = 4 * 1024 * 1024
 # Bytes per read when serving a file.
-DEFAULT_DOWNLOAD_CHUNK = 2 * 1024 * 1024
+DEFAULT_DOWNLOAD_CHUNK = 1024 * 1024
 # Page size of image lists when the client gives no limit, and the largest allowed.
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 1000
