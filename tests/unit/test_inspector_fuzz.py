@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cowfleet.formats.inspection import GLANCE_DISK_FORMATS
-from cowfleet.formats.inspector import MAX_CAPTURE, Inspector, inspect_bytes
+from cowfleet.formats.inspector import MAX_CAPTURE, Inspector, inspect_bytes, inspect_path
 from cowfleet.formats.policy import check
 from tests.unit import hostile_corpus as hc
 
@@ -91,3 +94,24 @@ def test_random_bytes_bounded_memory(data: bytes, chunk: int) -> None:
     held += sum(len(b) for _n, b in insp._pending.values())
     assert held <= MAX_CAPTURE
     assert insp.finish().data_size == len(data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(SEEDS),
+    edits=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 1 << 18)),
+)
+def test_inspect_path_equals_streaming_on_mutants(
+    seed: bytes, edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    data = bytearray(seed)
+    for off, val in edits:
+        if off < len(data):
+            data[off] = val
+    if cut is not None:
+        del data[cut:]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "img"
+        path.write_bytes(data)
+        assert inspect_path(path) == inspect_bytes(bytes(data))
