@@ -327,8 +327,8 @@ def probe_vmdk(v: View) -> Probe | None:
     if head[:4] == VMDK_COWD_MAGIC:
         p = Probe("vmdk")
         p.vmdk = VmdkInfo("vmfsSparse", (), True, False)
-        if len(head) >= 8:
-            p.virtual_size = _u32le(head, 12) * SECTOR if len(head) >= 16 else None
+        if len(head) >= 16:
+            p.virtual_size = _u32le(head, 12) * SECTOR  # VMDK3 disk_sectors
         return p
     if head[:4] == VMDK_SPARSE_MAGIC:
         p = Probe("vmdk")
@@ -412,16 +412,16 @@ def _vhd_footer_ok(f: bytes) -> bool:
     return (~total & 0xFFFFFFFF) == checksum
 
 
-def _vhd_footer(v: View) -> tuple[bytes | None, bool]:
-    """The footer (from offset 0 or from the end) and whether it came from offset 0."""
+def _vhd_footer(v: View) -> bytes | None:
+    """The footer copy at offset 0 (dynamic disks), else a valid footer at the end (fixed)."""
     head = v.head
     if head[:8] == VHD_COOKIE and len(head) >= 512:
-        return head[:512], True
+        return head[:512]
     if v.final and v.data_size >= 512:
         tail = v.read(v.data_size - 512, 512)
         if tail is not None and _vhd_footer_ok(tail):
-            return tail, False
-    return None, False
+            return tail
+    return None
 
 
 def probe_vhd(v: View) -> Probe | None:
@@ -430,7 +430,7 @@ def probe_vhd(v: View) -> Probe | None:
         p = Probe("vhd")
         p.findings.append(_truncated("vhd", 512, len(head)))
         return p
-    footer, at_start = _vhd_footer(v)
+    footer = _vhd_footer(v)
     if footer is None:
         return None
     p = Probe("vhd")
@@ -452,9 +452,6 @@ def probe_vhd(v: View) -> Probe | None:
                 p.parent = dyn[64:576].decode("utf-16-be", errors="replace").rstrip("\0")
     elif disk_type not in VHD_DISK_TYPES:
         p.findings.append(Finding("invalid-header", f"vhd disk type {disk_type} is unknown"))
-    if at_start and disk_type == 2:
-        # A fixed disk keeps its footer only at the end; one at offset 0 is odd but harmless.
-        pass
     return p
 
 
