@@ -1,0 +1,475 @@
+"""A Glance v2 image API client (works against cowfleet's embedded server and real Glance).
+
+Synchronous httpx with one pooled connection set per client. Every httpx
+exception and every non-2xx status is translated here (see :mod:`.http`) into
+the cowfleet error tree. Downloads to disk (:meth:`ImageClient.download`)
+resume, retry and verify (see :mod:`.transfer`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+
+from cowfleet.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    LocalIOError,
+    NotFoundError,
+    RemoteError,
+    TimeoutError_,
+    UsageError,
+    ValidationError,
+)
+from cowfleet.images.http import raise_for_status, transport_error
+from cowfleet.images.models import Image
+from cowfleet.images.transfer import CHUNK_SIZE, Progress, download_to
+
+if TYPE_CHECKING:
+    from cowfleet.config import Config
+
+__all__ = ["DownloadStream", "Image", "ImageClient", "Progress"]
+
+log = logging.getLogger(__name__)
+
+PATCH_MEDIA_TYPE = "application/openstack-images-v2.1-json-patch"
+UPLOAD_CHUNK = 4 * 1024 * 1024
+# Fields Glance keeps as typed attributes (everything else is a string property).
+_INT_FIELDS = frozenset({"min_disk", "min_ram"})
+_BOOL_FIELDS = frozenset({"protected", "os_hidden"})
+_CORE_FIELDS = frozenset(
+    {"name", "visibility", "container_format", "disk_format"} | _INT_FIELDS | _BOOL_FIELDS
+)
+_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+
+
+@dataclass
+class DownloadStream:
+    """One HTTP response of ``GET /v2/images/{id}/file``."""
+
+    status: int  # 200 or 206
+    offset: int  # first byte delivered (0 for 200)
+    total_size: int | None  # whole image size (Content-Range total or Content-Length)
+    content_md5: str | None  # whole-image md5 (hex) from Content-MD5 if given
+    _response: httpx.Response = field(repr=False)
+    _endpoint: str = field(repr=False, default="")
+    _what: str = field(repr=False, default="download")
+
+    def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The body in chunks of about ``chunk_size`` bytes (the last may be shorter)."""
+        try:
+            yield from self._response.iter_raw(chunk_size)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._endpoint, self._what) from exc
+
+
+class ImageClient:
+    """Client of a Glance v2 image service; also a context manager."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        retries: int = 5,
+        backoff: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        endpoint = endpoint.strip().rstrip("/")
+        if endpoint.endswith("/v2"):
+            endpoint = endpoint[: -len("/v2")]
+        if not endpoint.startswith(("http://", "https://")):
+            raise UsageError(f"image service URL must start with http:// or https://: {endpoint!r}")
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._sleep = sleep
+        headers = {"Accept": "application/json", "User-Agent": "cowfleet-image-client"}
+        if token:
+            headers["X-Auth-Token"] = token
+        try:
+            self._http = httpx.Client(
+                base_url=endpoint + "/",
+                headers=headers,
+                timeout=httpx.Timeout(timeout),
+                transport=transport,
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+                follow_redirects=False,
+            )
+        except (httpx.HTTPError, ValueError) as exc:
+            raise UsageError(f"invalid image service URL {endpoint!r}: {exc}") from exc
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ImageClient:
+        """Endpoint from ``cfg.endpoint``; token from ``cfg.image_token``, else the token
+        file (``cfg.token_file``) when it exists, else none (a Glance without keystone)."""
+        token = cfg.image_token
+        if not token:
+            path = cfg.token_file
+            try:
+                token = path.read_text(encoding="utf-8").strip() or None
+            except FileNotFoundError:
+                token = None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise LocalIOError(
+                    f"cannot read the image service token file {path}: {exc}"
+                ) from exc
+        return cls(cfg.endpoint, token, retries=cfg.fetch_retries)
+
+    # -- plumbing ------------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ImageClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, url, **kw)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.endpoint, what) from exc
+        raise_for_status(resp, what)
+        return resp
+
+    def _json(self, resp: httpx.Response, what: str) -> Any:
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise RemoteError(
+                f"{what}: the image service sent invalid JSON", status=resp.status_code
+            ) from exc
+
+    @staticmethod
+    def _path(image_id: str, suffix: str = "") -> str:
+        if not image_id:
+            raise UsageError("empty image id")
+        return f"v2/images/{quote(image_id, safe='')}{suffix}"
+
+    # -- API -------------------------------------------------------------------------
+    def create(self, **fields: Any) -> Image:
+        """``POST /v2/images``: a new ``queued`` image. ``properties={...}`` is flattened."""
+        body: dict[str, Any] = {}
+        extra = fields.pop("properties", None) or {}
+        for key, value in {**fields, **extra}.items():
+            if value is not None:
+                body[key] = value
+        what = f"create image {body.get('name')!r}"
+        resp = self._request("POST", "v2/images", what, json=body)
+        return Image.from_json(self._json(resp, what))
+
+    def upload(
+        self,
+        image_id: str,
+        data: IO[bytes] | Iterable[bytes],
+        *,
+        size: int | None = None,
+        progress: Progress | None = None,
+    ) -> Image:
+        """``PUT /v2/images/{id}/file``: stream ``data`` (a binary file or an iterable of
+        bytes); sends ``Content-Length`` when the size is known, else chunked."""
+        if size is None and hasattr(data, "fileno"):
+            size = _remaining_size(data)  # type: ignore[arg-type]
+        body = _counting(_chunks(data), size, progress)
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        what = f"upload image {image_id}"
+        # The service hashes and inspects after the last byte: allow it time to answer.
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 600.0))
+        self._request(
+            "PUT",
+            self._path(image_id, "/file"),
+            what,
+            content=body,
+            headers=headers,
+            timeout=timeout,
+        )
+        return self.get(image_id)
+
+    def get(self, image_id: str) -> Image:
+        what = f"image {image_id}"
+        resp = self._request("GET", self._path(image_id), what)
+        return Image.from_json(self._json(resp, what))
+
+    def find(self, name_or_id: str) -> Image:
+        """The image with this id, else the one image with this name."""
+        if _is_uuid(name_or_id):
+            try:
+                return self.get(name_or_id)
+            except NotFoundError:
+                pass
+        matches = []
+        for image in self.list(name=name_or_id):
+            matches.append(image)
+            if len(matches) > 1:
+                break
+        if not matches:
+            raise NotFoundError(f"no image with id or name {name_or_id!r}", image=name_or_id)
+        if len(matches) > 1:
+            ids = ", ".join(m.id for m in self.list(name=name_or_id))
+            raise ConflictError(
+                f"more than one image is named {name_or_id!r} ({ids}); use an id", image=name_or_id
+            )
+        return matches[0]
+
+    def list(self, **filters: Any) -> Iterator[Image]:
+        """``GET /v2/images`` with filters (name, status, disk_format, visibility, sort_key,
+        sort_dir, limit = page size ...), following ``next`` links to the end."""
+        params = {k: str(v) for k, v in filters.items() if v is not None}
+        url: str | None = "v2/images"
+        seen: set[str] = set()
+        while url is not None:
+            resp = self._request("GET", url, "list images", params=params)
+            body = self._json(resp, "list images")
+            if not isinstance(body, dict) or not isinstance(body.get("images"), list):
+                raise RemoteError("list images: the reply has no 'images' list")
+            for item in body["images"]:
+                yield Image.from_json(item)
+            nxt = body.get("next")
+            if not nxt or not body["images"]:
+                return
+            if not isinstance(nxt, str) or nxt in seen:
+                raise RemoteError(f"list images: bad or repeating next link {nxt!r}")
+            seen.add(nxt)
+            url = _relative_next(nxt)
+            params = {}  # the next link carries the query
+
+    def update(self, image_id: str, changes: Mapping[str, str | int | bool | None]) -> Image:
+        """``PATCH`` (JSON patch): set each key, or remove it when the value is None."""
+        if not changes:
+            return self.get(image_id)
+        current = self.get(image_id)
+        ops: list[dict[str, Any]] = []
+        for key, value in changes.items():
+            if not key or "/" in key or "~" in key:
+                raise ValidationError(f"invalid property name {key!r}")
+            path = f"/{key}"
+            if value is None:
+                ops.append({"op": "remove", "path": path})
+                continue
+            exists = key in _CORE_FIELDS or key in current.properties
+            ops.append(
+                {"op": "replace" if exists else "add", "path": path, "value": _typed(key, value)}
+            )
+        what = f"update image {image_id}"
+        resp = self._request(
+            "PATCH",
+            self._path(image_id),
+            what,
+            json=ops,
+            headers={"Content-Type": PATCH_MEDIA_TYPE},
+        )
+        return Image.from_json(self._json(resp, what))
+
+    def delete(self, image_id: str) -> None:
+        self._request("DELETE", self._path(image_id), f"delete image {image_id}")
+
+    def open_download(
+        self, image_id: str, *, offset: int = 0
+    ) -> AbstractContextManager[DownloadStream]:
+        """``GET /v2/images/{id}/file`` from ``offset`` (a ``Range`` request when > 0)."""
+        return self._open_download(image_id, offset)
+
+    @contextmanager
+    def _open_download(self, image_id: str, offset: int) -> Iterator[DownloadStream]:
+        if offset < 0:
+            raise UsageError(f"negative download offset {offset}")
+        what = f"download image {image_id}"
+        headers = {"Accept": "application/octet-stream", "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 60.0))
+        try:
+            req = self._http.build_request(
+                "GET", self._path(image_id, "/file"), headers=headers, timeout=timeout
+            )
+            resp = self._http.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.endpoint, what) from exc
+        try:
+            if resp.status_code >= 300:
+                try:
+                    resp.read()
+                except httpx.HTTPError as exc:
+                    raise transport_error(exc, self.endpoint, what) from exc
+                raise_for_status(resp, what, image_id=image_id)
+            if resp.status_code == 204:
+                raise ConflictError(f"{what}: the image has no data yet", image_id=image_id)
+            yield _stream_of(resp, self.endpoint, what)
+        finally:
+            resp.close()
+
+    def download(self, image_id: str, dest: Path, *, progress: Progress | None = None) -> Image:
+        """Fetch the image into ``dest``: resumes by ``Range``, retries with backoff,
+        verifies the checksum while streaming, renames only a verified file."""
+        image = self._get_retrying(image_id)
+        download_to(
+            lambda offset: self.open_download(image.id, offset=offset),
+            image,
+            Path(dest),
+            retries=self.retries,
+            progress=progress,
+            backoff=self.backoff,
+            sleep=self._sleep,
+            chunk_size=CHUNK_SIZE,
+        )
+        return image
+
+    def _get_retrying(self, image_id: str) -> Image:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return self.get(image_id)
+            except (BackendUnavailableError, TimeoutError_) as exc:
+                if attempt == self.retries:
+                    raise
+                log.warning("image %s: %s; retrying in %.1fs", image_id, exc, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+
+# -- helpers -------------------------------------------------------------------------
+def _stream_of(resp: httpx.Response, endpoint: str, what: str) -> DownloadStream:
+    status = resp.status_code
+    length = _int_header(resp, "Content-Length")
+    md5 = _md5_header(resp.headers.get("Content-MD5"))
+    if status == 206:
+        raw = resp.headers.get("Content-Range", "")
+        m = _CONTENT_RANGE.match(raw.strip())
+        if m is None:
+            raise RemoteError(f"{what}: bad Content-Range {raw!r} on a 206 answer", status=206)
+        start = int(m.group(1))
+        total = None if m.group(3) == "*" else int(m.group(3))
+        return DownloadStream(206, start, total, md5, resp, endpoint, what)
+    if status != 200:
+        raise RemoteError(f"{what}: unexpected HTTP {status}", status=status)
+    return DownloadStream(200, 0, length, md5, resp, endpoint, what)
+
+
+def _int_header(resp: httpx.Response, name: str) -> int | None:
+    raw = resp.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _md5_header(raw: str | None) -> str | None:
+    """Glance sends hex in ``Content-MD5``; RFC 1864 says base64: accept both."""
+    if not raw:
+        return None
+    raw = raw.strip()
+    if re.fullmatch(r"[0-9a-fA-F]{32}", raw):
+        return raw.lower()
+    try:
+        digest = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return digest.hex() if len(digest) == 16 else None
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _relative_next(nxt: str) -> str:
+    """Glance's ``next`` is ``/v2/images?...`` (relative to the API root)."""
+    if nxt.startswith(("http://", "https://")):
+        return nxt
+    return nxt.lstrip("/")
+
+
+def _typed(key: str, value: str | int | bool) -> Any:
+    if key in _INT_FIELDS:
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"{key} must be an integer, not {value!r}") from exc
+    if key in _BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        low = str(value).strip().lower()
+        if low in ("true", "yes", "1", "on"):
+            return True
+        if low in ("false", "no", "0", "off"):
+            return False
+        raise ValidationError(f"{key} must be true or false, not {value!r}")
+    return value if isinstance(value, str) else str(value)
+
+
+def _remaining_size(fh: IO[bytes]) -> int | None:
+    try:
+        st = os.fstat(fh.fileno())
+        pos = fh.tell()
+    except (OSError, ValueError, AttributeError):
+        return None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return max(0, st.st_size - pos)
+
+
+def _chunks(data: IO[bytes] | Iterable[bytes]) -> Iterator[bytes]:
+    if hasattr(data, "read"):
+        fh: Any = data
+        while True:
+            try:
+                block = fh.read(UPLOAD_CHUNK)
+            except OSError as exc:
+                raise LocalIOError(f"cannot read upload data: {exc}") from exc
+            if not block:
+                return
+            yield block if isinstance(block, bytes) else bytes(block)
+    else:
+        for block in data:
+            if block:
+                yield block if isinstance(block, bytes) else bytes(block)
+
+
+def _counting(
+    chunks: Iterator[bytes], size: int | None, progress: Progress | None
+) -> Iterator[bytes]:
+    done = 0
+    for block in chunks:
+        done += len(block)
+        if size is not None and done > size:
+            raise ValidationError(f"upload data is longer than the declared {size} bytes")
+        yield block
+        if progress is not None:
+            progress(done, size)
+    if size is not None and done < size:
+        raise ValidationError(f"upload data ended at {done} of the declared {size} bytes")
