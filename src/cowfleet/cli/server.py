@@ -1,0 +1,203 @@
+"""``cowfleet server ...``: create instances on cached bases and manage them.
+
+``server list`` and ``server disks`` print what ``virsh list --all`` and
+``virsh domblklist`` would, for cowfleet's instances (Id is the hypervisor's
+domain id while running, ``-`` otherwise; the UUID is in ``--output json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.compute.manager import ServerManager
+from cowfleet.config import DRIVERS, VIRT_TYPES, Config
+
+
+def _node_options(p: argparse.ArgumentParser) -> None:
+    """Options that pick the node's instances path and hypervisor (config overrides)."""
+    p.add_argument("--driver", dest="driver", choices=DRIVERS, help="hypervisor driver")
+    p.add_argument(
+        "--instances-path",
+        dest="instances_path",
+        type=Path,
+        metavar="DIR",
+        help="where instance folders and _base live",
+    )
+    p.add_argument("--libvirt-uri", dest="libvirt_uri", metavar="URI", help="libvirt URI")
+
+
+def _create(args: argparse.Namespace, cfg: Config) -> int:
+    from cowfleet.cache import ImageCache
+    from cowfleet.compute.drivers import make_driver
+    from cowfleet.compute.provision import Provisioner
+    from cowfleet.images.client import ImageClient
+
+    driver = make_driver(cfg.driver, cfg)
+    try:
+        with ImageClient.from_config(cfg) as client:
+            cache = ImageCache(cfg, client)
+            prov = Provisioner(cfg, images=client, cache=cache, driver=driver)
+            record = prov.create(args.name, args.image, args.flavor, start=not args.no_start)
+    finally:
+        driver.close()
+    if args.output == "json":
+        print_json(record.to_dict())
+    else:
+        print(f"created server {record.name} ({record.uuid}) in {cfg.instances_path / record.uuid}")
+    return 0
+
+
+def _list(args: argparse.Namespace, cfg: Config) -> int:
+    with ServerManager(cfg) as mgr:
+        rows = mgr.list_servers()
+    if args.output == "json":
+        print_json([r.to_dict() for r in rows])
+        return 0
+    print_table(
+        ["Id", "Name", "State", "Image", "Flavor"],
+        [["-" if r.id is None else r.id, r.name, r.state, r.image, r.flavor or "-"] for r in rows],
+    )
+    for r in rows:
+        if r.problem:
+            print(
+                f"cowfleet: warning: {r.name} ({r.uuid}): {r.state}: {r.problem}", file=sys.stderr
+            )
+    return 0
+
+
+def _show(args: argparse.Namespace, cfg: Config) -> int:
+    with ServerManager(cfg) as mgr:
+        detail = mgr.show(args.server)
+    if args.output == "json":
+        print_json(detail.to_dict())
+        return 0
+    row, rec = detail.row, detail.record
+    fields: list[tuple[str, object]] = [
+        ("UUID", row.uuid),
+        ("Name", row.name),
+        ("Id", "-" if row.id is None else row.id),
+        ("State", row.state),
+        ("Driver", row.driver or "-"),
+        ("Image", f"{row.image_name or '-'} ({row.image_id or '-'})"),
+        ("Flavor", row.flavor or "-"),
+        ("Folder", detail.folder or "-"),
+    ]
+    if rec is not None:
+        fl = rec.flavor
+        fields += [
+            ("VCPUs", fl.vcpus),
+            ("Memory", f"{fl.ram_mb} MiB"),
+            ("Created", rec.created_at),
+        ]
+        if rec.kernel_base:
+            fields.append(("Kernel", rec.kernel_base))
+        if rec.ramdisk_base:
+            fields.append(("Ramdisk", rec.ramdisk_base))
+        if rec.os_command_line:
+            fields.append(("Command line", rec.os_command_line))
+        for d in rec.disks:
+            fields.append((f"Disk {d.target}", f"{d.file} -> {d.backing} ({d.backing_format})"))
+    if row.problem:
+        fields.append(("Problem", row.problem))
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        print(f"{k + ':':<{width + 1}} {v}")
+    return 0
+
+
+def _disks(args: argparse.Namespace, cfg: Config) -> int:
+    with ServerManager(cfg) as mgr:
+        disks = mgr.disks(args.server)
+    if args.output == "json":
+        print_json([{"target": d.target, "source": d.source} for d in disks])
+        return 0
+    print_table(["Target", "Source"], [[d.target, d.source] for d in disks])
+    return 0
+
+
+def _start(args: argparse.Namespace, cfg: Config) -> int:
+    with ServerManager(cfg) as mgr:
+        row = mgr.start(args.server)
+    return _print_row(args, row.to_dict(), f"server {row.name} started")
+
+
+def _stop(args: argparse.Namespace, cfg: Config) -> int:
+    with ServerManager(cfg) as mgr:
+        row = mgr.stop(args.server, force=args.force, timeout=args.timeout)
+    return _print_row(args, row.to_dict(), f"server {row.name} stopped ({row.state})")
+
+
+def _delete(args: argparse.Namespace, cfg: Config) -> int:
+    with ServerManager(cfg) as mgr:
+        row = mgr.delete(args.server)
+    return _print_row(args, row.to_dict(), f"server {row.name} ({row.uuid}) deleted")
+
+
+def _print_row(args: argparse.Namespace, data: dict[str, object], text: str) -> int:
+    if args.output == "json":
+        print_json(data)
+    else:
+        print(text)
+    return 0
+
+
+def _console(args: argparse.Namespace, cfg: Config) -> int:
+    with ServerManager(cfg) as mgr:
+        data = mgr.console(args.server)
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("server", help="instances: create, list, disks, start, stop, delete")
+    ssub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = add_command(ssub, "create", _create, "create (and boot) a server from an image")
+    c.add_argument("--image", required=True, metavar="IMAGE", help="image name or id")
+    c.add_argument("--flavor", required=True, metavar="FLAVOR", help="flavor name (m1.tiny ...)")
+    _node_options(c)
+    c.add_argument("--virt-type", dest="virt_type", choices=VIRT_TYPES, help="domain type")
+    c.add_argument("--image-url", dest="image_url", metavar="URL", help="image service URL")
+    c.add_argument(
+        "--token-file",
+        dest="image_token_file",
+        type=Path,
+        metavar="FILE",
+        help="image service token file",
+    )
+    c.add_argument("--no-start", action="store_true", help="define the domain, do not start it")
+    c.add_argument("name", metavar="NAME", help="server name (1-63 of A-Z a-z 0-9 . _ -)")
+
+    ls = add_command(ssub, "list", _list, "list servers and their states (like virsh list --all)")
+    _node_options(ls)
+
+    for name, handler, text in (
+        ("show", _show, "show one server"),
+        ("disks", _disks, "disks of a server, as virsh domblklist"),
+        ("start", _start, "start a server"),
+        ("delete", _delete, "destroy the domain and remove the instance folder (never a base)"),
+    ):
+        sp = add_command(ssub, name, handler, text)
+        _node_options(sp)
+        sp.add_argument("server", metavar="NAME|UUID")
+
+    st = add_command(ssub, "stop", _stop, "shut a server down (ACPI, then power off)")
+    _node_options(st)
+    st.add_argument("--force", action="store_true", help="power off at once")
+    st.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for the guest before powering off (default 60)",
+    )
+    st.add_argument("server", metavar="NAME|UUID")
+
+    co = add_command(ssub, "console", _console, "print the serial console log", output=False)
+    _node_options(co)
+    co.add_argument("server", metavar="NAME|UUID")
