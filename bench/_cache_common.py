@@ -1,0 +1,126 @@
+"""Shared plumbing for the node cache benchmarks: a real image service and one image."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclass
+class Service:
+    url: str
+    token: str
+    token_file: Path
+    data_dir: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def image_service(workdir: Path) -> Iterator[Service]:
+    """``cowfleet images serve`` on a free loopback port (a real subprocess)."""
+    port = free_port()
+    data = workdir / "service"
+    data.mkdir(parents=True, exist_ok=True)
+    token_file = data / "token"
+    argv = [
+        sys.executable,
+        "-m",
+        "cowfleet",
+        "images",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data),
+        "--token-file",
+        str(token_file),
+        "--home",
+        str(workdir / "home"),
+    ]
+    log = open(workdir / "service.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"image service exited; see {workdir / 'service.log'}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                if token_file.exists():
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit("image service did not start")
+            time.sleep(0.1)
+        yield Service(f"http://127.0.0.1:{port}", token_file.read_text().strip(), token_file, data)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def make_image_file(path: Path, size: int, zero_fraction: float = 0.25) -> None:
+    """Random data with a run of zeros (a typical disk: data, then free space)."""
+    data_bytes = int(size * (1 - zero_fraction))
+    with open(path, "wb") as fh:
+        left = data_bytes
+        while left:
+            n = min(left, 16 * MiB)
+            fh.write(os.urandom(n))
+            left -= n
+        fh.truncate(size)
+
+
+def upload(svc: Service, path: Path, disk_format: str = "raw") -> str:
+    from cowfleet.images.client import ImageClient
+
+    with ImageClient(svc.url, svc.token, timeout=300) as c:
+        img = c.create(name=path.name, disk_format=disk_format, container_format="bare")
+        with open(path, "rb") as fh:
+            c.upload(img.id, fh, size=path.stat().st_size)
+        return str(img.id)
+
+
+def workdir(arg: str | None) -> Path:
+    return Path(tempfile.mkdtemp(prefix="cowfleet-bench-", dir=arg))
+
+
+def load() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def fetch_argv(svc: Service, inst: Path, home: Path, image_id: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cowfleet",
+        "cache",
+        "fetch",
+        image_id,
+        "--output",
+        "json",
+        "--home",
+        str(home),
+        "--instances-path",
+        str(inst),
+        "--image-url",
+        svc.url,
+        "--token-file",
+        str(svc.token_file),
+    ]

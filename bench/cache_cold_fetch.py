@@ -1,0 +1,139 @@
+"""Benchmark: cold fetch of a 1 GiB image into the node cache vs two baselines.
+
+Same run, same image, same embedded image service (``cowfleet images serve``):
+
+* ``curl -o FILE``: the plain download, no verification (the throughput ceiling);
+* Nova's order: download to a file (Python, httpx streaming), then sha512 of the file,
+  then the format inspector over the file, then ``qemu-img info -f raw`` (as Nova does
+  before using a base);
+* cowfleet: ``cowfleet cache fetch`` in a fresh process (one streaming pass: sha512 +
+  inspection + sparse write + fsync + rename), with its peak RSS.
+
+Each is run ``--runs`` times; the best of each is compared (page cache warm for all,
+the server's file is read from memory every time).
+
+    python3 bench/cache_cold_fetch.py [--size-mib 1024] [--runs 3] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+
+
+def child_rss_wrapper(argv: list[str]) -> tuple[float, int, str]:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = p.stdout.read() if p.stdout else b""
+    err = p.stderr.read() if p.stderr else b""
+    _pid, status, usage = os.wait4(p.pid, 0)
+    elapsed = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:6])} failed: {err.decode()[-2000:]}")
+    return elapsed, usage.ru_maxrss * 1024, out.decode()
+
+
+NOVA_ORDER = r"""
+import hashlib, subprocess, sys
+from pathlib import Path
+from cowfleet.images.client import ImageClient
+from cowfleet.formats.inspector import inspect_path
+url, token, image_id, dest = sys.argv[1:5]
+with ImageClient(url, token, timeout=300) as c, c.open_download(image_id) as s, \
+        open(dest, "wb") as fh:
+    for chunk in s.iter_chunks(1 << 20):
+        fh.write(chunk)
+    fh.flush()
+    import os; os.fsync(fh.fileno())
+h = hashlib.sha512()
+with open(dest, "rb") as fh:
+    while True:
+        b = fh.read(1 << 20)
+        if not b:
+            break
+        h.update(b)
+insp = inspect_path(Path(dest))
+subprocess.run(["qemu-img", "info", "-f", "raw", "--output=json", dest], check=True,
+               capture_output=True)
+print(h.hexdigest())
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    wd = workdir(args.dir)
+    size = args.size_mib * MiB
+    try:
+        src = wd / "image.raw"
+        make_image_file(src, size)
+        with image_service(wd) as svc:
+            image_id = upload(svc, src)
+            expect = hashlib.sha512(src.read_bytes()).hexdigest()
+            src.unlink()
+            url = f"{svc.url}/v2/images/{image_id}/file"
+            print(f"image {args.size_mib} MiB, {load()}, cores {os.cpu_count()}")
+            res: dict[str, list[float]] = {"curl": [], "nova": [], "cowfleet": []}
+            rss: list[int] = []
+            for i in range(args.runs):
+                dest = wd / f"curl-{i}"
+                t, _, _ = child_rss_wrapper(
+                    ["curl", "-sS", "-f", "-o", str(dest), "-H", f"X-Auth-Token: {svc.token}", url]
+                )
+                res["curl"].append(t)
+                assert dest.stat().st_size == size
+                dest.unlink()
+
+                dest = wd / f"nova-{i}"
+                t, _, out = child_rss_wrapper(
+                    [sys.executable, "-c", NOVA_ORDER, svc.url, svc.token, image_id, str(dest)]
+                )
+                assert out.strip() == expect
+                res["nova"].append(t)
+                dest.unlink()
+
+                inst = wd / f"inst-{i}"
+                t, peak, out = child_rss_wrapper(fetch_argv(svc, inst, wd / "home", image_id))
+                answer = json.loads(out)
+                assert answer["fetched"] and answer["size"] == size
+                res["cowfleet"].append(t)
+                rss.append(peak)
+                shutil.rmtree(inst)
+            best = {k: min(v) for k, v in res.items()}
+            for k, v in res.items():
+                mbps = size / best[k] / MiB
+                runs = " ".join(f"{x:.2f}" for x in v)
+                print(f"{k:9s} best {best[k]:6.2f} s  {mbps:7.0f} MiB/s   runs: {runs}")
+            print(
+                f"cowfleet throughput / curl       = {best['curl'] / best['cowfleet']:.2f}x"
+                "  (target >= 0.8)"
+            )
+            print(
+                f"cowfleet speed / Nova's order    = {best['nova'] / best['cowfleet']:.2f}x"
+                "  (target >= 1.5)"
+            )
+            print(f"cowfleet peak RSS                = {max(rss) / MiB:.0f} MiB  (target <= 100)")
+            print(f"after: {load()}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(wd, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

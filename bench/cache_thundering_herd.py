@@ -1,0 +1,90 @@
+"""Benchmark: 50 processes ask at once for the same uncached image.
+
+Same run, same image, same embedded image service:
+
+* baseline: one ``cowfleet cache fetch`` (a cold fetch, process start included);
+* herd: ``--procs`` (default 50) ``cowfleet cache fetch`` processes started together
+  against an empty cache; counts how many actually downloaded (``"fetched": true``,
+  must be exactly 1) and the wall time from the first start to the last exit.
+
+    python3 bench/cache_thundering_herd.py [--size-mib 1024] [--procs 50] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+
+
+def herd(argvs: list[list[str]]) -> tuple[float, list[dict[str, object]]]:
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in argvs]
+    outs = [p.communicate() for p in procs]
+    elapsed = time.perf_counter() - t0
+    for p, (_o, e) in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise SystemExit(f"a fetcher failed: {e.decode()[-2000:]}")
+    return elapsed, [json.loads(o) for o, _ in outs]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--procs", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    wd = workdir(args.dir)
+    try:
+        src = wd / "image.raw"
+        make_image_file(src, args.size_mib * MiB)
+        with image_service(wd) as svc:
+            image_id = upload(svc, src)
+            src.unlink()
+            print(
+                f"image {args.size_mib} MiB, {args.procs} processes, {load()}, "
+                f"cores {os.cpu_count()}"
+            )
+            singles, herds = [], []
+            for i in range(args.runs):
+                inst = wd / f"single-{i}"
+                t, answers = herd([fetch_argv(svc, inst, wd / "home", image_id)])
+                assert answers[0]["fetched"]
+                singles.append(t)
+                shutil.rmtree(inst)
+
+                inst = wd / f"herd-{i}"
+                argv = fetch_argv(svc, inst, wd / "home", image_id)
+                t, answers = herd([argv] * args.procs)
+                downloads = sum(1 for a in answers if a["fetched"])
+                herds.append(t)
+                print(
+                    f"run {i}: one cold fetch {singles[-1]:.2f} s; herd {t:.2f} s; "
+                    f"downloads {downloads} (must be 1)"
+                )
+                if downloads != 1:
+                    print("FAIL: more than one download")
+                    return 1
+                shutil.rmtree(inst)
+            s, h = min(singles), min(herds)
+            print(
+                f"herd wall / one cold fetch = {h / s:.2f}x  (target <= 1.3)  "
+                f"[best {h:.2f} s vs {s:.2f} s]"
+            )
+            print(f"after: {load()}")
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""``cowfleet cache list|fetch|verify``: the node image cache."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.config import Config
+
+if TYPE_CHECKING:
+    from cowfleet.cache.cache import ImageCache
+    from cowfleet.images.client import ImageClient
+
+VERIFY_FAILED_EXIT = 7  # same as IntegrityError
+
+
+def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
+    p.add_argument(
+        "--instances-path",
+        dest="instances_path",
+        type=Path,
+        metavar="DIR",
+        help="instances path holding _base/ and locks/ (env COWFLEET_INSTANCES_PATH)",
+    )
+    if remote:
+        p.add_argument(
+            "--image-url",
+            dest="image_url",
+            metavar="URL",
+            help="image service endpoint (env COWFLEET_IMAGE_URL)",
+        )
+        p.add_argument(
+            "--token-file",
+            dest="image_token_file",
+            type=Path,
+            metavar="FILE",
+            help="file holding the image service token",
+        )
+
+
+def _cache(cfg: Config) -> ImageCache:
+    from cowfleet.cache.cache import ImageCache
+
+    def make_client() -> ImageClient:
+        from cowfleet.images.client import ImageClient
+
+        return ImageClient.from_config(cfg)
+
+    # The client (and httpx) is imported only when a download is needed.
+    return ImageCache(cfg, make_client)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
+    entries = _cache(cfg).list()
+    if args.output == "json":
+        print_json(entries)
+        return 0
+    rows = [
+        (
+            e.image_id or "-",
+            e.image_name or "-",
+            e.format or "-",
+            e.kind,
+            _gib(e.allocated),
+            _gib(e.virtual_size),
+            ",".join(e.users) or "-",
+            _when(e.last_used),
+            e.state,
+            e.name,
+        )
+        for e in entries
+    ]
+    print_table(
+        (
+            "Image ID",
+            "Name",
+            "Format",
+            "Kind",
+            "Allocated",
+            "Virtual",
+            "Users",
+            "Last used",
+            "State",
+            "File",
+        ),
+        rows,
+    )
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace, cfg: Config) -> int:
+    from cowfleet.cache.layout import canonical_image_id, is_image_id
+
+    cache = _cache(cfg)
+    ref: str = args.image
+    image_id = canonical_image_id(ref) if is_image_id(ref) else cache.client.find(ref).id
+    start = time.monotonic()
+    base = cache.ensure_cached(image_id)
+    seconds = time.monotonic() - start
+    if args.output == "json":
+        print_json(
+            {
+                "image_id": base.image_id,
+                "path": str(base.path),
+                "format": base.format,
+                "virtual_size": base.virtual_size,
+                "size": base.size,
+                "fetched": base.fetched,
+                "seconds": round(seconds, 3),
+            }
+        )
+    else:
+        what = "fetched" if base.fetched else "already cached"
+        print(
+            f"{base.path} ({what}, {base.format}, {_gib(base.virtual_size)} virtual, "
+            f"{seconds:.2f}s)"
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
+    cache = _cache(cfg)
+    results = cache.verify(args.image)
+    if args.output == "json":
+        print_json(results)
+    else:
+        print_table(
+            ("Image ID", "File", "Result", "Reason"),
+            [
+                (r.image_id or "-", r.name, r.state if r.ok else "FAILED", r.failure or "")
+                for r in results
+            ],
+        )
+    return 0 if all(r.ok for r in results) else VERIFY_FAILED_EXIT
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("cache", help="the node image cache (_base)")
+    csub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    lp = add_command(csub, "list", cmd_list, "list cached bases, partial downloads and users")
+    _common(lp, remote=False)
+    fp = add_command(csub, "fetch", cmd_fetch, "fetch an image into the cache (pre-cache)")
+    fp.add_argument("image", metavar="IMAGE", help="image id or unique name")
+    _common(fp, remote=True)
+    vp = add_command(
+        csub, "verify", cmd_verify, "re-hash and re-inspect cached bases (exit 7 when one fails)"
+    )
+    vp.add_argument("image", metavar="IMAGE", nargs="?", help="image id (default: every base)")
+    _common(vp, remote=False)
