@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,3 +293,12 @@ def test_names_are_free_again_after_delete_or_lost_folder(cfg: config.Config) ->
         assert [r.uuid for r in mgr.list_servers()] == [third]
     with pytest.raises(ConflictError):
         _create(cfg, lv, "a")
+
+
+def test_folder_without_claim_still_holds_its_name(cfg: config.Config) -> None:
+    lv = FakeLibvirt()
+    _create(cfg, lv, "restored")
+    (cfg.instances_path / ".names" / "restored").unlink()  # e.g. copied in by hand
+    with pytest.raises(ConflictError, match="restored"):
+        _create(cfg, lv, "restored")
+    assert os.path.islink(cfg.instances_path / ".names" / "restored") is False

@@ -17,6 +17,7 @@ hypervisor is the truth about their state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -188,11 +189,25 @@ class InstanceDir:
         return self.path / file
 
 
-NAMES_DIR = ".names"  # <instances_path>/.names/<name> holds the UUID that claimed the name
+# <instances_path>/.names/<name> is a symlink whose target is the UUID that claimed the
+# name: read with readlink only (never followed), so checking a name costs no file reads.
+NAMES_DIR = ".names"
 
 
 def name_claim_path(instances_path: Path, name: str) -> Path:
     return instances_path / NAMES_DIR / validate_name(name)
+
+
+def _claim_target(path: Path) -> str | None:
+    try:
+        target = os.readlink(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == 22:  # EINVAL: not a symlink (planted file): ignore it
+            return None
+        raise LocalIOError(f"cannot read name claim {path}: {exc.strerror}") from exc
+    return target if is_uuid(target) else None
 
 
 def name_owner(instances_path: Path, name: str) -> str | None:
@@ -200,25 +215,39 @@ def name_owner(instances_path: Path, name: str) -> str | None:
 
     A claim whose folder (final or temporary) is gone is stale and ignored.
     """
-    try:
-        owner = name_claim_path(instances_path, name).read_text().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise LocalIOError(f"cannot read name claim of {name!r}: {exc.strerror}") from exc
-    if not is_uuid(owner):
+    owner = _claim_target(name_claim_path(instances_path, name))
+    if owner is None:
         return None
     if (instances_path / owner).is_dir() or (instances_path / f".{owner}.tmp").is_dir():
         return owner
     return None
 
 
+def claimed_uuids(instances_path: Path) -> set[str]:
+    """UUIDs that hold a name claim (stale ones included)."""
+    names = instances_path / NAMES_DIR
+    try:
+        entries = os.listdir(names)
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise LocalIOError(f"cannot list {names}: {exc.strerror}") from exc
+    out = set()
+    for entry in entries:
+        target = _claim_target(names / entry)
+        if target is not None:
+            out.add(target)
+    return out
+
+
 def write_name_claim(instances_path: Path, name: str, uuid: str) -> Path:
-    """Claim ``name`` for ``uuid`` (the caller holds the names lock); returns the claim file."""
+    """Claim ``name`` for ``uuid`` (the caller holds the names lock); returns the claim path."""
     path = name_claim_path(instances_path, name)
     path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_name(f".{name}.{uuid}")
-    tmp.write_text(uuid + "\n")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(uuid, tmp)
     os.rename(tmp, path)
     return path
 
@@ -226,13 +255,9 @@ def write_name_claim(instances_path: Path, name: str, uuid: str) -> Path:
 def release_name(instances_path: Path, name: str, uuid: str) -> None:
     """Drop the claim of ``name`` if ``uuid`` holds it."""
     path = name_claim_path(instances_path, name)
-    try:
-        if path.read_text().strip() == uuid:
+    if _claim_target(path) == uuid:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot release name claim %s: %s", path, exc.strerror)
 
 
 def new_uuid() -> str:

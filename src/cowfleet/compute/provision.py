@@ -44,6 +44,7 @@ from cowfleet.errors import (
     ConflictError,
     CowfleetError,
     LocalIOError,
+    NotFoundError,
     StorageFullError,
     ValidationError,
 )
@@ -230,15 +231,26 @@ class Provisioner:
             )
 
     def _check_name_free(self, name: str) -> None:
-        owner = inst.name_owner(self.cfg.instances_path, name)
+        path = self.cfg.instances_path
+        owner = inst.name_owner(path, name)
         if owner is not None:
             raise ConflictError(f"a server named {name!r} already exists ({owner})", name=name)
-        # The folders are the truth (a folder may predate its claim, e.g. restored by hand).
-        for entry in inst.scan(self.cfg.instances_path):
-            if entry.record is not None and entry.record.name == name:
-                raise ConflictError(
-                    f"a server named {name!r} already exists ({entry.uuid})", name=name
-                )
+        # The folders are the truth: a folder without a claim (restored by hand, made by
+        # an older cowfleet) is read; claimed folders are known by their claim.
+        claimed = inst.claimed_uuids(path)
+        try:
+            children = os.listdir(path)
+        except FileNotFoundError:
+            return
+        for child in children:
+            if child in claimed or not inst.is_uuid(child):
+                continue
+            try:
+                rec = inst.read_record(path / child)
+            except (NotFoundError, ValidationError, LocalIOError):
+                continue
+            if rec.name == name:
+                raise ConflictError(f"a server named {name!r} already exists ({child})", name=name)
 
     # creation ---------------------------------------------------------------
     def create(
