@@ -10,10 +10,10 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_JSON_BODY = 1024 * 1024
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_UUID = re.compile(UUID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -160,15 +161,15 @@ async def create_image(request: Request) -> JSONResponse:
 )
 def list_images(
     request: Request,
-    limit: int | None = None,
-    marker: str | None = None,
-    sort_key: str = "created_at",
-    sort_dir: str = "desc",
+    limit: Annotated[int | None, Query(ge=0)] = None,
+    marker: Annotated[str | None, Query(pattern=UUID_PATTERN)] = None,
+    sort_key: schemas.SortKey = "created_at",
+    sort_dir: Literal["asc", "desc"] = "desc",
     name: str | None = None,
-    status: str | None = None,
-    disk_format: str | None = None,
-    container_format: str | None = None,
-    visibility: str | None = None,
+    status: schemas.Status | None = None,
+    disk_format: schemas.DiskFormat | None = None,
+    container_format: schemas.ContainerFormat | None = None,
+    visibility: schemas.Visibility | Literal["all"] | None = None,
     owner: str | None = None,
 ) -> JSONResponse:
     svc = service(request)

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from cowfleet import __version__
 from cowfleet.errors import CowfleetError
@@ -76,12 +77,25 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         return JSONResponse(error_body(400, "; ".join(parts) or "invalid request"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; list them all.
+            headers["Allow"] = ", ".join(sorted(allowed_methods(req)))
         return JSONResponse(
             error_body(exc.status_code, str(exc.detail)),
             status_code=exc.status_code,
-            headers=exc.headers,
+            headers=headers,
         )
 
     app.add_middleware(TokenAuth, token=settings.token)
     return app
+
+
+def allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return methods

@@ -16,6 +16,21 @@ DiskFormat = Literal["raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi", "iso", "aki",
 ContainerFormat = Literal["bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compressed"]
 Visibility = Literal["public", "private", "shared", "community"]
 Status = Literal["queued", "saving", "active"]
+SortKey = Literal[
+    "name",
+    "status",
+    "container_format",
+    "disk_format",
+    "size",
+    "virtual_size",
+    "id",
+    "created_at",
+    "updated_at",
+    "min_disk",
+    "min_ram",
+    "visibility",
+    "owner",
+]
 
 
 class Image(BaseModel):

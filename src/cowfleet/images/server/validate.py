@@ -140,7 +140,7 @@ def parse_create(body: Any) -> CreateRequest:
     for key, value in body.items():
         check_key(key)
         if key == "id":
-            image_id = check_uuid(value)
+            image_id = None if value is None else check_uuid(value)
         elif key == "tags":
             tags = check_tags(value)
         elif key in SETTABLE or key == "owner":
