@@ -376,7 +376,7 @@ def test_driver_failure_rolls_back_and_keeps_bases(env: Env, step: str) -> None:
 def test_overlay_failure_half_way_rolls_back(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     import cowfleet.compute.provision as provision
 
-    real = provision.create_overlay
+    real = provision.write_overlay
     seen: list[Path] = []
 
     def failing(out: Path, *a: Any, **kw: Any) -> Any:
@@ -385,7 +385,7 @@ def test_overlay_failure_half_way_rolls_back(env: Env, monkeypatch: pytest.Monke
             raise OSError(28, "No space left on device")
         return real(out, *a, **kw)
 
-    monkeypatch.setattr(provision, "create_overlay", failing)
+    monkeypatch.setattr(provision, "write_overlay", failing)
     from cowfleet.errors import StorageFullError
 
     with pytest.raises(StorageFullError, match="No space"):

@@ -243,12 +243,17 @@ def claimed_uuids(instances_path: Path) -> set[str]:
 def write_name_claim(instances_path: Path, name: str, uuid: str) -> Path:
     """Claim ``name`` for ``uuid`` (the caller holds the names lock); returns the claim path."""
     path = name_claim_path(instances_path, name)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_name(f".{name}.{uuid}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(uuid, tmp)
-    os.rename(tmp, path)
+    try:
+        os.symlink(uuid, path)
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.symlink(uuid, path)
+    except FileExistsError:  # a stale claim (checked by the caller): replace it atomically
+        tmp = path.with_name(f".{name}.{uuid}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(uuid, tmp)
+        os.rename(tmp, path)
     return path
 
 

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from cowfleet import proc
 from cowfleet.compute import instance as inst
+from cowfleet.compute.disks import reinspect_base, write_overlay
 from cowfleet.compute.domain_xml import BackingSpec, DiskSpec, DomainSpec
 from cowfleet.compute.drivers.base import Driver
 from cowfleet.compute.ephemeral import (
@@ -48,7 +49,6 @@ from cowfleet.errors import (
     StorageFullError,
     ValidationError,
 )
-from cowfleet.formats.overlay import create_overlay
 
 log = logging.getLogger(__name__)
 
@@ -313,25 +313,23 @@ class Provisioner:
             except FileExistsError as exc:
                 raise ConflictError(f"instance folder {tmp} already exists") from exc
             for file, base in bases:
-                size = plan.flavor.root_bytes if file == "disk" else base.virtual_size
-                size = max(size, base.virtual_size)
-                result = create_overlay(
-                    tmp / file,
-                    base.path,
-                    base.format,
-                    size=size,
-                    backing_virtual_size=base.virtual_size if file in trusted else None,
-                    max_virtual_size=max(cfg.max_virtual_size, size),
-                    durable=False,  # fsynced together below
+                vsize = base.virtual_size
+                if file not in trusted:
+                    vsize = reinspect_base(
+                        base.path, base.format, max_virtual_size=cfg.max_virtual_size
+                    )
+                    self._check_root_size(plan.flavor, plan.image.id, vsize)
+                size = plan.flavor.root_bytes if file == "disk" else vsize
+                written = write_overlay(
+                    tmp / file, base.path, base.format, max(size, vsize), backing_virtual_size=vsize
                 )
-                os.chmod(tmp / file, FILE_MODE)
                 disks.append(
                     inst.DiskRecord(
                         file=file,
                         target=targets[file],
                         backing=str(base.path),
                         backing_format=base.format,
-                        virtual_size=result.virtual_size,
+                        virtual_size=written,
                     )
                 )
             info = {str(final / d.file): "qcow2" for d in disks}
@@ -358,7 +356,7 @@ class Provisioner:
                 ramdisk_base=str(ramdisk.path) if ramdisk else None,
                 os_command_line=plan.cmdline,
             )
-            self._write(tmp / inst.RECORD, json.dumps(record.to_dict(), indent=2) + "\n")
+            self._write(tmp / inst.RECORD, json.dumps(record.to_dict()) + "\n")
             if self.durable:
                 # fsyncs issued together after all writes share journal commits:
                 # cheaper than one fsync per file as it is written.
