@@ -445,3 +445,22 @@ def test_base_altered_after_caching_is_refused(env: Env, tmp_path: Path) -> None
         env.prov().create("evil", IMAGE_ID, "t1.small")
     assert _instance_dirs(env.cfg) == []
     assert not (env.cfg.instances_path / ".names" / "evil").exists()
+
+
+def test_write_overlay_refuses_small_sizes_and_existing_files(tmp_path: Path) -> None:
+    from cowfleet.compute.disks import write_overlay
+    from cowfleet.errors import LocalIOError
+
+    base = tmp_path / "base"
+    base.write_bytes(b"\0" * 4096)
+    out = tmp_path / "disk"
+    with pytest.raises(ValidationError, match="smaller"):
+        write_overlay(out, base, "raw", 1024, backing_virtual_size=4096)
+    assert not out.exists()
+    assert write_overlay(out, base, "raw", 4097, backing_virtual_size=4096) == 4608
+    assert _qcow2(out)["size"] == 4608 and _qcow2(out)["backing"] == str(base)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    with pytest.raises(LocalIOError):
+        write_overlay(out, base, "raw", 4096, backing_virtual_size=4096)  # never overwrites
+    with pytest.raises(ValidationError, match="backing format"):
+        write_overlay(tmp_path / "x", base, "json:{}", 4096, backing_virtual_size=4096)
