@@ -321,3 +321,36 @@ def test_restart_resets_saving_and_cleans_staging(tmp_path: Path) -> None:
         assert c.get(f"/v2/images/{img['id']}", headers=AUTH).json()["status"] == "queued"
         assert not leftover.exists()
         assert upload(c, img["id"], b"x" * 1024).status_code == 204
+
+
+def test_stalled_upload_is_dropped_after_the_idle_timeout(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from cowfleet.images.server.api import Service
+
+    app = create_app(settings(tmp_path, upload_idle_timeout=0.2))
+    svc: Service = app.state.service
+
+    async def run() -> None:
+        async def stalling() -> Any:
+            yield b"x" * 100_000
+            await asyncio.sleep(5)  # the client stops sending
+            yield b"never"
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.post(
+                "/v2/images",
+                headers=AUTH,
+                json={"name": "slow", "disk_format": "raw", "container_format": "bare"},
+            )
+            iid = r.json()["id"]
+            r = await c.put(f"/v2/images/{iid}/file", content=stalling(), headers=OCTETS)
+            assert r.status_code == 408
+            r = await c.get(f"/v2/images/{iid}", headers=AUTH)
+            assert r.json()["status"] == "queued"
+
+    asyncio.run(asyncio.wait_for(run(), 4))
+    assert list(svc.store.staging_dir.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -280,7 +281,7 @@ _UPLOAD_BODY = {
 @router.put(
     "/v2/images/{image_id}/file",
     status_code=204,
-    responses=schemas.error_responses(400, 401, 404, 409, 410, 413, 415),
+    responses=schemas.error_responses(400, 401, 404, 408, 409, 410, 413, 415),
     openapi_extra=_UPLOAD_BODY,
     tags=["image data"],
 )
@@ -307,9 +308,24 @@ async def upload_image(request: Request, image_id: str) -> Response:
     )
     committed = False
     try:
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in request.stream():
-                await pipe.feed(chunk)
+            # A client that stops sending for upload_idle_timeout seconds is dropped, so
+            # a stalled upload cannot keep the image in "saving" forever.
+            async with asyncio.timeout(st.upload_idle_timeout) as idle:
+                async for chunk in request.stream():
+                    await pipe.feed(chunk)
+                    idle.reschedule(loop.time() + st.upload_idle_timeout)
+        except TimeoutError:
+            log.warning(
+                "image %s: no data for %ss after %d bytes; upload dropped",
+                image_id,
+                st.upload_idle_timeout,
+                pipe.total,
+            )
+            raise ValidationError(
+                "upload aborted: the client stopped sending data", http_status=408
+            ) from None
         except ClientDisconnect:
             log.warning(
                 "image %s: client went away after %d bytes; upload dropped", image_id, pipe.total

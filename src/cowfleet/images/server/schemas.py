@@ -118,6 +118,7 @@ _REASONS = {
     401: "missing or wrong X-Auth-Token",
     403: "read-only/reserved attribute or protected image",
     404: "no such image",
+    408: "the client stopped sending upload data",
     409: "conflict with the image's status or properties",
     410: "the image was deleted during the upload",
     413: "body larger than allowed",

@@ -11,6 +11,8 @@ from cowfleet.config import DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MAX_VIRTUAL_SIZE, Co
 DEFAULT_UPLOAD_BLOCK = 4 * 1024 * 1024
 # Bytes per read when serving a file.
 DEFAULT_DOWNLOAD_CHUNK = 1024 * 1024
+# Seconds an upload may go without receiving a byte before it is dropped.
+DEFAULT_UPLOAD_IDLE_TIMEOUT = 300.0
 # Page size of image lists when the client gives no limit, and the largest allowed.
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 1000
@@ -32,6 +34,7 @@ class ServerSettings:
     owner: str | None = None
     upload_block: int = DEFAULT_UPLOAD_BLOCK
     download_chunk: int = DEFAULT_DOWNLOAD_CHUNK
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
     default_page_size: int = DEFAULT_PAGE_SIZE
     max_page_size: int = MAX_PAGE_SIZE
 
