@@ -41,11 +41,11 @@ _cowfleet_guest_build() {
   # The metapackage depends on the versioned image package, which holds the files.
   local pkg
   pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
-         | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+         | awk '/Depends: linux-image-[0-9]/ && !found {print $2; found = 1}')"
   if [[ -z "$pkg" ]]; then
     apt-get update -qq >/dev/null 2>&1 || true
     pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
-           | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+           | awk '/Depends: linux-image-[0-9]/ && !found {print $2; found = 1}')"
   fi
   if [[ -z "$pkg" ]]; then
     echo "guest.sh: cannot resolve linux-image-cloud-amd64 with apt-cache" >&2
@@ -59,7 +59,7 @@ _cowfleet_guest_build() {
   fi
   dpkg -x "$work"/"$pkg"_*.deb "$work/pkg"
   local kver
-  kver="$(ls "$work/pkg/lib/modules" | head -n1)"
+  kver="$(basename "$(find "$work/pkg/lib/modules" -mindepth 1 -maxdepth 1 -print -quit)")"
   local mods="$work/pkg/lib/modules/$kver/kernel"
 
   # initramfs tree
@@ -69,7 +69,7 @@ _cowfleet_guest_build() {
   local m f
   # Dependency order: each module only needs the ones before it.
   for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
-    f="$(find "$mods" -name "$m.ko" -o -name "$m.ko.xz" | head -n1)"
+    f="$(find "$mods" \( -name "$m.ko" -o -name "$m.ko.xz" \) -print -quit)"
     if [[ -z "$f" ]]; then
       echo "guest.sh: module $m not found in $pkg" >&2
       rm -rf "$work"
