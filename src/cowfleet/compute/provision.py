@@ -303,12 +303,13 @@ class Provisioner:
         tmp = cfg.instances_path / f".{uuid}.tmp"
         created_at = datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds")
         disks: list[inst.DiskRecord] = []
-        renamed = defined = False
+        made = renamed = defined = False
         claim: Path | None = None
         try:
             try:
                 cfg.instances_path.mkdir(parents=True, exist_ok=True)
                 os.mkdir(tmp, DIR_MODE)
+                made = True
                 os.chmod(tmp, DIR_MODE)  # umask-proof
             except FileExistsError as exc:
                 raise ConflictError(f"instance folder {tmp} already exists") from exc
@@ -377,7 +378,9 @@ class Provisioner:
             if start and self.driver.can_run:
                 self.driver.start(uuid)
         except BaseException as exc:
-            self._rollback(tmp, final if renamed else None, uuid if defined else None)
+            self._rollback(
+                tmp if made else None, final if renamed else None, uuid if defined else None
+            )
             if claim is not None:
                 inst.release_name(cfg.instances_path, plan.name, uuid)
             if isinstance(exc, OSError):
@@ -417,7 +420,7 @@ class Provisioner:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
 
-    def _rollback(self, tmp: Path, final: Path | None, defined_uuid: str | None) -> None:
+    def _rollback(self, tmp: Path | None, final: Path | None, defined_uuid: str | None) -> None:
         if defined_uuid is not None:
             try:
                 self.driver.undefine(defined_uuid)
