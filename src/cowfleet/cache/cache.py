@@ -89,8 +89,10 @@ class ImageCache:
         sleep: Callable[[float], None] = time.sleep,
         inspector_factory: Callable[[], InspectorLike] = _new_inspector,
         backoff: float = 0.5,
+        fast_http: bool = True,
     ) -> None:
         self.cfg = cfg
+        self.fast_http = fast_http  # bodies via http.client (see cache/httpbody.py)
         self.layout = Layout(cfg.instances_path)
         self._client_src = client
         self._client: ImageClient | None = None
@@ -248,10 +250,12 @@ class ImageCache:
                         sink.absorb_prefix()
                         log.info("image %s: resuming at byte %d", image_id, sink.offset)
                     from cowfleet.cache.fetch import download_into
+                    from cowfleet.cache.httpbody import from_client
 
+                    body_source = (from_client(client) if self.fast_http else None) or client
                     stats = download_into(
                         sink,
-                        client,
+                        body_source,
                         retries=self.cfg.fetch_retries,
                         deadline=deadline,
                         clock=self.monotonic,
