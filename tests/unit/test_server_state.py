@@ -302,3 +302,18 @@ def test_folder_without_claim_still_holds_its_name(cfg: config.Config) -> None:
     with pytest.raises(ConflictError, match="restored"):
         _create(cfg, lv, "restored")
     assert os.path.islink(cfg.instances_path / ".names" / "restored") is False
+
+
+def test_unfinished_creation_is_reported_and_can_be_deleted(cfg: config.Config) -> None:
+    lv = FakeLibvirt()
+    _create(cfg, lv, "done")
+    uuid = "44444444-4444-4444-4444-444444444444"
+    tmp = cfg.instances_path / f".{uuid}.tmp"
+    tmp.mkdir()
+    (tmp / "disk").write_bytes(b"half")  # a create killed half-way
+    with _manager(cfg, lv) as mgr:
+        rows = {r.uuid: r for r in mgr.list_servers()}
+        assert rows[uuid].state == "incomplete" and "unfinished" in (rows[uuid].problem or "")
+        mgr.delete(uuid)
+        assert not tmp.exists()
+        assert [r.name for r in mgr.list_servers()] == ["done"]

@@ -295,10 +295,11 @@ class FolderEntry:
     path: Path
     record: InstanceRecord | None
     problem: str | None = None
+    incomplete: bool = False  # a ``.<uuid>.tmp`` folder: creation unfinished
 
 
 def scan(instances_path: Path) -> list[FolderEntry]:
-    """Every ``<uuid>/`` folder under ``instances_path`` (``_base``, ``locks``, temp skipped)."""
+    """Every ``<uuid>/`` (and unfinished ``.<uuid>.tmp/``) folder under ``instances_path``."""
     try:
         children = sorted(instances_path.iterdir())
     except FileNotFoundError:
@@ -307,6 +308,22 @@ def scan(instances_path: Path) -> list[FolderEntry]:
         raise LocalIOError(f"cannot list {instances_path}: {exc.strerror}") from exc
     out: list[FolderEntry] = []
     for child in children:
+        tmp_uuid = (
+            child.name[1:-4] if child.name.startswith(".") and child.name.endswith(".tmp") else ""
+        )
+        if is_uuid(tmp_uuid) and child.is_dir():
+            # A creation in progress, or one killed half-way: report it, never hide it.
+            out.append(
+                FolderEntry(
+                    tmp_uuid,
+                    child,
+                    None,
+                    problem=f"unfinished creation (temporary folder {child.name}); "
+                    "delete it if no 'server create' is running",
+                    incomplete=True,
+                )
+            )
+            continue
         if not is_uuid(child.name) or not child.is_dir():
             continue
         try:

@@ -5,7 +5,8 @@ state they are in. Whatever does not match is reported as a row of its own:
 
 - ``missing-domain``: a folder whose instance uses libvirt, but libvirt has no domain;
 - ``orphan-domain``: a domain cowfleet defined for this instances path whose folder is gone;
-- ``broken-folder``: a ``<uuid>/`` folder without a readable ``instance.json``.
+- ``broken-folder``: a ``<uuid>/`` folder without a readable ``instance.json``;
+- ``incomplete``: a ``.<uuid>.tmp/`` folder: a creation running now, or killed half-way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cowfleet.compute.instance import FolderEntry
 MISSING_DOMAIN = "missing-domain"
 ORPHAN_DOMAIN = "orphan-domain"
 BROKEN_FOLDER = "broken-folder"
+INCOMPLETE = "incomplete"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def reconcile(
                     uuid=e.uuid,
                     name=dom.name if dom else "-",
                     id=dom.id if dom else None,
-                    state=BROKEN_FOLDER,
+                    state=INCOMPLETE if e.incomplete else BROKEN_FOLDER,
                     image_id=None,
                     image_name=None,
                     flavor=None,
