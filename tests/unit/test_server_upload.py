@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,26 +20,20 @@ def store(tmp_path: Path) -> FilesystemStore:
     return FilesystemStore(tmp_path / "images", tmp_path / "staging")
 
 
-@pytest.fixture
-def executor() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(2) as ex:
-        yield ex
-
-
 def pieces(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 @pytest.mark.parametrize(("block", "piece"), [(4096, 1000), (64 * 1024, 65536), (MIB, 7)])
 def test_hashes_and_inspection_do_not_depend_on_chunking(
-    store: FilesystemStore, executor: ThreadPoolExecutor, block: int, piece: int
+    store: FilesystemStore, block: int, piece: int
 ) -> None:
     data = qcow2(size=32 * MIB) + b"tail" * 1000 if piece > 100 else qcow2(size=32 * MIB)
     iid = str(uuid.uuid4())
     staged = store.begin_write(iid)
 
     async def run() -> None:
-        pipe = UploadPipeline(staged, executor, block_size=block, max_size=1 << 30)
+        pipe = UploadPipeline(staged, block_size=block, max_size=1 << 30)
         for p in pieces(data, piece):
             await pipe.feed(p)
         res = await pipe.finish()
@@ -58,12 +50,12 @@ def test_hashes_and_inspection_do_not_depend_on_chunking(
 
 
 def test_size_cap_stops_the_upload_and_abort_leaves_nothing(
-    store: FilesystemStore, executor: ThreadPoolExecutor
+    store: FilesystemStore,
 ) -> None:
     staged = store.begin_write(str(uuid.uuid4()))
 
     async def run() -> None:
-        pipe = UploadPipeline(staged, executor, block_size=4096, max_size=10_000)
+        pipe = UploadPipeline(staged, block_size=4096, max_size=10_000)
         with pytest.raises(IntegrityError) as err:
             for _ in range(10):
                 await pipe.feed(b"x" * 3000)

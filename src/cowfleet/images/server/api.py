@@ -9,7 +9,6 @@ import os
 import re
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
@@ -48,7 +47,6 @@ class Service:
     settings: ServerSettings
     catalog: Catalog
     store: FilesystemStore
-    executor: Executor
 
 
 def service(request: Request) -> Service:
@@ -303,9 +301,7 @@ async def upload_image(request: Request, image_id: str) -> Response:
         raise too_large(int(declared), st.max_image_size, image_id)
     await call(svc.catalog.claim_upload, image_id)
     staged = svc.store.begin_write(image_id)
-    pipe = UploadPipeline(
-        staged, svc.executor, block_size=st.upload_block, max_size=st.max_image_size
-    )
+    pipe = UploadPipeline(staged, block_size=st.upload_block, max_size=st.max_image_size)
     committed = False
     try:
         loop = asyncio.get_running_loop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -24,9 +23,6 @@ from cowfleet.images.server.store import FilesystemStore
 
 log = logging.getLogger(__name__)
 
-# Two hashing threads per upload in flight; a few uploads at once.
-UPLOAD_THREADS = 8
-
 
 def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> FastAPI:
     """Build the app: open (and migrate) the catalog, tidy the store after a crash."""
@@ -35,14 +31,12 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
     store.clean_staging()
     catalog = catalog or Catalog.open(settings.database_url)
     catalog.reset_saving()
-    executor = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="cowfleet-upload")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            executor.shutdown(wait=True)
             catalog.close()
 
     app = FastAPI(
@@ -53,7 +47,7 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.service = Service(settings, catalog, store, executor)
+    app.state.service = Service(settings, catalog, store)
     app.include_router(router)
 
     @app.exception_handler(CowfleetError)

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,8 @@ from typing import Protocol
 from cowfleet.errors import LocalIOError, NotFoundError, StorageFullError
 
 log = logging.getLogger(__name__)
+
+IOV_BATCH = 512  # buffers per writev call (below every IOV_MAX)
 
 
 @dataclass
@@ -33,12 +36,20 @@ class StagedWrite:
 
     def write(self, data: bytes | memoryview) -> None:
         """Write every byte (``os.write`` may write less than asked)."""
-        view = memoryview(data)
+        self.write_parts((data,))
+
+    def write_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Write the parts in order with as few system calls as possible (``writev``)."""
         try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
+            todo = [memoryview(p) for p in parts if len(p)]
+            while todo:
+                n = os.writev(self.fd, todo[:IOV_BATCH])
                 self.written += n
+                while todo and n >= len(todo[0]):
+                    n -= len(todo[0])
+                    todo.pop(0)
+                if n:
+                    todo[0] = todo[0][n:]
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(

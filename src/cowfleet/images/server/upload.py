@@ -1,11 +1,13 @@
 """The one streaming pass over an upload: md5 + sha512 + inspection + size cap + write.
 
-Bytes arrive in small pieces from the event loop; they are coalesced into blocks of
-:attr:`~cowfleet.images.server.settings.ServerSettings.upload_block` bytes and each block
-is handed to two worker threads at once: one computes md5, feeds the inspector and
-writes the block to the staging file, the other computes sha512 (hashlib releases the
-GIL on large buffers, so both cores work). While a block is being processed the next
-one is received, so at most about two blocks are held in memory.
+Bytes arrive in pieces from the event loop; they are gathered (without copying) into
+blocks of :attr:`~cowfleet.images.server.settings.ServerSettings.upload_block` bytes and
+each block is handed to two worker threads (lanes) of this upload: one computes md5,
+feeds the inspector and writes the block to the staging file (one ``writev``), the
+other computes sha512 (hashlib releases the GIL on large buffers, so both cores work).
+Each lane takes blocks in order; the lanes are not in lock step, so a lane that the
+scheduler delays a moment catches up later. At most ``max_in_flight`` blocks wait in
+the lanes, which bounds memory (about ``(max_in_flight + 1) * block_size``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
-from concurrent.futures import Executor, Future
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cowfleet.errors import IntegrityError
@@ -25,6 +28,10 @@ from cowfleet.images.server.store import StagedWrite
 log = logging.getLogger(__name__)
 
 HASH_ALGO = "sha512"
+# Pieces handed over as they arrived (no copy into one block) up to this many per block.
+MAX_PARTS = 256
+# Blocks queued in the lanes before the receiver waits.
+MAX_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -52,31 +59,38 @@ class UploadPipeline:
     def __init__(
         self,
         staged: StagedWrite,
-        executor: Executor,
         *,
         block_size: int,
         max_size: int,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self.staged = staged
-        self._executor = executor
         self._block_size = block_size
         self._max_size = max_size
+        self._max_in_flight = max_in_flight
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._sha = hashlib.new(HASH_ALGO)
         self._inspector = Inspector()
         self._parts: list[bytes] = []
         self._buffered = 0
         self.total = 0
-        self._pending: tuple[Future[None], ...] = ()
+        # One thread per lane keeps each hash fed in order.
+        self._lanes = (
+            ThreadPoolExecutor(1, thread_name_prefix="cowfleet-md5"),
+            ThreadPoolExecutor(1, thread_name_prefix="cowfleet-sha"),
+        )
+        self._in_flight: deque[tuple[Future[None], Future[None]]] = deque()
 
-    # Work done in the threads ------------------------------------------------------
-    def _md5_inspect_write(self, block: bytes) -> None:
-        self._md5.update(block)
-        self._inspector.feed(block)
-        self.staged.write(block)
+    # Work done in the lanes --------------------------------------------------------
+    def _md5_inspect_write(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self._md5.update(part)
+            self._inspector.feed(part)
+        self.staged.write_parts(parts)
 
-    def _sha_update(self, block: bytes) -> None:
-        self._sha.update(block)
+    def _sha_update(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self._sha.update(part)
 
     # Event-loop side -----------------------------------------------------------------
     async def feed(self, chunk: bytes) -> None:
@@ -91,27 +105,35 @@ class UploadPipeline:
             await self._flush()
 
     async def _flush(self) -> None:
-        await self._wait()
+        while len(self._in_flight) >= self._max_in_flight:
+            await self._wait_oldest()
         if not self._parts:
             return
-        block = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        parts = self._parts
+        if len(parts) > MAX_PARTS:  # many tiny pieces: one buffer is cheaper to hash
+            parts = [b"".join(parts)]
         self._parts = []
         self._buffered = 0
-        self._pending = (
-            self._executor.submit(self._md5_inspect_write, block),
-            self._executor.submit(self._sha_update, block),
+        md5_lane, sha_lane = self._lanes
+        self._in_flight.append(
+            (
+                md5_lane.submit(self._md5_inspect_write, parts),
+                sha_lane.submit(self._sha_update, parts),
+            )
         )
 
-    async def _wait(self) -> None:
-        # Cleared only once done: on error or cancellation abort() still waits for them.
-        if self._pending:
-            await asyncio.gather(*(asyncio.wrap_future(f) for f in self._pending))
-            self._pending = ()
+    async def _wait_oldest(self) -> None:
+        # Removed only once done: on error or cancellation abort() still waits for it.
+        pair = self._in_flight[0]
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in pair))
+        self._in_flight.popleft()
 
     async def finish(self) -> UploadResult:
         """Process what is buffered and return the hashes and the inspection."""
         await self._flush()
-        await self._wait()
+        while self._in_flight:
+            await self._wait_oldest()
+        self._close_lanes()
         inspection = self._inspector.finish(self.total)
         return UploadResult(
             size=self.total,
@@ -122,12 +144,19 @@ class UploadPipeline:
         )
 
     def abort(self) -> None:
-        """Wait (briefly: one block) for the threads to be done with the descriptor.
+        """Stop the lanes and wait (briefly) until no thread uses the descriptor.
 
         Synchronous on purpose: it must also hold when the request task is cancelled,
         so the caller can close and unlink the staging file safely afterwards.
         """
-        pending, self._pending = self._pending, ()
-        if pending:
-            concurrent.futures.wait(pending)
+        futures = [f for pair in self._in_flight for f in pair]
+        self._in_flight.clear()
+        for f in futures:
+            f.cancel()  # not started yet: never runs
+        concurrent.futures.wait(futures)
+        self._close_lanes()
         self._parts = []
+
+    def _close_lanes(self) -> None:
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
