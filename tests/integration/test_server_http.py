@@ -296,3 +296,11 @@ def test_postgresql_catalog_survives_restart(
         img = http.get(f"/v2/images/{iid}").json()
         assert img["status"] == "active" and img["name"] == "pg-image"
         assert http.delete(f"/v2/images/{iid}").status_code == 204
+
+
+def test_sigterm_stops_gracefully_with_status_0(image_service: ImageService) -> None:
+    proc = image_service.proc
+    assert proc is not None
+    image_service.stop()  # SIGTERM
+    assert proc.returncode == 0
+    assert "image service on http://127.0.0.1:" in image_service.log_path.read_text()
