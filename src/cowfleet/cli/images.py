@@ -65,17 +65,11 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     token = load_or_create_token(cfg.token_file)
     settings = ServerSettings.from_config(cfg, token)
     app = create_app(settings)
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
     config = uvicorn.Config(
         app,
         host=cfg.images_host,
         port=cfg.images_port,
-        loop=loop,
+        loop="asyncio",  # its loop.sendfile serves downloads zero-copy (uvloop has none)
         http="httptools",
         lifespan="on",
         access_log=False,
