@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,6 +301,7 @@ async def upload_image(request: Request, image_id: str) -> Response:
     if declared is not None and declared.isdigit() and int(declared) > st.max_image_size:
         raise too_large(int(declared), st.max_image_size, image_id)
     await call(svc.catalog.claim_upload, image_id)
+    started = time.monotonic()
     staged = svc.store.begin_write(image_id)
     pipe = UploadPipeline(staged, block_size=st.upload_block, max_size=st.max_image_size)
     committed = False
@@ -332,6 +334,7 @@ async def upload_image(request: Request, image_id: str) -> Response:
             rec.disk_format, result.inspection, max_virtual_size=st.max_virtual_size
         )
         verdict.raise_if_unsafe(image_id=image_id)
+        received = time.monotonic()
         await call(svc.store.commit, staged)
         committed = True
         try:
@@ -354,11 +357,13 @@ async def upload_image(request: Request, image_id: str) -> Response:
         svc.catalog.release_upload(image_id)
         raise
     log.info(
-        "image %s active: %d bytes, %s, virtual size %d",
+        "image %s active: %d bytes, %s, virtual size %d, %.2f s (fsync+rename %.2f s)",
         image_id,
         rec.size,
         rec.disk_format,
         rec.virtual_size,
+        time.monotonic() - started,
+        time.monotonic() - received,
     )
     return Response(status_code=204)
 
