@@ -306,6 +306,8 @@ def test_list_pages_sorts_and_filters(client: TestClient) -> None:
 def test_schemas_and_versions(client: TestClient) -> None:
     schema = client.get("/v2/schemas/image", headers=AUTH).json()
     assert schema["name"] == "image" and "disk_format" in schema["properties"]
+    listing = client.get("/v2/schemas/images", headers=AUTH).json()
+    assert listing["properties"]["images"]["items"]["name"] == "image"
     assert client.get("/versions").json()["versions"][0]["status"] == "CURRENT"
     assert "/v2/images/{image_id}/file" in client.get("/openapi.json").json()["paths"]
 

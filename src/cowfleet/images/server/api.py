@@ -122,6 +122,24 @@ def image_schema() -> dict[str, Any]:
     }
 
 
+@router.get("/v2/schemas/images", tags=["schemas"], responses=schemas.error_responses(401))
+def images_schema() -> dict[str, Any]:
+    return {
+        "name": "images",
+        "properties": {
+            "images": {"type": "array", "items": image_schema()},
+            "first": {"type": "string"},
+            "next": {"type": "string"},
+            "schema": {"type": "string"},
+        },
+        "links": [
+            {"rel": "first", "href": "{first}"},
+            {"rel": "next", "href": "{next}"},
+            {"rel": "describedby", "href": "{schema}"},
+        ],
+    }
+
+
 _CREATE_BODY = {
     "requestBody": {
         "required": True,
