@@ -237,6 +237,9 @@ class ImageCache:
             with limiter.hold(deadline=deadline):
                 part = self._claim_part(dir_fd, paths, image_id, size, algo, value)
                 sink: StreamSink | None = None
+                from cowfleet.cache import httpbody
+
+                reader = httpbody.from_client(client) if self.fast_http else None
                 try:
                     sink = StreamSink(
                         part,
@@ -245,14 +248,14 @@ class ImageCache:
                         hash_algo=algo,
                         hash_value=value,
                         inspector_factory=self.inspector_factory,
+                        release=httpbody.release if reader is not None else None,
                     )
                     if part.position:
                         sink.absorb_prefix()
                         log.info("image %s: resuming at byte %d", image_id, sink.offset)
                     from cowfleet.cache.fetch import download_into
-                    from cowfleet.cache.httpbody import from_client
 
-                    body_source = (from_client(client) if self.fast_http else None) or client
+                    body_source = reader or client
                     stats = download_into(
                         sink,
                         body_source,

@@ -43,7 +43,7 @@ class StreamLike(Protocol):
     offset: int
     total_size: int | None
 
-    def iter_chunks(self, chunk_size: int = ...) -> Iterator[bytes]: ...
+    def iter_chunks(self, chunk_size: int = ...) -> Iterator[bytes] | Iterator[memoryview]: ...
 
 
 class DownloaderLike(Protocol):
@@ -67,7 +67,7 @@ class _Failed:
 
 
 def pump(
-    chunks: Iterator[bytes],
+    chunks: Iterator[bytes] | Iterator[memoryview],
     sink: StreamSink,
     *,
     deadline: float,
@@ -115,7 +115,7 @@ def pump(
                 break
             if isinstance(item, _Failed):
                 raise item.exc
-            assert isinstance(item, bytes)
+            assert isinstance(item, bytes | memoryview)
             sink.feed(item)
     finally:
         stop.set()

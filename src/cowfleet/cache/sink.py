@@ -96,7 +96,7 @@ class PartFile:
             raise LocalIOError(f"{display} is not a private regular file", path=display)
         return cls(fd, name, display, st.st_size)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         n = len(chunk)
         pos = self.position
         try:
@@ -108,7 +108,7 @@ class PartFile:
                     chunk[i] == 0
                     and chunk[j - 1] == 0
                     and chunk[(i + j) >> 1] == 0
-                    and chunk[i:j] == _ZERO_BLOCK[: j - i]
+                    and bytes(chunk[i:j]) == _ZERO_BLOCK[: j - i]
                 )
                 if zero:
                     if start >= 0:
@@ -173,9 +173,15 @@ class AsyncWriter:
     raised at the next :meth:`submit` or at :meth:`flush`.
     """
 
-    def __init__(self, part: PartFile, depth: int = 4) -> None:
+    def __init__(
+        self,
+        part: PartFile,
+        depth: int = 4,
+        release: Callable[[bytes | memoryview], None] | None = None,
+    ) -> None:
         self.part = part
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self.release = release  # hands a chunk's buffer back for reuse once written
+        self._q: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -187,12 +193,14 @@ class AsyncWriter:
                     return
                 if self._error is None:
                     self.part.write(chunk)
+                    if self.release is not None:
+                        self.release(chunk)
             except BaseException as exc:  # handed to the caller
                 self._error = exc
             finally:
                 self._q.task_done()
 
-    def submit(self, chunk: bytes) -> None:
+    def submit(self, chunk: bytes | memoryview) -> None:
         if self._error is not None:
             self._raise()
         if self._thread is None:
@@ -231,6 +239,7 @@ class StreamSink:
         hash_algo: str,
         hash_value: str,
         inspector_factory: Callable[[], InspectorLike],
+        release: Callable[[bytes | memoryview], None] | None = None,
     ) -> None:
         self.part = part
         self.image_id = image_id
@@ -242,7 +251,7 @@ class StreamSink:
         self.inspector = inspector_factory()
         self.received = 0
         self.resumed_from = 0
-        self.writer = AsyncWriter(part)
+        self.writer = AsyncWriter(part, release=release)
 
     @property
     def offset(self) -> int:
@@ -275,7 +284,7 @@ class StreamSink:
         self.inspector = self._factory()
         self.received = 0
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         n = len(chunk)
         if self.received + n > self.expected_size:
             raise IntegrityError(
@@ -284,9 +293,10 @@ class StreamSink:
                 image_id=self.image_id,
                 expected=self.expected_size,
             )
-        self.writer.submit(chunk)
         self.hasher.update(chunk)
         self.inspector.feed(chunk)  # cheap once its regions are captured (keeps the tail)
+        # The writer is the chunk's last user: it may hand the buffer back for reuse.
+        self.writer.submit(chunk)
         self.received += n
 
     def close(self) -> None:
