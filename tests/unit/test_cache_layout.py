@@ -45,3 +45,18 @@ def test_paths(tmp_path: Path) -> None:
 def test_paths_for_name_refuses_non_hash_names(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         Layout(tmp_path).paths_for_name("../x")
+
+
+def test_cache_package_is_import_light() -> None:
+    """50 processes may start at once: no web/DB/UI stack on the cache import path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cowfleet.cache, cowfleet.cache.cache, cowfleet.cli.cache\n"
+        "heavy = [m for m in ('httpx', 'fastapi', 'sqlalchemy', 'rich', 'uvicorn')"
+        " if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
