@@ -64,6 +64,7 @@ class RogueServer:
         self.images: dict[str, RogueImage] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.release = threading.Event()  # ends stalls
+        self.spans: list[tuple[str, float, float]] = []  # (image id, start, end) of bodies
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -116,6 +117,7 @@ class RogueServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 first = sum(1 for p, _ in outer.requests if p.endswith(img.id + "/file")) == 1
+                began = time.monotonic()
                 try:
                     if img.mode == "stall":
                         self.wfile.write(body[: len(body) // 2])
@@ -136,6 +138,8 @@ class RogueServer:
                     self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
                     return
+                finally:
+                    outer.spans.append((img.id, began, time.monotonic()))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

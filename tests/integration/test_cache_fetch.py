@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -409,6 +410,38 @@ def test_unsafe_image_is_refused(rogue: RogueServer, tmp_path: Path) -> None:
         with pytest.raises(UnsafeImageError):
             cache.ensure_cached(img.id)
         assert _leftovers(cache.cfg) == []
+
+
+def test_fetch_concurrency_bounds_processes(
+    rogue: RogueServer, tmp_path: Path, dummy_token: Path
+) -> None:
+    """Different images, three processes, fetch_concurrency=1: bodies never overlap."""
+    imgs = [
+        rogue.add(
+            RogueImage(
+                str(uuid.uuid4()), _image_bytes(2 * MiB, seed=20 + i), mode="slow", rate=8 * MiB
+            )
+        )
+        for i in range(3)
+    ]
+    cfg = _cfg(tmp_path, rogue.url)
+    env = {**os.environ, "COWFLEET_FETCH_CONCURRENCY": "1"}
+    procs = [
+        subprocess.Popen(
+            _fetch_cmd(cfg, img.id, dummy_token),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for img in imgs
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    spans = sorted((start, end) for _, start, end in rogue.spans)
+    assert len(spans) == 3
+    for (_s1, e1), (s2, _e2) in itertools.pairwise(spans):
+        assert s2 >= e1 - 0.05  # the next body starts after the previous one ended
 
 
 def test_kill_9_at_random_points(rogue: RogueServer, tmp_path: Path, dummy_token: Path) -> None:
