@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ class FakeStream:
     body: bytes
     fail_after: int | None = None  # raise after this many body bytes
     content_md5: str | None = None
+    delay: float = 0.0  # seconds per chunk
 
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         sent = 0
@@ -61,6 +63,8 @@ class FakeStream:
                     yield piece[:keep]
                 raise BackendUnavailableError("connection dropped (fake)")
             sent += len(piece)
+            if self.delay:
+                time.sleep(self.delay)
             yield piece
 
 
@@ -71,6 +75,7 @@ class Behaviour:
     extra: bytes = b""  # appended to the body (more bytes than declared)
     lie_total: bool = False  # total_size = len(data) even with extra
     truncate_to: int | None = None  # body stops here, every attempt
+    delay: float = 0.0  # seconds per chunk
 
 
 class FakeClient:
@@ -107,6 +112,6 @@ class FakeClient:
             full = full[: b.truncate_to]
         total = len(data) if b.lie_total or not b.extra else len(full)
         if offset and not b.ignore_range:
-            yield FakeStream(206, offset, total, full[offset:], fail_after)
+            yield FakeStream(206, offset, total, full[offset:], fail_after, delay=b.delay)
         else:
-            yield FakeStream(200, 0, total, full, fail_after)
+            yield FakeStream(200, 0, total, full, fail_after, delay=b.delay)

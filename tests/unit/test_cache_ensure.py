@@ -131,7 +131,8 @@ def test_wrong_hash_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="mismatch"):
         cache.ensure_cached(iid)
     assert _base_files(cache) == []
-    assert os.listdir(cache.layout.meta_dir) == []
+    # no base metadata, no resume record: only the note of the failure for waiters
+    assert os.listdir(cache.layout.meta_dir) == [cache.layout.paths(iid).failed.name]
 
 
 def test_more_bytes_than_declared(tmp_path: Path) -> None:
@@ -206,6 +207,30 @@ def test_threads_share_one_download(tmp_path: Path) -> None:
         t.join()
     assert len(results) == 8 and sum(r.fetched for r in results) == 1
     assert len(client.downloads) == 1
+
+
+def test_waiters_share_a_failure_instead_of_repeating_it(tmp_path: Path) -> None:
+    data = _data()
+    cache, client, iid, _ = _setup(tmp_path, data, Behaviour(delay=0.05), os_hash_value="00" * 64)
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            cache.ensure_cached(iid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 5 and all(isinstance(e, IntegrityError) for e in errors)
+    assert len(client.downloads) == 1  # one failed download, not five
+    # a later call (not waiting during the failure) tries again
+    with pytest.raises(IntegrityError, match="mismatch"):
+        cache.ensure_cached(iid)
+    assert len(client.downloads) == 2
 
 
 def test_kernel_and_ramdisk_follow(tmp_path: Path) -> None:

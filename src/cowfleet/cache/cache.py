@@ -175,11 +175,40 @@ class ImageCache:
         if hit is not None:
             return hit
         self._ensure_dirs()
+        waiting_since = self.clock()
         with base_lock(self.layout.locks_dir, paths.name, timeout=self.cfg.fetch_deadline):
             hit = self._hit(image_id, paths)
             if hit is not None:
                 return hit
-            return self._fetch(image_id, paths)
+            self._raise_shared_failure(image_id, paths, waiting_since)
+            try:
+                result = self._fetch(image_id, paths)
+            except CowfleetError as exc:
+                self._record_failure(image_id, paths, exc)
+                raise
+            md.remove_quietly(paths.failed)
+            return result
+
+    def _record_failure(self, image_id: str, paths: BasePaths, exc: CowfleetError) -> None:
+        record = md.FailureRecord(image_id, type(exc).__name__, str(exc), self.clock())
+        try:
+            md.write_atomic(paths.failed, record.to_json(), durable=False)
+        except CowfleetError as werr:  # e.g. the disk is full: nothing to share then
+            log.debug("cannot record the failure: %s", werr)
+
+    def _raise_shared_failure(self, image_id: str, paths: BasePaths, since: float) -> None:
+        """A fetch that failed while we waited for the lock is not repeated by every waiter."""
+        record = md.read_failure(paths.failed)
+        if record is None or record.image_id != image_id or record.at < since:
+            return
+        from cowfleet import errors
+
+        cls = getattr(errors, record.error, None)
+        if not (isinstance(cls, type) and issubclass(cls, CowfleetError)):
+            cls = CowfleetError
+        raise cls(
+            f"{record.message} (fetched by another caller while this one waited)", image_id=image_id
+        )
 
     def ensure_cached_with_deps(self, image_id: str) -> CachedSet:
         """Cache an image and its ``kernel_id``/``ramdisk_id`` images (same verified path)."""

@@ -74,6 +74,7 @@ class BasePaths:
     converted: Path
     meta: Path
     part_meta: Path
+    failed: Path  # the last failed fetch (so waiters need not repeat it)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Layout:
             converted=self.base_dir / (name + CONVERTED_SUFFIX),
             meta=self.meta_dir / (name + ".json"),
             part_meta=self.meta_dir / (name + PART_SUFFIX + ".json"),
+            failed=self.meta_dir / (name + ".failed.json"),
         )
 
     def paths(self, image_id: str) -> BasePaths:

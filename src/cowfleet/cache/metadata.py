@@ -85,6 +85,29 @@ class PartMeta:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+@dataclass(frozen=True)
+class FailureRecord:
+    """The last failed fetch of a base: callers that waited on it re-raise it."""
+
+    image_id: str
+    error: str  # class name in cowfleet.errors
+    message: str
+    at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def read_failure(path: Path) -> FailureRecord | None:
+    data = _read_json(path)
+    if data is None:
+        return None
+    try:
+        return FailureRecord(**{k: data[k] for k in ("image_id", "error", "message", "at")})
+    except (KeyError, TypeError):
+        return None
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
