@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytest_plugins = [
     "tests.fixtures.images",
+    "tests.fixtures.glance",
 ]
 
 

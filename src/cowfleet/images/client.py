@@ -150,7 +150,14 @@ class ImageClient:
 
     def _request(self, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
         try:
-            resp = self._http.request(method, url, **kw)
+            try:
+                resp = self._http.request(method, url, **kw)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A pooled keep-alive connection the server had already closed: safe
+                # to send a read-only request once more on a fresh connection.
+                if method not in ("GET", "HEAD"):
+                    raise
+                resp = self._http.request(method, url, **kw)
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.endpoint, what) from exc
         raise_for_status(resp, what)
@@ -244,7 +251,8 @@ class ImageClient:
         url: str | None = "v2/images"
         seen: set[str] = set()
         while url is not None:
-            resp = self._request("GET", url, "list images", params=params)
+            # httpx replaces a URL's query with ``params`` even when empty: pass None.
+            resp = self._request("GET", url, "list images", params=params or None)
             body = self._json(resp, "list images")
             if not isinstance(body, dict) or not isinstance(body.get("images"), list):
                 raise RemoteError("list images: the reply has no 'images' list")

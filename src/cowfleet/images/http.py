@@ -56,11 +56,14 @@ def server_message(resp: httpx.Response) -> str:
         if isinstance(body, dict):
             for key in ("message", "detail", "title"):
                 if isinstance(body.get(key), str):
-                    return str(body[key])[:MAX_MESSAGE]
+                    return _clean(str(body[key]))
             if isinstance(body.get("detail"), list):
                 return json.dumps(body["detail"])[:MAX_MESSAGE]
-    text = _SPACE.sub(" ", _TAGS.sub(" ", text)).strip()
-    return text[:MAX_MESSAGE]
+    return _clean(text)
+
+
+def _clean(text: str) -> str:
+    return _SPACE.sub(" ", _TAGS.sub(" ", text)).strip()[:MAX_MESSAGE]
 
 
 def raise_for_status(resp: httpx.Response, what: str, **context: Any) -> None:
