@@ -71,10 +71,23 @@ class DownloadStream:
 
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """The body in chunks of about ``chunk_size`` bytes (the last may be shorter)."""
+        # Our own coalescing (not iter_raw(chunk_size)) so that bytes received before a
+        # dropped connection are still delivered and a resume starts after them.
+        parts: list[bytes] = []
+        held = 0
         try:
-            yield from self._response.iter_raw(chunk_size)
+            for piece in self._response.iter_raw():
+                parts.append(piece)
+                held += len(piece)
+                if held >= chunk_size:
+                    yield parts[0] if len(parts) == 1 else b"".join(parts)
+                    parts, held = [], 0
         except httpx.HTTPError as exc:
+            if parts:
+                yield b"".join(parts)
             raise transport_error(exc, self._endpoint, self._what) from exc
+        if parts:
+            yield b"".join(parts)
 
 
 class ImageClient:

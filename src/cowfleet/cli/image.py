@@ -1,0 +1,257 @@
+"""``cowfleet image create|upload|list|show|download|set|delete`` (the image client CLI).
+
+IMAGE is an id or a unique name everywhere. The endpoint and token come from the
+configuration, ``--image-url`` / ``--token-file`` or ``COWFLEET_IMAGE_URL`` /
+``COWFLEET_IMAGE_TOKEN``; no token at all is fine for a Glance without keystone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.config import Config
+from cowfleet.errors import LocalIOError, UsageError
+
+# Imported lazily by handlers' callers in tests: ``client_factory`` can be replaced.
+ClientFactory = Callable[[Config], Any]
+
+
+def _default_factory(cfg: Config) -> Any:
+    from cowfleet.images.client import ImageClient
+
+    return ImageClient.from_config(cfg)
+
+
+client_factory: ClientFactory = _default_factory
+PROGRESS_MIN = 64 * 1024 * 1024  # show a bar for transfers this large even off a TTY
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    group = sub.add_parser("image", help="manage images in the image service (Glance v2 API)")
+    cmds = group.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = add_command(cmds, "create", _create, "create an image record (status queued)")
+    _endpoint_opts(p)
+    _meta_opts(p, create=True)
+
+    p = add_command(cmds, "upload", _upload, "create an image and upload FILE in one step")
+    _endpoint_opts(p)
+    _meta_opts(p, create=True)
+    p.add_argument("file", type=Path, metavar="FILE")
+
+    p = add_command(cmds, "list", _list, "list images")
+    _endpoint_opts(p)
+    p.add_argument("--name")
+    p.add_argument("--status")
+    p.add_argument("--disk-format")
+    p.add_argument("--visibility")
+
+    p = add_command(cmds, "show", _show, "show one image")
+    _endpoint_opts(p)
+    p.add_argument("image", metavar="IMAGE")
+
+    p = add_command(cmds, "download", _download, "download an image's data (verified)")
+    _endpoint_opts(p)
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--file", type=Path, required=True, metavar="PATH", dest="dest")
+
+    p = add_command(cmds, "set", _set, "change an image's name or properties")
+    _endpoint_opts(p)
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--name")
+    p.add_argument("--min-disk", type=int)
+    p.add_argument("--min-ram", type=int)
+    p.add_argument("--visibility")
+    p.add_argument("--property", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--remove-property", action="append", default=[], metavar="KEY")
+
+    p = add_command(cmds, "delete", _delete, "delete images", output=False)
+    _endpoint_opts(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+
+def _endpoint_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image service")
+    g.add_argument(
+        "--image-url",
+        dest="image_url",
+        metavar="URL",
+        help="image service endpoint (env COWFLEET_IMAGE_URL)",
+    )
+    g.add_argument(
+        "--token-file",
+        dest="image_token_file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the X-Auth-Token (env COWFLEET_IMAGE_TOKEN for the token)",
+    )
+
+
+def _meta_opts(p: argparse.ArgumentParser, *, create: bool) -> None:
+    p.add_argument("--name", required=create)
+    p.add_argument(
+        "--disk-format",
+        required=create,
+        help="raw, qcow2, vmdk, vhd, vhdx, vdi, iso, aki, ari, ami",
+    )
+    p.add_argument("--container-format", default="bare")
+    p.add_argument("--property", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--min-disk", type=int)
+    p.add_argument("--min-ram", type=int)
+    p.add_argument("--visibility")
+
+
+def _properties(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--property needs KEY=VALUE, not {pair!r}")
+        out[key] = value
+    return out
+
+
+def _create_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "name": args.name,
+        "disk_format": args.disk_format,
+        "container_format": args.container_format,
+        "min_disk": args.min_disk,
+        "min_ram": args.min_ram,
+        "visibility": args.visibility,
+    }
+    fields.update(_properties(args.property))
+    return fields
+
+
+# -- rendering ---------------------------------------------------------------------
+def _render(args: argparse.Namespace, image: Any) -> None:
+    if args.output == "json":
+        print_json(image.to_dict())
+        return
+    rows: list[tuple[str, Any]] = [(k, v) for k, v in image.to_dict().items() if k != "properties"]
+    if image.properties:
+        props = ", ".join(f"{k}='{v}'" for k, v in sorted(image.properties.items()))
+        rows.append(("properties", props))
+    rows.sort(key=lambda r: r[0])
+    print_table(["Field", "Value"], [(k, "" if v is None else v) for k, v in rows])
+
+
+@contextmanager
+def _progress(label: str, total: int | None) -> Iterator[Callable[[int, int | None], None] | None]:
+    if not (sys.stderr.isatty() or (total or 0) >= PROGRESS_MIN):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+
+        def update(done: int, tot: int | None) -> None:
+            bar.update(task, completed=done, total=tot)
+
+        yield update
+
+
+# -- handlers ----------------------------------------------------------------------
+def _create(args: argparse.Namespace, cfg: Config) -> int:
+    with client_factory(cfg) as client:
+        _render(args, client.create(**_create_fields(args)))
+    return 0
+
+
+def _upload(args: argparse.Namespace, cfg: Config) -> int:
+    path: Path = args.file
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
+    with fh, client_factory(cfg) as client:
+        size = path.stat().st_size if path.is_file() else None
+        image = client.create(**_create_fields(args))
+        with _progress(f"upload {path.name}", size) as progress:
+            image = client.upload(image.id, fh, size=size, progress=progress)
+        _render(args, image)
+    return 0
+
+
+def _list(args: argparse.Namespace, cfg: Config) -> int:
+    filters = {
+        "name": args.name,
+        "status": args.status,
+        "disk_format": args.disk_format,
+        "visibility": args.visibility,
+    }
+    with client_factory(cfg) as client:
+        images = list(client.list(**{k: v for k, v in filters.items() if v is not None}))
+    if args.output == "json":
+        print_json([i.to_dict() for i in images])
+    else:
+        print_table(
+            ["ID", "Name", "Status", "Disk Format", "Size"],
+            [(i.id, i.name, i.status, i.disk_format, i.size) for i in images],
+        )
+    return 0
+
+
+def _show(args: argparse.Namespace, cfg: Config) -> int:
+    with client_factory(cfg) as client:
+        _render(args, client.find(args.image))
+    return 0
+
+
+def _download(args: argparse.Namespace, cfg: Config) -> int:
+    with client_factory(cfg) as client:
+        image = client.find(args.image)
+        with _progress(f"download {image.name or image.id}", image.size) as progress:
+            image = client.download(image.id, args.dest, progress=progress)
+    if args.output == "json":
+        print_json({"image": image.to_dict(), "file": str(args.dest)})
+    else:
+        print(f"{args.dest}: {image.size} bytes, {image.os_hash_algo or 'md5'} verified")
+    return 0
+
+
+def _set(args: argparse.Namespace, cfg: Config) -> int:
+    changes: dict[str, str | int | None] = {}
+    for key in ("name", "min_disk", "min_ram", "visibility"):
+        value = getattr(args, key)
+        if value is not None:
+            changes[key] = value
+    changes.update(_properties(args.property))
+    for key in args.remove_property:
+        changes[key] = None
+    if not changes:
+        raise UsageError("nothing to change: give --name, --property or --remove-property")
+    with client_factory(cfg) as client:
+        image = client.find(args.image)
+        _render(args, client.update(image.id, changes))
+    return 0
+
+
+def _delete(args: argparse.Namespace, cfg: Config) -> int:
+    with client_factory(cfg) as client:
+        for ref in args.images:
+            client.delete(client.find(ref).id)
+    return 0
