@@ -14,20 +14,9 @@ import pytest
 from cowfleet.cache import metadata as md
 from cowfleet.cache.cache import ImageCache
 from cowfleet.config import Config
-from tests.conftest import missing
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def real_glance(request: pytest.FixtureRequest) -> Any:
-    """The ``glance`` fixture of tests/fixtures/glance.py (a missing component if absent)."""
-    try:
-        return request.getfixturevalue("glance")
-    except pytest.FixtureLookupError:
-        pass
-    missing("no real Glance fixture (tests/fixtures/glance.py) is installed")
 
 
 def _upload(client: Any, data: bytes, disk_format: str = "raw", **props: str) -> str:
@@ -54,9 +43,9 @@ def _cache(tmp_path: Path, url: str) -> ImageCache:
     return ImageCache(cfg, ImageClient(url, None, timeout=30.0))
 
 
-def test_fetch_hit_and_verify_against_glance(real_glance: Any, tmp_path: Path) -> None:
+def test_fetch_hit_and_verify_against_glance(glance: Any, tmp_path: Path) -> None:
     data = random.Random(1).randbytes(3 * MiB) + bytes(3 * MiB)
-    cache = _cache(tmp_path, real_glance.url)
+    cache = _cache(tmp_path, glance.url)
     iid = _upload(cache.client, data)
     image = cache.client.get(iid)
     assert image.os_hash_algo == "sha512"  # Glance computed it; the cache checks it
@@ -66,9 +55,9 @@ def test_fetch_hit_and_verify_against_glance(real_glance: Any, tmp_path: Path) -
     assert [r.ok for r in cache.verify()] == [True]
 
 
-def test_resume_with_range_against_glance(real_glance: Any, tmp_path: Path) -> None:
+def test_resume_with_range_against_glance(glance: Any, tmp_path: Path) -> None:
     data = random.Random(2).randbytes(4 * MiB)
-    cache = _cache(tmp_path, real_glance.url)
+    cache = _cache(tmp_path, glance.url)
     iid = _upload(cache.client, data)
     cache.layout.ensure_dirs()
     paths = cache.layout.paths(iid)
@@ -84,8 +73,8 @@ def test_resume_with_range_against_glance(real_glance: Any, tmp_path: Path) -> N
     assert not paths.part.exists()
 
 
-def test_kernel_and_ramdisk_from_glance(real_glance: Any, tmp_path: Path) -> None:
-    cache = _cache(tmp_path, real_glance.url)
+def test_kernel_and_ramdisk_from_glance(glance: Any, tmp_path: Path) -> None:
+    cache = _cache(tmp_path, glance.url)
     k, r = random.Random(3).randbytes(300_000), random.Random(4).randbytes(500_000)
     kid = _upload(cache.client, k, "aki")
     rid = _upload(cache.client, r, "ari")
