@@ -19,32 +19,47 @@ from cowfleet.errors import CowfleetError
 
 log = logging.getLogger("cowfleet")
 
-# group name -> module providing ``register(subparsers)``
-GROUPS: dict[str, str] = {
-    "disk": "cowfleet.cli.disk",
-    "image": "cowfleet.cli.image",
-    "images": "cowfleet.cli.images",
-    "cache": "cowfleet.cli.cache",
-    "server": "cowfleet.cli.server",
-    "flavor": "cowfleet.cli.flavor",
+# group name -> (module providing ``register(subparsers)``, one-line help)
+GROUPS: dict[str, tuple[str, str]] = {
+    "disk": ("cowfleet.cli.disk", "inspect disks, check image safety, create overlays"),
+    "image": ("cowfleet.cli.image", "images in the image service (embedded or Glance)"),
+    "images": ("cowfleet.cli.images", "the embedded image service (server side)"),
+    "cache": ("cowfleet.cli.cache", "the node image cache (_base)"),
+    "server": ("cowfleet.cli.server", "instances: create, list, disks, start, stop, delete"),
+    "flavor": ("cowfleet.cli.flavor", "instance sizes"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _register(sub: argparse._SubParsersAction, modname: str) -> bool:  # type: ignore[type-arg]
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as exc:
+        if exc.name == modname:
+            return False  # group not built yet
+        raise
+    mod.register(sub)
+    return True
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only the group named in ``argv`` is imported.
+
+    Importing every group costs tens of milliseconds (the server, libvirt and
+    HTTP stacks); a node running many ``cowfleet cache fetch`` at once should
+    pay only for the group it runs.
+    """
     parser = argparse.ArgumentParser(
         prog="cowfleet",
         description="Copy-on-write VM disks on a per-node image cache.",
     )
     parser.add_argument("--version", action="version", version=f"cowfleet {__version__}")
     sub = parser.add_subparsers(dest="group", metavar="GROUP")
-    for _name, modname in GROUPS.items():
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:
-                continue  # group not built yet
-            raise
-        mod.register(sub)
+    first = next((a for a in argv or () if not a.startswith("-")), None)
+    for name, (modname, help_text) in GROUPS.items():
+        if first is None or first not in GROUPS or name == first:
+            _register(sub, modname)
+        else:
+            sub.add_parser(name, help=help_text)  # listed in --help, not imported
     return parser
 
 
@@ -72,7 +87,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
