@@ -280,17 +280,34 @@ def _receive(
     image: Image,
     progress: Progress | None,
 ) -> None:
-    """Write and hash every chunk at ``st.offset``, advancing it (also up to a failure)."""
+    """Write and hash every chunk at ``st.offset``, advancing it (also up to a failure).
+
+    The receiving thread also writes (``pwrite`` releases the GIL) while this thread
+    hashes, so hashing and writing overlap. A chunk is queued only once written;
+    ``st.offset`` counts chunks written *and* hashed, and the FIFO order means a
+    failure is seen only after every chunk before it was hashed.
+    """
     q: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
 
     def reader() -> None:
+        pos = st.offset
         try:
             for chunk in chunks:
+                if expected.size is not None and pos + len(chunk) > expected.size:
+                    raise IntegrityError(
+                        f"image {image.id}: the service sent more than the image's "
+                        f"{expected.size} bytes",
+                        image_id=image.id,
+                    )
+                if stop.is_set():
+                    return
+                _pwrite_all(fd, chunk, pos, part)
+                pos += len(chunk)
                 if not _put_until_stopped(q, chunk, stop):
                     return
             _put_until_stopped(q, _END, stop)
-        except BaseException as exc:  # handed to the writer thread
+        except BaseException as exc:  # handed to the hashing thread
             _put_until_stopped(q, _Failed(exc), stop)
 
     thread = threading.Thread(target=reader, name="image-download", daemon=True)
@@ -303,16 +320,10 @@ def _receive(
                 done = True
                 return
             if isinstance(item, _Failed):
+                if isinstance(item.exc, IntegrityError):
+                    _unlink(part)
                 raise item.exc
             assert isinstance(item, bytes)
-            if expected.size is not None and st.offset + len(item) > expected.size:
-                _unlink(part)
-                raise IntegrityError(
-                    f"image {image.id}: the service sent more than the image's "
-                    f"{expected.size} bytes",
-                    image_id=image.id,
-                )
-            _pwrite_all(fd, item, st.offset, part)
             if st.hasher is not None:
                 st.hasher.update(item)
             st.offset += len(item)
@@ -324,7 +335,7 @@ def _receive(
             while True:  # unblock a reader waiting on a full queue
                 q.get_nowait()
         # On failure the reader may sit in a socket read; closing the response (our
-        # caller's ``with``) wakes it, and it exits without touching the file.
+        # caller's ``with``) wakes it, and it stops before writing anything more.
         thread.join(timeout=5 if done else 0.05)
 
 
