@@ -67,6 +67,29 @@ def curl_download(url: str, token: str | None) -> float:
     return float(out) / 1e6
 
 
+def curl_upload(url: str, token: str | None, image: Path) -> float:
+    """The baseline for the client's upload: curl PUT with Content-Length."""
+    argv = [
+        "curl",
+        "-sS",
+        "--fail",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{speed_upload}",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "--upload-file",
+        str(image),
+    ]
+    if token:
+        argv += ["-H", f"X-Auth-Token: {token}"]
+    out = subprocess.run([*argv, url], check=True, capture_output=True, text=True).stdout
+    return float(out) / 1e6
+
+
 def bench_server(
     label: str, url: str, token: str | None, image: Path, size: int, scratch: Path
 ) -> dict[str, float]:
@@ -77,6 +100,11 @@ def bench_server(
             secs = timed(lambda: client.upload(rec.id, fh, size=size))
         res["upload"] = size / secs / 1e6
         file_url = f"{url}/v2/images/{rec.id}/file"
+        other = client.create(
+            name=f"bench-{label}-curl", disk_format="raw", container_format="bare"
+        )
+        res["curl_upload"] = curl_upload(f"{url}/v2/images/{other.id}/file", token, image)
+        client.delete(other.id)
         res["curl"] = max(curl_download(file_url, token) for _ in range(2))
 
         def raw() -> None:
@@ -118,6 +146,7 @@ def main() -> int:
             glance.stop()
     rows = [
         ("upload (cowfleet client)", "upload"),
+        ("upload, curl PUT (baseline)", "curl_upload"),
         ("download, curl -> /dev/null", "curl"),
         ("download, client stream -> /dev/null", "client"),
         ("download, client verified -> file", "client_verified"),
@@ -130,6 +159,10 @@ def main() -> int:
         f"(after start: {rss_before / MiB:.0f} MiB)"
     )
     print(f"load after: {os.getloadavg()}")
+    print(
+        f"client upload / curl upload: embedded {emb['upload'] / emb['curl_upload']:.2f}, "
+        f"glance {gl['upload'] / gl['curl_upload']:.2f}"
+    )
     checks = [
         ("upload >= 300 MB/s", emb["upload"] >= 300),
         ("upload >= 2x Glance", emb["upload"] >= 2 * gl["upload"]),
