@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cowfleet.errors import LocalIOError, StorageFullError
+from cowfleet.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,6 @@ def read_failure(path: Path) -> FailureRecord | None:
         return FailureRecord(**{k: data[k] for k in ("image_id", "error", "message", "at")})
     except (KeyError, TypeError):
         return None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:

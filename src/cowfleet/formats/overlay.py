@@ -39,6 +39,7 @@ from cowfleet.errors import (
 )
 from cowfleet.formats import policy
 from cowfleet.formats.inspector import inspect_path
+from cowfleet.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -364,10 +365,6 @@ def _write_atomically(
         raise
     if durable:
         try:
-            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(directory)
         except OSError as exc:
             raise _io_error("sync directory of", out, exc) from exc

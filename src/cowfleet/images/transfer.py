@@ -36,6 +36,7 @@ from cowfleet.errors import (
     StorageFullError,
     TimeoutError_,
 )
+from cowfleet.fsutil import fsync_dir
 from cowfleet.images.models import Image
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def download_to(
     os.close(fd)
     try:
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as exc:
         raise _local_error(exc, dest) from exc
 
@@ -370,14 +371,6 @@ def _truncate(fd: int, part: Path) -> None:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _local_error(exc: OSError, path: Path) -> LocalIOError:

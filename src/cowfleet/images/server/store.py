@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cowfleet.errors import LocalIOError, NotFoundError, StorageFullError
+from cowfleet.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class FilesystemStore:
             os.close(staged.fd)
             staged.fd = -1
             os.rename(staged.path, self.path(staged.image_id))
-            _fsync_dir(self.images_dir)
+            fsync_dir(self.images_dir)
         except OSError as exc:
             self.abort(staged)
             raise LocalIOError(f"cannot store image {staged.image_id}: {exc.strerror}") from exc
@@ -185,9 +186,3 @@ class FilesystemStore:
         return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
