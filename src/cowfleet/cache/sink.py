@@ -31,6 +31,7 @@ from typing import Protocol
 
 from cowfleet.errors import IntegrityError, LocalIOError, StorageFullError
 from cowfleet.formats.inspection import Inspection
+from cowfleet.fsutil import WRITEBACK_STEP, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class PartFile:
         self.name = name
         self.display = display
         self.position = position
+        self.writeback_from = position  # writeback started for bytes before this offset
 
     @classmethod
     def create(cls, dir_fd: int, name: str, display: str) -> PartFile:
@@ -121,6 +123,9 @@ class PartFile:
         except OSError as exc:
             raise _oserror(exc, "writing", self.display) from exc
         self.position = pos + n
+        if self.position - self.writeback_from >= WRITEBACK_STEP:
+            start_writeback(self.fd, self.writeback_from, self.position - self.writeback_from)
+            self.writeback_from = self.position
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         while view:

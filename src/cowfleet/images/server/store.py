@@ -8,49 +8,22 @@ every check passed; :meth:`FilesystemStore.clean_staging` removes leftovers at s
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from cowfleet.errors import LocalIOError, NotFoundError, StorageFullError
-from cowfleet.fsutil import fsync_dir
+from cowfleet.fsutil import WRITEBACK_STEP, fsync_dir, start_writeback
 
 log = logging.getLogger(__name__)
 
 IOV_BATCH = 512  # buffers per writev call (below every IOV_MAX)
-# Ask the kernel to start writing back every this many bytes, so the fsync at commit
-# has little left to do (an early, asynchronous start; it does not wait).
-WRITEBACK_STEP = 32 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
-    """``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)`` from libc (Linux), if any."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        func = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    func.restype = ctypes.c_int
-
-    def start(fd: int, offset: int, nbytes: int) -> None:
-        func(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
-
-    return start
-
-
-_start_writeback = _load_sync_file_range()
-
-
 @dataclass
 class StagedWrite:
     """An upload being written: an open descriptor on a staging file."""
@@ -77,8 +50,8 @@ class StagedWrite:
                     todo.pop(0)
                 if n:
                     todo[0] = todo[0][n:]
-            if _start_writeback and self.written - self.synced_to >= WRITEBACK_STEP:
-                _start_writeback(self.fd, self.synced_to, self.written - self.synced_to)
+            if self.written - self.synced_to >= WRITEBACK_STEP:
+                start_writeback(self.fd, self.synced_to, self.written - self.synced_to)
                 self.synced_to = self.written
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
