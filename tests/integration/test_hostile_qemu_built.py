@@ -35,8 +35,8 @@ def qemu_img(*args: str | Path) -> str:
 def create(path: Path, fmt: str, size: str, *options: str) -> Path:
     if any("secret" in o for o in options):
         # LUKS key derivation times itself; on a loaded machine qemu-img sometimes fails
-        # with "Unable to get accurate CPU usage". Retry a couple of times.
-        for _ in range(2):
+        # with "Unable to get accurate CPU usage". Retry a few times.
+        for _ in range(4):
             try:
                 qemu_img("create", "-q", "-f", fmt, *options, path, size)
                 return path
