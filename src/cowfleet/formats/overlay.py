@@ -12,7 +12,7 @@ The layout follows qemu's ``docs/interop/qcow2.txt``:
 All tables except the first clusters are zero, so only the non-zero prefix is written
 (one ``pwrite``) and the file is extended with ``ftruncate``: the L1 table of a huge
 disk becomes a hole, which reads as zeros. The file is written under a temporary
-name in the destination directory (``O_EXCL|O_NOFOLLOW``), fsynced, renamed into
+name in the destination directory (``O_EXCL|O_NOFOLLOW``), fdatasynced, renamed into
 place, and the directory is fsynced.
 """
 
@@ -271,31 +271,32 @@ def create_overlay(
     sync several files together themselves, and for benchmarks.
     """
     fmt = _normalize_format(backing_format)
-    backing = Path(backing)
-    out = Path(out)
-    if "\0" in str(out) or "\0" in str(backing):
+    # Plain strings from here on: pathlib costs more than the syscalls on this path.
+    out_s = os.fspath(out)
+    backing_s = os.fspath(backing)
+    if "\0" in out_s or "\0" in backing_s:
         raise UsageError("file names must not contain NUL bytes")
-    if not backing.is_absolute():
-        raise UsageError(f"backing file must be an absolute path: {str(backing)!r}")
+    if not os.path.isabs(backing_s):
+        raise UsageError(f"backing file must be an absolute path: {backing_s!r}")
     try:
-        st = os.stat(backing)
+        st = os.stat(backing_s)
     except FileNotFoundError:
-        raise NotFoundError(f"backing file not found: {backing}", path=str(backing)) from None
+        raise NotFoundError(f"backing file not found: {backing_s}", path=backing_s) from None
     except (OSError, ValueError) as exc:
-        raise LocalIOError(f"cannot stat backing file {backing}: {exc}") from exc
+        raise LocalIOError(f"cannot stat backing file {backing_s}: {exc}") from exc
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise ValidationError(f"backing file is not a regular file or block device: {backing}")
+        raise ValidationError(f"backing file is not a regular file or block device: {backing_s}")
     try:
-        out_st = os.lstat(out)  # a symlink at ``out`` is replaced, not followed
+        out_st = os.lstat(out_s)  # a symlink at ``out`` is replaced, not followed
     except OSError:
         out_st = None
     if out_st is not None and (out_st.st_dev, out_st.st_ino) == (st.st_dev, st.st_ino):
-        raise ValidationError(f"refusing to replace the backing file {backing} with its overlay")
-    name = os.fsencode(str(backing))
+        raise ValidationError(f"refusing to replace the backing file {backing_s} with its overlay")
+    name = os.fsencode(backing_s)
     if len(name) > MAX_BACKING_NAME:
         raise ValidationError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
     if backing_virtual_size is None:
-        backing_virtual_size = _backing_virtual_size(backing, fmt, max_virtual_size)
+        backing_virtual_size = _backing_virtual_size(Path(backing_s), fmt, max_virtual_size)
     elif backing_virtual_size < 0:
         raise UsageError(f"backing virtual size must not be negative: {backing_virtual_size}")
     if size is None:
@@ -306,7 +307,7 @@ def create_overlay(
     if size < backing_virtual_size:
         raise ValidationError(
             f"overlay size {size} is smaller than the backing file's virtual size "
-            f"{backing_virtual_size} ({backing})"
+            f"{backing_virtual_size} ({backing_s})"
         )
     if size > max_virtual_size:
         raise ValidationError(
@@ -314,23 +315,49 @@ def create_overlay(
         )
     layout = plan_layout(size, cluster_size)
     pieces = build_metadata(layout, name, fmt.encode(), lazy_refcounts=lazy_refcounts)
-    _write_atomically(out, pieces, layout.file_size, replace=replace, durable=durable)
-    log.debug("created overlay %s on %s (%s, %d bytes)", out, backing, fmt, size)
+    _write_atomically(out_s, pieces, layout.file_size, replace=replace, durable=durable)
+    log.debug("created overlay %s on %s (%s, %d bytes)", out_s, backing_s, fmt, size)
     return OverlayResult(
-        path=out, virtual_size=size, cluster_size=cluster_size, backing=backing, backing_format=fmt
+        path=Path(out_s),
+        virtual_size=size,
+        cluster_size=cluster_size,
+        backing=Path(backing_s),
+        backing_format=fmt,
     )
 
 
-def _io_error(action: str, path: Path, exc: OSError) -> LocalIOError:
+def _io_error(action: str, path: str, exc: OSError) -> LocalIOError:
     cls = StorageFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else LocalIOError
-    return cls(f"cannot {action} {path}: {exc.strerror or exc}", path=str(path))
+    return cls(f"cannot {action} {path}: {exc.strerror or exc}", path=path)
+
+
+def write_pieces(fd: int, pieces: tuple[Piece, ...], file_size: int) -> None:
+    """Size ``fd`` to ``file_size``, then write only the non-zero ``pieces`` (zeros stay holes)."""
+    os.ftruncate(fd, file_size)
+    for offset, data in pieces:
+        n = os.pwrite(fd, data, offset)
+        if n != len(data):  # short writes are rare (signals, quotas): finish them
+            view = memoryview(data)[n:]
+            offset += n
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
 
 
 def _write_atomically(
-    out: Path, pieces: tuple[Piece, ...], file_size: int, *, replace: bool, durable: bool
+    out: str, pieces: tuple[Piece, ...], file_size: int, *, replace: bool, durable: bool
 ) -> None:
-    directory = out.parent
-    tmp = directory / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    """Write ``out`` under a temporary name, make it durable, then give it its name.
+
+    Durability order (``durable=True``): fdatasync of the file (its data and size) ->
+    rename (or link) -> fsync of the directory. A crash leaves either no ``out`` (or the
+    old one) or the complete new file, never a half-written one under the final name.
+    fdatasync, not fsync: a new file's size change is synced by both; the timestamps
+    fsync adds are not needed to read the disk back. (Measured here: the same cost.)
+    """
+    directory, base = os.path.split(out)
+    directory = directory or "."
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o644)
@@ -338,15 +365,9 @@ def _write_atomically(
         raise _io_error("create", tmp, exc) from exc
     try:
         try:
-            # Size first, then only the non-zero bytes: the zero tables stay holes.
-            os.ftruncate(fd, file_size)
-            for offset, data in pieces:
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+            write_pieces(fd, pieces, file_size)
             if durable:
-                os.fsync(fd)
+                os.fdatasync(fd)
         finally:
             os.close(fd)
         if replace:
