@@ -49,7 +49,7 @@ def _fmt(samples: list[float]) -> str:
     return f"median {med:8.3f} ms   p90 {p90:8.3f} ms"
 
 
-def _uptime() -> str:
+def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -159,7 +159,7 @@ def main() -> int:
         with base.open("wb") as f:
             f.truncate(1 * GiB)
         runs = args.runs
-        load_before = _uptime()
+        load_before = uptime()
         audit = audit_qemu_img(qemu_img, base, work)
         probe = probe_fs(work)
         layout = overlay.plan_layout(SIZE, overlay.DEFAULT_CLUSTER_SIZE)
@@ -264,7 +264,7 @@ def main() -> int:
         print(f"  {probe}")
         print("  targets: median <= 0.5 ms and >= 20x qemu-img create")
         print(f"  uptime before: {load_before}")
-        print(f"  uptime after:  {_uptime()}   cpus: {os.cpu_count()}")
+        print(f"  uptime after:  {uptime()}   cpus: {os.cpu_count()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -5,13 +5,17 @@ Same run, same directory, same bases. Per instance:
 * cowfleet (in-process, none driver): ``ImageCache.ensure_cached`` (a hit) plus
   ``Provisioner.build`` — root, ephemeral and swap qcow2 overlays, ``disk.info``,
   ``console.log``, ``instance.json``, name claim, atomic rename; the image base is
-  re-inspected; with fsync (the default) and without (as ``qemu-img create``, which
-  does not fsync);
+  re-inspected; with fsync (the default: every file and the folder made durable
+  before the folder is renamed into place, then the rename made durable) and without;
 * baseline: three ``qemu-img create -f qcow2 -F raw -b BASE OUT SIZE`` subprocesses
-  (root, ephemeral, swap), what Nova runs per disk.
+  (root, ephemeral, swap), what Nova runs per disk. qemu-img does fdatasync the image
+  (5 times per create, audited with strace when installed and printed), writes it in
+  place under its final name and does not fsync the directory.
 
 Also prints the whole ``Provisioner.create`` (adds the image lookup over HTTP and the
 validation). The image comes from a real ``cowfleet images serve`` on loopback.
+Prints ``uptime`` before and after, and a filesystem probe (bare create, flush-only
+fdatasync): on this shared VM both vary several-fold from minute to minute.
 
     python3 bench/provision_warm.py [--instances 50] [--dir /var/tmp]
 """
@@ -36,6 +40,7 @@ from cowfleet.cache import ImageCache
 from cowfleet.compute.drivers.none import NoneDriver
 from cowfleet.compute.provision import Provisioner
 from cowfleet.images.client import ImageClient
+from overlay_create import audit_qemu_img, probe_fs, uptime
 
 MIB = 1024**2
 GIB = 1024**3
@@ -144,6 +149,7 @@ def main() -> int:
         print("qemu-img not installed: no baseline", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="cowfleet-bench-warm-", dir=args.dir))
+    load_before = uptime()
     try:
         img = work / "image.raw"
         with img.open("wb") as fh:
@@ -162,6 +168,8 @@ def main() -> int:
             swap = next(cfg.base_dir.glob("swap_*"))
             qdir = work / "qemu-img"
             qdir.mkdir()
+            audit = audit_qemu_img(qemu_img, root.path, qdir)
+            probe = probe_fs(work)
 
             def qemu_three(i: int) -> None:
                 for out, base, size in (
@@ -218,11 +226,13 @@ def main() -> int:
         print(f"  cowfleet ensure_cached+build, fsync        {_fmt(t_dur)}   {m_q / m_d:6.1f}x")
         print(f"  cowfleet ensure_cached+build, no fsync     {_fmt(t_loose)}   {m_q / m_l:6.1f}x")
         print(f"  cowfleet Provisioner.create (HTTP lookup)  {_fmt(t_create)}   {m_q / m_c:6.1f}x")
+        share = max(0.0, m_d - m_l) / m_d * 100 if m_d else 0.0
+        print(f"  durability share of build: {share:.0f}% ({(m_d - m_l) * 1000:.3f} ms)")
+        print(f"  per disk: {audit}")
+        print(f"  {probe}")
         print("  targets: <= 3 ms per instance and >= 20x qemu-img create")
-        print(
-            f"  load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-            f"cpus: {os.cpu_count()}"
-        )
+        print(f"  uptime before: {load_before}")
+        print(f"  uptime after:  {uptime()}   cpus: {os.cpu_count()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -72,12 +72,7 @@ def write_overlay(
     try:
         fd = os.open(out, flags, mode)
         try:
-            os.ftruncate(fd, layout.file_size)  # the zero tables stay holes
-            for offset, data in pieces:
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+            overlay.write_pieces(fd, pieces, layout.file_size)  # the zero tables stay holes
         finally:
             os.close(fd)
     except OSError as exc:
