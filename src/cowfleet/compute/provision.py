@@ -307,8 +307,11 @@ class Provisioner:
         claim: Path | None = None
         try:
             try:
-                cfg.instances_path.mkdir(parents=True, exist_ok=True)
-                os.mkdir(tmp, DIR_MODE)
+                try:
+                    os.mkdir(tmp, DIR_MODE)
+                except FileNotFoundError:  # the first instance on this node
+                    cfg.instances_path.mkdir(parents=True, exist_ok=True)
+                    os.mkdir(tmp, DIR_MODE)
                 made = True
                 os.chmod(tmp, DIR_MODE)  # umask-proof
             except FileExistsError as exc:
@@ -416,9 +419,15 @@ class Provisioner:
 
     @staticmethod
     def _write(path: Path, text: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        # os.write, not a text file object: the small files need no buffering layer.
+        data = text.encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     def _rollback(self, tmp: Path | None, final: Path | None, defined_uuid: str | None) -> None:
         if defined_uuid is not None:
