@@ -1,12 +1,14 @@
 """Image server throughput with curl over loopback, against baselines from the same run.
 
-    python3 bench/image_server_curl.py [--size-mib 1024] [--file PATH]
+    python3 bench/image_server_curl.py [--size-mib 1024] [--file PATH] [--drop-upload-cache]
 
 Starts a real ``cowfleet images serve`` (SQLite, own temp data dir), then:
 - upload: ``curl -T`` of a random raw image (md5 + sha512 + inspection + fsync on the
   server) vs. the same curl upload into a plain socket sink (the client-side ceiling);
-- download: ``curl -o /dev/null`` of the image vs. ``curl file://`` of the same file;
-- the server's peak RSS (VmHWM) after the transfers, and the machine load.
+- download: ``curl -o /dev/null`` of the image (first, right after the upload, and the
+  best of two more) vs. ``curl file://`` of the same file;
+- the server's CPU seconds per GiB for each (from /proc: less noisy than wall clock on
+  a shared machine), its peak RSS (VmHWM) after the transfers, and ``uptime``.
 Prints one line per figure; needs ``curl``.
 """
 
@@ -26,6 +28,16 @@ import urllib.request
 from pathlib import Path
 
 MiB = 1024 * 1024
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def free_port() -> int:
@@ -89,6 +101,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--file", type=Path, help="existing raw file to use instead of random data")
+    ap.add_argument(
+        "--drop-upload-cache",
+        action="store_true",
+        help="serve with images_drop_upload_cache (uploads kept out of the page cache)",
+    )
     args = ap.parse_args()
     if shutil.which("curl") is None:
         print("curl is required", file=sys.stderr)
@@ -107,6 +124,8 @@ def main() -> int:
         data = work / "service"
         env = {k: v for k, v in os.environ.items() if not k.startswith("COWFLEET_")}
         env["COWFLEET_HOME"] = str(work / "home")
+        if args.drop_upload_cache:
+            env["COWFLEET_IMAGES_DROP_UPLOAD_CACHE"] = "true"
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -141,11 +160,10 @@ def main() -> int:
         )
         image_id = json.load(urllib.request.urlopen(req))["id"]
 
-        print(
-            f"load before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs, "
-            f"image {size / MiB:.0f} MiB"
-        )
+        print(f"before: {uptime()}; {os.cpu_count()} CPUs, image {size / MiB:.0f} MiB")
+        gib = size / (1 << 30)
         base_up = sink_upload(image)
+        c0 = cpu_seconds(proc.pid)
         code, up = curl(
             "-X",
             "PUT",
@@ -160,25 +178,29 @@ def main() -> int:
             f"{url}/v2/images/{image_id}/file",
         )
         assert code == "204", code
+        up_cpu = (cpu_seconds(proc.pid) - c0) / gib
         print(
-            f"upload   cowfleet {mb / up:7.0f} MB/s ({up:.2f} s)  curl->sink {mb / base_up:7.0f}"
-            f" MB/s  ratio {base_up / up:.2f}"
+            f"upload   cowfleet {mb / up:7.0f} MB/s ({up:.2f} s, server {up_cpu:.2f} CPU-s/GiB)"
+            f"  curl->sink {mb / base_up:7.0f} MB/s  ratio {base_up / up:.2f}"
         )
         _, base_down = curl("-o", "/dev/null", f"file://{image}")
-        downs = []
-        for _ in range(2):
+        downs, cpus = [], []
+        for _ in range(3):
+            c0 = cpu_seconds(proc.pid)
             code, t = curl("-H", auth, "-o", "/dev/null", f"{url}/v2/images/{image_id}/file")
             assert code == "200", code
             downs.append(t)
-        down = min(downs)
+            cpus.append((cpu_seconds(proc.pid) - c0) / gib)
+        down = min(downs[1:])
         print(
-            f"download cowfleet {mb / down:7.0f} MB/s ({down:.2f} s, best of 2)  "
-            f"curl file:// {mb / base_down:7.0f} MB/s  ratio {base_down / down:.2f}"
+            f"download cowfleet first {mb / downs[0]:7.0f} MB/s (server {cpus[0]:.2f} CPU-s/GiB)"
+            f", best of 2 more {mb / down:7.0f} MB/s (server {min(cpus[1:]):.2f} CPU-s/GiB)"
+            f"  curl file:// {mb / base_down:7.0f} MB/s  ratio {base_down / down:.2f}"
         )
         status = Path(f"/proc/{proc.pid}/status").read_text()
         hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
         print(f"server peak RSS: {int(hwm.split()[1]) / 1024:.0f} MiB")
-        print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
+        print(f"after: {uptime()}")
     finally:
         if proc is not None:
             proc.terminate()
