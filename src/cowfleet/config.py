@@ -90,6 +90,7 @@ class Config:
     images_database: str | None = None
     images_host: str = DEFAULT_IMAGE_HOST
     images_port: int = DEFAULT_IMAGE_PORT
+    images_drop_upload_cache: bool = False
     # node cache
     force_raw: bool = False
     fetch_concurrency: int = 4
@@ -156,6 +157,7 @@ _PARSERS: dict[str, Any] = {
     "images_database": str,
     "images_host": str,
     "images_port": int,
+    "images_drop_upload_cache": _bool,
     "force_raw": _bool,
     "fetch_concurrency": int,
     "fetch_deadline": float,
@@ -178,6 +180,7 @@ _ENV = {
     "COWFLEET_IMAGE_TOKEN_FILE": "image_token_file",
     "COWFLEET_IMAGES_DATA_DIR": "images_data_dir",
     "COWFLEET_IMAGES_DATABASE": "images_database",
+    "COWFLEET_IMAGES_DROP_UPLOAD_CACHE": "images_drop_upload_cache",
     "COWFLEET_FORCE_RAW": "force_raw",
     "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
     "COWFLEET_DRIVER": "driver",
@@ -199,6 +202,7 @@ _TOML: dict[tuple[str, ...], str] = {
     ("images", "database"): "images_database",
     ("images", "host"): "images_host",
     ("images", "port"): "images_port",
+    ("images", "drop_upload_cache"): "images_drop_upload_cache",
     ("cache", "force_raw"): "force_raw",
     ("cache", "fetch_concurrency"): "fetch_concurrency",
     ("cache", "fetch_deadline"): "fetch_deadline",

@@ -91,3 +91,45 @@ def test_open_descriptor_survives_delete(store: FilesystemStore) -> None:
         assert os.pread(fd, 6, 0) == b"abcabc"
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("drop_behind", [False, True])
+def test_writeback_and_drop_behind_keep_every_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop_behind: bool
+) -> None:
+    import os
+
+    from cowfleet.images.server import store as store_mod
+
+    step = 64 * 1024
+    monkeypatch.setattr(store_mod, "WRITEBACK_STEP", step)
+    fs = FilesystemStore(tmp_path / "images", tmp_path / "staging", drop_behind=drop_behind)
+    iid = str(uuid.uuid4())
+    staged = fs.begin_write(iid)
+    data = os.urandom(10 * step + 123)
+    for piece in pieces(data, 7000):
+        staged.write_parts([piece[:100], piece[100:]])
+    assert staged.synced_to >= 9 * step  # writeback was started along the way
+    if drop_behind:
+        # Windows that started writeback a whole step ago were dropped, never ahead.
+        assert 0 < staged.dropped_to <= staged.synced_to - step
+    else:
+        assert staged.dropped_to == 0
+    fs.commit(staged)
+    assert staged.dropped_to == (len(data) if drop_behind else 0)
+    assert fs.path(iid).read_bytes() == data
+
+
+def test_drop_upload_cache_setting_reaches_the_store(tmp_path: Path) -> None:
+    from cowfleet import config
+    from cowfleet.images.server import ServerSettings, create_app
+
+    env = {"COWFLEET_HOME": str(tmp_path), "COWFLEET_IMAGES_DROP_UPLOAD_CACHE": "true"}
+    for given, expected in ((env, True), ({"COWFLEET_HOME": str(tmp_path)}, False)):
+        settings = ServerSettings.from_config(config.load(env=given), token=None)
+        assert settings.upload_drop_behind is expected
+        app = create_app(settings)
+        store = app.state.service.store
+        assert store.drop_behind is expected
+        assert store.begin_write(str(uuid.uuid4())).drop_behind is expected
+        app.state.service.catalog.close()

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> FastAPI:
     """Build the app: open (and migrate) the catalog, tidy the store after a crash."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = FilesystemStore(settings.images_dir, settings.staging_dir)
+    store = FilesystemStore(
+        settings.images_dir, settings.staging_dir, drop_behind=settings.upload_drop_behind
+    )
     store.clean_staging()
     catalog = catalog or Catalog.open(settings.database_url)
     catalog.reset_saving()

@@ -35,6 +35,8 @@ class ServerSettings:
     upload_block: int = DEFAULT_UPLOAD_BLOCK
     download_chunk: int = DEFAULT_DOWNLOAD_CHUNK
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
+    # Keep uploads out of the page cache (see cowfleet.images.server.store).
+    upload_drop_behind: bool = False
     default_page_size: int = DEFAULT_PAGE_SIZE
     max_page_size: int = MAX_PAGE_SIZE
 
@@ -54,4 +56,5 @@ class ServerSettings:
             token=token,
             max_image_size=cfg.max_image_size,
             max_virtual_size=cfg.max_virtual_size,
+            upload_drop_behind=cfg.images_drop_upload_cache,
         )
