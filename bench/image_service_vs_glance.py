@@ -14,7 +14,7 @@ RSS <= 150 MiB.
 
 Needs ``COWFLEET_TEST_GLANCE_VENV`` (scripts/setup/glance.sh) and curl. Run from the
 repository root: ``python3 bench/image_service_vs_glance.py [--size-mib 1024]
-[--no-drop-variant]``.
+[--no-drop-variant] [--compare-src OLD_CHECKOUT/src]``.
 """
 
 from __future__ import annotations
@@ -209,13 +209,24 @@ def main() -> int:
         action="store_true",
         help="skip the embedded run with images_drop_upload_cache",
     )
+    ap.add_argument(
+        "--compare-src",
+        type=Path,
+        metavar="DIR",
+        help="also run the embedded server from another checkout's src/ directory "
+        "(e.g. `git archive OLD src | tar -x -C /tmp/old`) for a before/after in one run",
+    )
     args = ap.parse_args()
     venv = os.environ.get("COWFLEET_TEST_GLANCE_VENV")
     if not venv or shutil.which("curl") is None:
         print("needs COWFLEET_TEST_GLANCE_VENV (scripts/setup/glance.sh) and curl", file=sys.stderr)
         return 2
     size = args.size_mib * MiB
-    variants: dict[str, dict[str, str]] = {"embedded": {}}
+    variants: dict[str, dict[str, str]] = {}
+    if args.compare_src:
+        pythonpath = str(args.compare_src.resolve())
+        variants["compared"] = {"PYTHONPATH": pythonpath}
+    variants["embedded"] = {}
     if not args.no_drop_variant:
         variants["emb+drop"] = {"COWFLEET_IMAGES_DROP_UPLOAD_CACHE": "true"}
     results: dict[str, dict[str, float]] = {}
