@@ -12,8 +12,10 @@ Same run, same directory, same bases. Per instance:
   (5 times per create, audited with strace when installed and printed), writes it in
   place under its final name and does not fsync the directory.
 
-Also prints the whole ``Provisioner.create`` (adds the image lookup over HTTP and the
-validation). The image comes from a real ``cowfleet images serve`` on loopback.
+Also prints the whole ``Provisioner.create``: once with the image records looked up
+over HTTP, and once with them served from memory (validation, base pins when the
+provisioner takes them, ensure_cached, build: the whole in-process warm path).
+The image comes from a real ``cowfleet images serve`` on loopback.
 Prints ``uptime`` before and after, and a filesystem probe (bare create, flush-only
 fdatasync): on this shared VM both vary several-fold from minute to minute.
 
@@ -39,7 +41,7 @@ from cowfleet import config
 from cowfleet.cache import ImageCache
 from cowfleet.compute.drivers.none import NoneDriver
 from cowfleet.compute.provision import Provisioner
-from cowfleet.images.client import ImageClient
+from cowfleet.images.client import Image, ImageClient
 from overlay_create import audit_qemu_img, probe_fs, uptime
 
 MIB = 1024**2
@@ -132,6 +134,24 @@ def make_config(home: Path, url: str, token: str) -> config.Config:
     )
 
 
+class MemoryLookup:
+    """Image records fetched once over HTTP, then served from memory."""
+
+    def __init__(self, client: ImageClient) -> None:
+        self.client = client
+        self.records: dict[str, Image] = {}
+
+    def find(self, name_or_id: str) -> Image:
+        if name_or_id not in self.records:
+            self.records[name_or_id] = self.client.find(name_or_id)
+        return self.records[name_or_id]
+
+    def get(self, image_id: str) -> Image:
+        if image_id not in self.records:
+            self.records[image_id] = self.client.get(image_id)
+        return self.records[image_id]
+
+
 def _fmt(samples: list[float]) -> str:
     med = statistics.median(samples) * 1000
     p90 = sorted(samples)[int(len(samples) * 0.9)] * 1000
@@ -163,7 +183,9 @@ def main() -> int:
             runs = args.instances
             durable = Provisioner(cfg, images=client, cache=cache, driver=NoneDriver())
             loose = Provisioner(cfg, images=client, cache=cache, driver=NoneDriver(), durable=False)
+            memory = Provisioner(cfg, images=MemoryLookup(client), cache=cache, driver=NoneDriver())
             durable.create("warmup", image_id, "b1.full")  # makes the ephemeral/swap bases
+            memory.create("warmup-memory", image_id, "b1.full")
             eph = next(cfg.base_dir.glob("ephemeral_*"))
             swap = next(cfg.base_dir.glob("swap_*"))
             qdir = work / "qemu-img"
@@ -198,6 +220,7 @@ def main() -> int:
             t_loose: list[float] = []
             t_qemu: list[float] = []
             t_create: list[float] = []
+            t_memory: list[float] = []
             # Interleaved so every series sees the same machine load.
             for i in range(runs):
                 for prov, series, tag in ((durable, t_dur, "d"), (loose, t_loose, "l")):
@@ -212,12 +235,17 @@ def main() -> int:
                 t0 = time.perf_counter()
                 durable.create(f"c{i}", image_id, "b1.full")
                 t_create.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                memory.create(f"m{i}", image_id, "b1.full")
+                t_memory.append(time.perf_counter() - t0)
             durable.close()
             loose.close()
+            memory.close()
         m_q = statistics.median(t_qemu)
         m_d = statistics.median(t_dur)
         m_l = statistics.median(t_loose)
         m_c = statistics.median(t_create)
+        m_m = statistics.median(t_memory)
         print(
             f"warm provisioning: root 20 GiB + ephemeral 1 GiB (ext4) + swap 512 MiB, "
             f"{runs} instances per series, none driver, in {work}"
@@ -226,6 +254,7 @@ def main() -> int:
         print(f"  cowfleet ensure_cached+build, fsync        {_fmt(t_dur)}   {m_q / m_d:6.1f}x")
         print(f"  cowfleet ensure_cached+build, no fsync     {_fmt(t_loose)}   {m_q / m_l:6.1f}x")
         print(f"  cowfleet Provisioner.create (HTTP lookup)  {_fmt(t_create)}   {m_q / m_c:6.1f}x")
+        print(f"  cowfleet Provisioner.create (in memory)    {_fmt(t_memory)}   {m_q / m_m:6.1f}x")
         share = max(0.0, m_d - m_l) / m_d * 100 if m_d else 0.0
         print(f"  durability share of build: {share:.0f}% ({(m_d - m_l) * 1000:.3f} ms)")
         print(f"  per disk: {audit}")
