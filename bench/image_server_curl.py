@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument(
         "--drop-upload-cache",
         action="store_true",
-        help="serve with images_drop_upload_cache (uploads kept out of the page cache)",
+        help="serve with images_drop_upload_cache (images kept out of the page cache)",
     )
     args = ap.parse_args()
     if shutil.which("curl") is None:

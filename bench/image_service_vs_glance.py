@@ -7,10 +7,10 @@ after the upload, then the best of two) and with cowfleet's client (raw stream),
 cowfleet's verified download to a file (sha512 while streaming, fsync, rename). Also
 each server's peak RSS (VmHWM, largest process of the server) and ``uptime`` before
 and after. The embedded server runs twice: as configured by default, and with
-``images_drop_upload_cache`` (uploads kept out of the page cache: cheaper upload,
-colder first download). Prints a table, the ratios and the issue's targets: upload >=
-300 MB/s and >= 2x Glance; download >= 1 GB/s and not slower than Glance; server peak
-RSS <= 150 MiB.
+``images_drop_upload_cache`` (images kept out of the page cache: cheaper upload,
+every download read from disk). Prints a table, the ratios and the issue's targets:
+upload >= 300 MB/s and >= 2x Glance; download >= 1 GB/s and not slower than Glance;
+server peak RSS <= 150 MiB.
 
 Needs ``COWFLEET_TEST_GLANCE_VENV`` (scripts/setup/glance.sh) and curl. Run from the
 repository root: ``python3 bench/image_service_vs_glance.py [--size-mib 1024]

@@ -429,6 +429,7 @@ def download_image(request: Request, image_id: str) -> Response:
             status_code=200,
             headers=headers,
             chunk_size=svc.settings.download_chunk,
+            drop_behind=svc.settings.upload_drop_behind,
         )
     headers["content-range"] = rng.content_range
     return DescriptorResponse(
@@ -438,4 +439,5 @@ def download_image(request: Request, image_id: str) -> Response:
         status_code=206,
         headers=headers,
         chunk_size=svc.settings.download_chunk,
+        drop_behind=svc.settings.upload_drop_behind,
     )

@@ -35,7 +35,7 @@ class ServerSettings:
     upload_block: int = DEFAULT_UPLOAD_BLOCK
     download_chunk: int = DEFAULT_DOWNLOAD_CHUNK
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
-    # Keep uploads out of the page cache (see cowfleet.images.server.store).
+    # Keep images out of the page cache on upload and download (see ...server.store).
     upload_drop_behind: bool = False
     default_page_size: int = DEFAULT_PAGE_SIZE
     max_page_size: int = MAX_PAGE_SIZE
