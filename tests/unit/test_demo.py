@@ -17,7 +17,9 @@ from cowfleet.demo.transcript import (
     Transcript,
     boot_proof,
     console_lines,
+    console_tail,
     fetch_table,
+    guest_finished,
     human_bytes,
     shell_line,
     table,
@@ -159,3 +161,15 @@ def test_server_names_are_unique_across_nodes() -> None:
     names = server_names("1f2e", a, 3) + server_names("1f2e", b, 3)
     assert len(set(names)) == 6
     assert names[0] == "demo-1f2e-a1" and names[-1] == "demo-1f2e-b3"
+
+
+def test_guest_finished_on_marker_or_power_off_only() -> None:
+    assert guest_finished(CONSOLE)
+    assert not guest_finished("cowfleet-guest: booted 6.1\r\n[ 3.0] virtio_blk\r\n")
+    assert guest_finished("cowfleet-guest: booted 6.1\ncowfleet-guest: no /dev/vda\n")
+    assert guest_finished("cowfleet-guest: booted 6.1\ncowfleet-guest: powering off\n")
+
+
+def test_console_tail() -> None:
+    assert console_tail("") == "(console empty)"
+    assert console_tail("a\r\n\r\nb\r\nc\n", lines=2) == "b | c"

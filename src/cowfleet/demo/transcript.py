@@ -56,6 +56,20 @@ def boot_proof(log: str) -> str | None:
     return None
 
 
+def guest_finished(log: str) -> bool:
+    """True once the guest has said all it will before holding: its marker, or power-off."""
+    return any(
+        "marker written" in ln or "powering off" in ln or "no /dev/vda" in ln
+        for ln in console_lines(log)
+    )
+
+
+def console_tail(log: str, lines: int = 5) -> str:
+    """The last non-empty lines of a console log (for an error message)."""
+    kept = [ln.strip() for ln in log.replace("\r", "").splitlines() if ln.strip()]
+    return " | ".join(kept[-lines:]) if kept else "(console empty)"
+
+
 def virsh_table(text: str) -> list[list[str]]:
     """Rows of a virsh-style table (header and rule skipped), columns split on 2+ spaces."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
