@@ -167,8 +167,13 @@ class Demo:
             for node in nodes:
                 t.step(f"The image cache of {node.name}: one base per image, used by 3 instances")
                 self.cli(["cache", "list", "--config", str(node.config_file)])
-            t.step("Done")
-            t.say(f"The demo took {time.monotonic() - started:.0f} s before cleanup.")
+            t.step("What this showed")
+            t.say(
+                f"{len(nodes) * self.opts.per_node} instances on {len(nodes)} nodes cost "
+                f"{len(nodes)} downloads of each image: every node fetched each image once "
+                "into its _base, and each instance's disks are thin qcow2 overlays on those "
+                f"bases. The demo took {time.monotonic() - started:.0f} s before cleanup."
+            )
         return 0
 
     @contextlib.contextmanager
@@ -523,7 +528,8 @@ class Demo:
     def _cleanup(self, st: State) -> None:
         t = self.t
         t.step("Clean up")
-        for s in st.servers:
+
+        def delete(s: Server) -> None:
             with contextlib.suppress(CowfleetError):
                 self.cli(
                     ["server", "delete", "--config", str(s.node.config_file), s.name],
@@ -531,6 +537,9 @@ class Demo:
                     check=False,
                     timeout=120,
                 )
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            list(pool.map(delete, st.servers))
         if st.driver == "libvirt" and st.servers:
             leftover = undefine_leftovers(self.opts.libvirt_uri, f"demo-{st.run_id}-")
             if leftover:
