@@ -11,7 +11,7 @@ import pytest
 
 from cowfleet import config
 from cowfleet.demo.nodes import FLAVOR, NodeSpec, node_toml, server_names, service_toml
-from cowfleet.demo.scenario import created_uuid, fetch_records
+from cowfleet.demo.scenario import created_uuid, fetch_records, traversable
 from cowfleet.demo.transcript import (
     FetchSummary,
     Transcript,
@@ -173,3 +173,22 @@ def test_guest_finished_on_marker_or_power_off_only() -> None:
 def test_console_tail() -> None:
     assert console_tail("") == "(console empty)"
     assert console_tail("a\r\n\r\nb\r\nc\n", lines=2) == "b | c"
+
+
+def test_traversable() -> None:
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(dir="/var/tmp"))  # /var/tmp is 1777: others may pass
+    try:
+        inner = root / "a" / "b"
+        inner.mkdir(parents=True)
+        for folder in (root, root / "a", inner):
+            folder.chmod(0o755)
+        assert traversable(inner)
+        (root / "a").chmod(0o750)
+        assert not traversable(inner)
+        assert traversable(root)
+        assert not traversable(root / "missing")
+    finally:
+        shutil.rmtree(root)

@@ -185,7 +185,7 @@ class Demo:
             home.mkdir(parents=True, exist_ok=True)
         else:
             home, temp = Path(tempfile.mkdtemp(prefix="cowfleet-demo-", dir="/var/tmp")), True
-        home.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the instance folders
+            home.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the instance folders
         st = State(home=home, temp_home=temp, run_id=secrets.token_hex(2), driver="none")
         previous = signal.getsignal(signal.SIGTERM)
 
@@ -218,6 +218,11 @@ class Demo:
             "cache, as two Nova compute hosts would have."
         )
         problem = libvirt_problem(opts.libvirt_uri) if opts.driver != "none" else None
+        if not problem and opts.driver != "none" and not traversable(st.home):
+            problem = (
+                f"{st.home} (--home) or a folder above it is not searchable by others, and "
+                "QEMU runs as libvirt-qemu; use a directory under /var/tmp"
+            )
         if opts.driver == "libvirt" and problem:
             raise BackendUnavailableError(f"--driver libvirt: {problem}")
         if opts.driver == "none":
@@ -558,6 +563,17 @@ class Demo:
             for name in ("node-a.toml", "node-b.toml", "service.toml", "images-serve.log"):
                 (st.home / name).unlink(missing_ok=True)
             t.say(f"Removed the demo's files from {st.home}.")
+
+
+def traversable(path: Path) -> bool:
+    """True when every folder from / to ``path`` lets other users through (o+x)."""
+    for folder in (path, *path.parents):
+        try:
+            if not folder.stat().st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def created_uuid(output: str) -> str:
