@@ -25,6 +25,15 @@ TOML layout (all keys optional)::
     fetch_concurrency = 4
     fetch_deadline = 3600.0
     fetch_retries = 5
+    max_unused_age = 86400.0             # s since last use before an unused base goes
+    part_max_age = 3600.0                # s before an abandoned .part is removed
+    max_cache_bytes = 0                  # byte budget of _base (0: none)
+    min_free_percent = 5.0               # keep this much of the filesystem free
+    verify_interval = 604800.0           # re-hash each base this often (0: never)
+    verify_rate = 67108864               # bytes/s read by re-verification
+
+    [node]
+    interval = 600.0                     # s between two passes of `node run`
 
     [compute]
     driver = "libvirt"                   # or "none"
@@ -42,6 +51,7 @@ TOML layout (all keys optional)::
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -58,6 +68,12 @@ DEFAULT_MAX_IMAGE_SIZE = 1 * TIB
 DEFAULT_IMAGE_PORT = 9292
 DEFAULT_IMAGE_HOST = "127.0.0.1"
 DEFAULT_LIBVIRT_URI = "qemu:///system"
+DEFAULT_MAX_UNUSED_AGE = 86400.0  # Nova's remove_unused_original_minimum_age_seconds
+DEFAULT_PART_MAX_AGE = 3600.0
+DEFAULT_MIN_FREE_PERCENT = 5.0
+DEFAULT_VERIFY_INTERVAL = 7 * 86400.0
+DEFAULT_VERIFY_RATE = 64 * 1024 * 1024
+DEFAULT_NODE_INTERVAL = 600.0
 DRIVERS = ("libvirt", "none")
 VIRT_TYPES = ("kvm", "qemu")
 
@@ -96,6 +112,14 @@ class Config:
     fetch_concurrency: int = 4
     fetch_deadline: float = 3600.0
     fetch_retries: int = 5
+    # cache manager
+    max_unused_age: float = DEFAULT_MAX_UNUSED_AGE
+    part_max_age: float = DEFAULT_PART_MAX_AGE
+    max_cache_bytes: int = 0
+    min_free_percent: float = DEFAULT_MIN_FREE_PERCENT
+    verify_interval: float = DEFAULT_VERIFY_INTERVAL
+    verify_rate: int = DEFAULT_VERIFY_RATE
+    node_interval: float = DEFAULT_NODE_INTERVAL
     # compute
     driver: str = "libvirt"
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
@@ -162,6 +186,13 @@ _PARSERS: dict[str, Any] = {
     "fetch_concurrency": int,
     "fetch_deadline": float,
     "fetch_retries": int,
+    "max_unused_age": float,
+    "part_max_age": float,
+    "max_cache_bytes": int,
+    "min_free_percent": float,
+    "verify_interval": float,
+    "verify_rate": int,
+    "node_interval": float,
     "driver": str,
     "libvirt_uri": str,
     "virt_type": str,
@@ -183,6 +214,12 @@ _ENV = {
     "COWFLEET_IMAGES_DROP_UPLOAD_CACHE": "images_drop_upload_cache",
     "COWFLEET_FORCE_RAW": "force_raw",
     "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
+    "COWFLEET_MAX_UNUSED_AGE": "max_unused_age",
+    "COWFLEET_MAX_CACHE_BYTES": "max_cache_bytes",
+    "COWFLEET_MIN_FREE_PERCENT": "min_free_percent",
+    "COWFLEET_VERIFY_INTERVAL": "verify_interval",
+    "COWFLEET_VERIFY_RATE": "verify_rate",
+    "COWFLEET_NODE_INTERVAL": "node_interval",
     "COWFLEET_DRIVER": "driver",
     "COWFLEET_LIBVIRT_URI": "libvirt_uri",
     "COWFLEET_VIRT_TYPE": "virt_type",
@@ -207,6 +244,13 @@ _TOML: dict[tuple[str, ...], str] = {
     ("cache", "fetch_concurrency"): "fetch_concurrency",
     ("cache", "fetch_deadline"): "fetch_deadline",
     ("cache", "fetch_retries"): "fetch_retries",
+    ("cache", "max_unused_age"): "max_unused_age",
+    ("cache", "part_max_age"): "part_max_age",
+    ("cache", "max_cache_bytes"): "max_cache_bytes",
+    ("cache", "min_free_percent"): "min_free_percent",
+    ("cache", "verify_interval"): "verify_interval",
+    ("cache", "verify_rate"): "verify_rate",
+    ("node", "interval"): "node_interval",
     ("compute", "driver"): "driver",
     ("compute", "libvirt_uri"): "libvirt_uri",
     ("compute", "virt_type"): "virt_type",
@@ -221,7 +265,10 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
             return raw
         if parser in (int, float) and isinstance(raw, bool):
             raise ValueError("booleans are not numbers")
-        return parser(raw) if not isinstance(raw, Path) or parser is not Path else raw
+        value = parser(raw) if not isinstance(raw, Path) or parser is not Path else raw
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{origin}: invalid value for {name}: {raw!r} ({exc})") from exc
 
@@ -308,7 +355,7 @@ def load(
                 node = node[k]
             else:
                 values[name] = _convert(name, node, origin)
-        for section in ("limits", "images", "cache", "compute"):
+        for section in ("limits", "images", "cache", "node", "compute"):
             sec = data.get(section, {})
             if not isinstance(sec, dict):
                 raise ConfigError(f"{origin}: [{section}] must be a table")
@@ -347,5 +394,14 @@ def _validate(cfg: Config) -> None:
         v = getattr(cfg, f.name)
         if f.name in ("max_virtual_size", "max_image_size", "fetch_concurrency") and v <= 0:
             raise ConfigError(f"{f.name} must be positive, not {v}")
+    for name in ("max_unused_age", "part_max_age", "max_cache_bytes", "verify_interval"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative, not {getattr(cfg, name)}")
+    if not (0 <= cfg.min_free_percent < 100):
+        raise ConfigError(f"min_free_percent must be in [0, 100), not {cfg.min_free_percent}")
+    if cfg.verify_rate <= 0:
+        raise ConfigError(f"verify_rate must be positive, not {cfg.verify_rate}")
+    if cfg.node_interval <= 0:
+        raise ConfigError(f"node_interval must be positive, not {cfg.node_interval}")
     if not (0 < cfg.images_port < 65536):
         raise ConfigError(f"images port out of range: {cfg.images_port}")

@@ -1,9 +1,8 @@
 """``cache list``: every file in ``_base`` with what it is and who uses it.
 
-Users of a base are the instance disks ``<instances_path>/<uuid>/disk*`` whose
-qcow2 header names it as backing file. Headers are read with
-:func:`cowfleet.formats.qcow2.parse_header` on the first 64 KiB, so this also
-works on a Nova node's instances path (no qemu-img, no subprocess).
+Users of a base are the instance folders with a disk that has it anywhere in
+its backing chain (:mod:`cowfleet.cache.usage`: qcow2 headers read in Python,
+so this also works on a Nova node's instances path; no qemu-img, no subprocess).
 """
 
 from __future__ import annotations
@@ -21,13 +20,10 @@ from cowfleet.cache.layout import (
     PART_SUFFIX,
     SHA1_RE,
     Layout,
-    is_image_id,
 )
-from cowfleet.errors import CowfleetError
+from cowfleet.cache.usage import Usage, scan
 
 log = logging.getLogger(__name__)
-HEAD = 64 * 1024
-QCOW2_MAGIC = b"QFI\xfb"
 
 
 @dataclass(frozen=True)
@@ -42,85 +38,21 @@ class BaseEntry:
     allocated: int  # bytes on disk (st_blocks * 512)
     size: int  # apparent size
     virtual_size: int | None
-    users: tuple[str, ...]  # instance uuids backed by this file
+    users: tuple[str, ...]  # instance folders with this file in a disk's backing chain
     last_used: float | None
     state: str  # verified | failed | unverified | resumable | stray | foreign
     failure: str | None = None
 
 
-def _read_head(path: Path) -> tuple[bytes, int] | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        return os.pread(fd, HEAD, 0), st.st_size
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def backing_users(instances_path: Path) -> dict[str, list[str]]:
-    """Map of normalised backing path -> instance uuids whose disk* names it."""
-    from cowfleet.formats.qcow2 import parse_header
-
-    users: dict[str, list[str]] = {}
-    try:
-        entries = list(os.scandir(instances_path))
-    except OSError:
-        return users
-    for inst in entries:
-        if not is_image_id(inst.name) or not inst.is_dir(follow_symlinks=False):
-            continue
-        try:
-            disks = [d for d in os.scandir(inst.path) if d.name.startswith("disk")]
-        except OSError:
-            continue
-        for disk in disks:
-            head = _read_head(Path(disk.path))
-            if head is None or not head[0].startswith(QCOW2_MAGIC):
-                continue
-            try:
-                header = parse_header(head[0], file_size=head[1])
-            except CowfleetError as exc:
-                log.debug("cannot parse %s: %s", disk.path, exc)
-                continue
-            backing = header.backing_file
-            if not backing or backing.startswith("json:"):
-                continue
-            full = os.path.normpath(os.path.join(inst.path, backing))
-            bucket = users.setdefault(full, [])
-            if inst.name not in bucket:
-                bucket.append(inst.name)
-    return users
-
-
-def _users_of(path: Path, users: dict[str, list[str]]) -> tuple[str, ...]:
-    found: list[str] = []
-    for key in {os.path.normpath(str(path)), os.path.realpath(path)}:
-        for u in users.get(key, []):
-            if u not in found:
-                found.append(u)
-    return tuple(sorted(found))
-
-
-def list_entries(layout: Layout) -> list[BaseEntry]:
+def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
+    """Every entry of ``_base``; ``usage`` is scanned when not given."""
     base_dir = layout.base_dir
     try:
         names = sorted(os.listdir(base_dir))
     except FileNotFoundError:
         return []
-    raw_users = backing_users(layout.instances_path)
-    users: dict[str, list[str]] = {}
-    for k, v in raw_users.items():
-        users.setdefault(k, []).extend(v)
-        real = os.path.realpath(k)
-        if real != k:
-            users.setdefault(real, []).extend(v)
+    if usage is None:
+        usage = scan(layout.instances_path)
     out: list[BaseEntry] = []
     for name in names:
         if name == META_DIRNAME:
@@ -131,7 +63,7 @@ def list_entries(layout: Layout) -> list[BaseEntry]:
         except FileNotFoundError:
             continue
         allocated = st.st_blocks * 512
-        who = _users_of(path, users)
+        who = tuple(sorted(usage.users_of(path, st)))
         if not stat.S_ISREG(st.st_mode):
             out.append(
                 BaseEntry(

@@ -81,6 +81,25 @@ def _flock(fd: int, deadline: float | None, what: str, clock: Callable[[], float
         delay = min(delay * 2, _POLL_MAX)
 
 
+def is_held(path: Path) -> bool:
+    """Whether another open file holds a flock on ``path`` now.
+
+    A read-only probe: it creates nothing and writes nothing, so it is safe on
+    a directory that is not ours (a Nova node's). A missing file is not held.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's own lock
+    return False
+
+
 @contextlib.contextmanager
 def base_lock(locks_dir: Path, name: str, *, timeout: float | None = None) -> Iterator[None]:
     """Hold the named lock (threads and processes) for the ``with`` body.

@@ -6,6 +6,8 @@ import hmac
 import logging
 import os
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,8 +35,34 @@ class VerifyResult:
     failure: str | None
 
 
-def hash_file(path: Path, algo: str) -> str:
-    """Digest of a file (no symlinks followed), read 4 MiB at a time."""
+class RateLimit:
+    """Paces reads to at most ``rate`` bytes per second (a token bucket of one second)."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, not {rate}")
+        self.rate = rate
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self._start = monotonic()
+        self._bytes = 0
+
+    def spend(self, n: int) -> None:
+        """Account for ``n`` bytes read; sleep until the average rate is back under the limit."""
+        self._bytes += n
+        ahead = self._bytes / self.rate - (self.monotonic() - self._start)
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+def hash_file(path: Path, algo: str, *, limit: RateLimit | None = None) -> str:
+    """Digest of a file (no symlinks followed), read 4 MiB at a time (paced by ``limit``)."""
     h = new_hasher(algo)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -46,12 +74,16 @@ def hash_file(path: Path, algo: str) -> str:
             if not data:
                 break
             h.update(data)
+            if limit is not None:
+                limit.spend(len(data))
     finally:
         os.close(fd)
     return h.hexdigest()
 
 
-def _check_one(paths: BasePaths, meta: md.BaseMeta, max_virtual_size: int) -> str | None:
+def _check_one(
+    paths: BasePaths, meta: md.BaseMeta, max_virtual_size: int, limit: RateLimit | None = None
+) -> str | None:
     """The reason this base fails verification, or None."""
     from cowfleet.formats import policy
     from cowfleet.formats.inspector import inspect_path
@@ -64,7 +96,7 @@ def _check_one(paths: BasePaths, meta: md.BaseMeta, max_virtual_size: int) -> st
         return "base path is not a regular file"
     if st.st_size != meta.file_size:
         return f"size is {st.st_size}, expected {meta.file_size}"
-    digest = hash_file(paths.base, meta.file_hash_algo)
+    digest = hash_file(paths.base, meta.file_hash_algo, limit=limit)
     if not hmac.compare_digest(digest, meta.file_hash_value.lower()):
         expected = meta.file_hash_value[:16]
         return f"{meta.file_hash_algo} mismatch: expected {expected}..., got {digest[:16]}..."
@@ -81,8 +113,20 @@ def _check_one(paths: BasePaths, meta: md.BaseMeta, max_virtual_size: int) -> st
     return None
 
 
-def verify_bases(cache: ImageCache, image_id: str | None = None) -> list[VerifyResult]:
-    """Re-verify one base (``image_id``) or every base; failures are marked in metadata."""
+def verify_bases(
+    cache: ImageCache,
+    image_id: str | None = None,
+    *,
+    verified_before: float | None = None,
+    limit: RateLimit | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> list[VerifyResult]:
+    """Re-verify one base (``image_id``) or every base; failures are marked in metadata.
+
+    ``verified_before`` keeps only bases last verified before that time (the
+    periodic re-verification of ``node run``); ``limit`` paces the reads;
+    ``stop`` is asked between bases.
+    """
     layout = cache.layout
     if image_id is not None:
         iid = canonical_image_id(image_id)
@@ -98,6 +142,12 @@ def verify_bases(cache: ImageCache, image_id: str | None = None) -> list[VerifyR
         targets = [layout.paths_for_name(n) for n in names if SHA1_RE.match(n)]
     results: list[VerifyResult] = []
     for paths in targets:
+        if stop is not None and stop():
+            break
+        if verified_before is not None:
+            known = md.read_meta(paths.meta)
+            if known is None or known.verified_at >= verified_before:
+                continue
         with base_lock(layout.locks_dir, paths.name, timeout=cache.cfg.fetch_deadline):
             meta = md.read_meta(paths.meta)
             if meta is None:
@@ -112,7 +162,7 @@ def verify_bases(cache: ImageCache, image_id: str | None = None) -> list[VerifyR
                     )
                 )
                 continue
-            failure = _check_one(paths, meta, cache.cfg.max_virtual_size)
+            failure = _check_one(paths, meta, cache.cfg.max_virtual_size, limit)
             now = cache.clock()
             state = md.STATE_FAILED if failure else md.STATE_VERIFIED
             # keep last_used (the metadata mtime) across the rewrite

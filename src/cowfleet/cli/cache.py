@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,16 @@ def _cache(cfg: Config) -> ImageCache:
 
     # The client (and httpx) is imported only when a download is needed.
     return ImageCache(cfg, make_client)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, not {text!r}")
+    return value
 
 
 def _when(ts: float | None) -> str:
@@ -152,6 +163,49 @@ def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if all(r.ok for r in results) else VERIFY_FAILED_EXIT
 
 
+def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
+    from cowfleet.cache.clean import clean
+
+    report = clean(cfg, dry_run=args.dry_run, min_age=args.min_age)
+    if args.output == "json":
+        print_json(report)
+        return 0
+    rows = [
+        (
+            d.image_id or "-",
+            d.image_name or "-",
+            d.kind,
+            _gib(d.allocated),
+            str(len(d.users)),
+            _when(d.last_used),
+            _action(d.action, d.done, report.dry_run),
+            d.reason,
+            d.name,
+        )
+        for d in report.decisions
+    ]
+    print_table(
+        ("Image ID", "Name", "Kind", "Allocated", "Users", "Last used", "Action", "Why", "File"),
+        rows,
+    )
+    print(("dry run: " if report.dry_run else "") + report.summary())
+    for p in report.unreadable:
+        print(f"warning: cannot tell what {p.path} uses: {p.reason}", file=sys.stderr)
+    for p in report.broken:
+        print(f"warning: broken backing chain: {p.path}: {p.reason}", file=sys.stderr)
+    for d in report.decisions:
+        if d.action == "quarantine":
+            print(f"ERROR: base {d.name} (image {d.image_id}) {d.reason}", file=sys.stderr)
+    return 0
+
+
+def _action(action: str, done: bool, dry_run: bool) -> str:
+    if action == "keep":
+        return "kept"
+    past = {"remove": "removed", "quarantine": "quarantined"}[action]
+    return past if done else f"would be {past}" if dry_run else f"not {past}"
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("cache", help="the node image cache (_base)")
     csub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -165,3 +219,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     vp.add_argument("image", metavar="IMAGE", nargs="?", help="image id (default: every base)")
     _common(vp, remote=False)
+    cp = add_command(
+        csub,
+        "clean",
+        cmd_clean,
+        "one cache manager pass: each file in _base with the action taken and why",
+    )
+    cp.add_argument(
+        "--dry-run", action="store_true", help="decide and report, change nothing (read-only)"
+    )
+    cp.add_argument(
+        "--min-age",
+        type=_seconds,
+        metavar="SECONDS",
+        help="remove unused bases after this many seconds (default: max_unused_age; 0: any)",
+    )
+    _common(cp, remote=False)

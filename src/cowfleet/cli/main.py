@@ -27,6 +27,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "cache": ("cowfleet.cli.cache", "the node image cache (_base)"),
     "server": ("cowfleet.cli.server", "instances: create, list, disks, start, stop, delete"),
     "flavor": ("cowfleet.cli.flavor", "instance sizes"),
+    "node": ("cowfleet.cli.node", "the long-running node process (cache manager)"),
     "demo": ("cowfleet.cli.demo", "a narrated tour: image service, 2 nodes, 6 instances"),
 }
 

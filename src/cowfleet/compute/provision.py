@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -38,6 +38,8 @@ from cowfleet.compute.ephemeral import (
     LockFactory,
     ensure_ephemeral_base,
     ensure_swap_base,
+    ephemeral_base_name,
+    swap_base_name,
 )
 from cowfleet.compute.flavors import GIB, Flavor, get_flavor
 from cowfleet.config import Config
@@ -98,6 +100,15 @@ class BaseCache(Protocol):
     def ensure_cached(self, image_id: str) -> CachedBaseLike: ...
 
 
+PinFactory = Callable[[Path, Iterable[str]], AbstractContextManager[None]]
+
+
+def _default_pin(locks_dir: Path, names: Iterable[str]) -> AbstractContextManager[None]:
+    from cowfleet.cache import pins
+
+    return pins.hold(locks_dir, names)
+
+
 def _default_lock() -> LockFactory:
     from cowfleet.cache.lock import base_lock
 
@@ -134,6 +145,7 @@ class Provisioner:
         cache: BaseCache,
         driver: Driver,
         lock: LockFactory | None = None,
+        pin: PinFactory = _default_pin,
         clock: Callable[[], float] = time.time,
         new_uuid: Callable[[], str] = inst.new_uuid,
         runner: Callable[..., proc.Completed] = proc.run,
@@ -145,6 +157,7 @@ class Provisioner:
         self.cache = cache
         self.driver = driver
         self.lock = lock or _default_lock()
+        self.pin = pin
         self.clock = clock
         self.new_uuid = new_uuid
         self.runner = runner
@@ -258,11 +271,29 @@ class Provisioner:
     ) -> inst.InstanceRecord:
         """Validate, cache, build the folder, define (and start) the domain."""
         plan = self.plan(name, image_ref, flavor_name)
-        root = self.cache.ensure_cached(plan.image.id)
-        self._check_root_size(plan.flavor, plan.image.id, root.virtual_size)
-        kernel = self.cache.ensure_cached(plan.kernel.id) if plan.kernel else None
-        ramdisk = self.cache.ensure_cached(plan.ramdisk.id) if plan.ramdisk else None
-        return self.build(plan, root, kernel, ramdisk, start=start)
+        # The pins keep the cache manager off these bases until the folder naming them
+        # is in place (see cowfleet.cache.pins).
+        with self.pin_bases(plan):
+            root = self.cache.ensure_cached(plan.image.id)
+            self._check_root_size(plan.flavor, plan.image.id, root.virtual_size)
+            kernel = self.cache.ensure_cached(plan.kernel.id) if plan.kernel else None
+            ramdisk = self.cache.ensure_cached(plan.ramdisk.id) if plan.ramdisk else None
+            return self.build(plan, root, kernel, ramdisk, start=start)
+
+    def base_names(self, plan: Plan) -> list[str]:
+        """The ``_base`` file names an instance of ``plan`` uses."""
+        from cowfleet.cache.layout import base_name
+
+        names = [base_name(i.id) for i in (plan.image, plan.kernel, plan.ramdisk) if i]
+        if plan.flavor.ephemeral_gb > 0:
+            names.append(ephemeral_base_name(plan.flavor.ephemeral_gb, self.cfg.ephemeral_fs))
+        if plan.flavor.swap_mb > 0:
+            names.append(swap_base_name(plan.flavor.swap_mb))
+        return names
+
+    def pin_bases(self, plan: Plan) -> AbstractContextManager[None]:
+        """Pin every base ``plan`` uses, from before its lookup until the folder is in place."""
+        return self.pin(self.cfg.locks_dir, self.base_names(plan))
 
     def _local_bases(self, flavor: Flavor) -> list[tuple[str, CachedBaseLike]]:
         out: list[tuple[str, CachedBaseLike]] = []
