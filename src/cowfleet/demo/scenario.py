@@ -167,6 +167,7 @@ class Demo:
             for node in nodes:
                 t.step(f"The image cache of {node.name}: one base per image, used by 3 instances")
                 self.cli(["cache", "list", "--config", str(node.config_file)])
+            self._show_clean(nodes[0])
             t.step("What this showed")
             t.say(
                 f"{len(nodes) * self.opts.per_node} instances on {len(nodes)} nodes cost "
@@ -509,6 +510,25 @@ class Demo:
             t.say(
                 f"{len(rows)} guests booted; {markers} of them wrote their marker (a guest "
                 "that did not see its vda in time says so on its console)."
+            )
+
+    def _show_clean(self, node: NodeSpec) -> None:
+        t = self.t
+        t.step(
+            f"What is safe to delete on {node.name}? A dry run of the cache manager, with no age "
+            "limit: it reads every disk's backing chain and changes nothing"
+        )
+        args = ["cache", "clean", "--dry-run", "--min-age", "0", "--config", str(node.config_file)]
+        self.cli(args)
+        report = self.cli_json(args)
+        doomed = [d["name"] for d in report["decisions"] if d["action"] != "keep"]
+        if doomed:
+            t.say(f"Not in use, so a real pass would remove: {', '.join(doomed)}.")
+        else:
+            t.say(
+                "Nothing: every base backs an instance's disk, or is the kernel or "
+                "ramdisk of an image that does. `cowfleet node run` applies these rules on an "
+                "interval, with the configured age and byte budget."
             )
 
     # -- cleanup -----------------------------------------------------------------
