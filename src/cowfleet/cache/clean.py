@@ -36,7 +36,7 @@ from pathlib import Path
 from cowfleet.cache import metadata as md
 from cowfleet.cache import pins
 from cowfleet.cache.layout import META_DIRNAME, SHA1_RE, Layout
-from cowfleet.cache.listing import BaseEntry, list_entries
+from cowfleet.cache.listing import QUARANTINE_DIRNAME, BaseEntry, list_entries
 from cowfleet.cache.lock import base_lock, is_held, lock_path
 from cowfleet.cache.usage import Problem, Usage, scan
 from cowfleet.config import Config
@@ -44,7 +44,6 @@ from cowfleet.errors import CowfleetError, TimeoutError_
 
 log = logging.getLogger(__name__)
 
-QUARANTINE_DIRNAME = "quarantine"
 TEMP_SUFFIX = ".tmp"
 
 # actions
@@ -218,6 +217,9 @@ class Cleaner:
         item = _Item(e)
         if e.kind in ("part", "converted"):
             return self._classify_part(item, now)
+        if e.kind == "quarantined":
+            item.reason = f"quarantined ({e.failure}): inspect it, then delete it by hand"
+            return item
         if e.kind == "unknown" or e.state == "stray":
             item.reason = e.failure or "not a file cowfleet or Nova makes: left alone"
             return item
@@ -459,7 +461,7 @@ class Cleaner:
                 "name": e.name,
                 "image_id": e.image_id,
                 "image_name": e.image_name,
-                "reason": e.failure,
+                "reason": e.failure or "failed verification",
                 "quarantined_at": now,
                 "users": list(e.users),
                 "moved_from": str(e.path),

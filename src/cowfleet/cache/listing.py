@@ -179,4 +179,49 @@ def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
                 None if kind != "unknown" else "unknown file in _base",
             )
         )
+    out.extend(_quarantined(layout))
     return out
+
+
+QUARANTINE_DIRNAME = "quarantine"
+
+
+def _quarantined(layout: Layout) -> list[BaseEntry]:
+    """Bases the cache manager moved aside after they failed verification."""
+    qdir = layout.meta_dir / QUARANTINE_DIRNAME
+    try:
+        names = sorted(n for n in os.listdir(qdir) if not n.endswith(".json"))
+    except OSError:
+        return []
+    out: list[BaseEntry] = []
+    for name in names:
+        path = qdir / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        record = md.read_json(path.with_name(name + ".json")) or {}
+        users = record.get("users")
+        out.append(
+            BaseEntry(
+                f"{META_DIRNAME}/{QUARANTINE_DIRNAME}/{name}",
+                path,
+                "quarantined",
+                _text(record.get("image_id")),
+                _text(record.get("image_name")),
+                None,
+                None,
+                st.st_blocks * 512,
+                st.st_size,
+                None,
+                tuple(str(u) for u in users) if isinstance(users, list) else (),
+                st.st_mtime,
+                "quarantined",
+                _text(record.get("reason")) or "failed verification",
+            )
+        )
+    return out
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None

@@ -134,6 +134,11 @@ def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
         raise LocalIOError(f"cannot write {path}: {exc.strerror}", path=str(path)) from exc
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON object file (no symlinks followed); None when missing or unreadable."""
+    return _read_json(path)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
