@@ -40,7 +40,7 @@ from cowfleet.cache.listing import QUARANTINE_DIRNAME, BaseEntry, list_entries
 from cowfleet.cache.lock import base_lock, is_held, lock_path
 from cowfleet.cache.usage import Problem, Usage, scan
 from cowfleet.config import Config
-from cowfleet.errors import CowfleetError, TimeoutError_
+from cowfleet.errors import CowfleetError, LocalIOError, TimeoutError_
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,11 @@ class Cleaner:
             names = [n for n in os.listdir(self.layout.base_dir) if n != META_DIRNAME]
         except FileNotFoundError:
             names = []
+        except OSError as exc:
+            raise LocalIOError(
+                f"cannot list {self.layout.base_dir}: {exc.strerror}",
+                path=str(self.layout.base_dir),
+            ) from exc
         # Tokens before the scan: a pin released during the scan changes its token.
         tokens = {n: pins.token(locks, n) for n in names}
         usage = scan(self.layout.instances_path)
@@ -374,7 +379,10 @@ class Cleaner:
     ) -> Decision:
         e = item.entry
         action, reason, done = item.action, item.reason, False
-        if not dry_run and not (stop is not None and stop()):
+        stopping = stop is not None and stop()
+        if not dry_run and stopping and action != KEEP:
+            action, reason = KEEP, f"{reason}; stopping: left for the next pass"
+        elif not dry_run and not stopping:
             try:
                 if action == KEEP and e.users:
                     self._touch(e, now)
@@ -393,8 +401,6 @@ class Cleaner:
             except (OSError, CowfleetError) as exc:
                 log.warning("cannot %s %s: %s", action, e.path, exc)
                 action, reason = KEEP, f"{reason}; failed: {exc}"
-        elif not dry_run:
-            action, reason = KEEP, "stopping: left for the next pass"
         return Decision(
             name=e.name,
             kind=e.kind,

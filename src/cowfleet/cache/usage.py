@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfleet.errors import CowfleetError
+from cowfleet.errors import CowfleetError, LocalIOError
 from cowfleet.formats.qcow2 import MAGIC, parse_header
 
 HEAD = 4096  # header, extensions and backing name of nearly every qcow2 file
@@ -225,6 +225,8 @@ class _Scanner:
             top = list(os.scandir(self.root))
         except FileNotFoundError:
             top = []
+        except OSError as exc:
+            raise LocalIOError(f"cannot list {self.root}: {exc.strerror}", path=self.root) from exc
         for entry in top:
             if entry.name in SKIP_DIRS:
                 continue
