@@ -2,7 +2,7 @@
 
 Nova-compatible layout::
 
-    <instances_path>/_base/<sha1(image_id)>           a verified base (read-only 0444)
+    <instances_path>/_base/<sha1(image_id)>           a verified base (never rewritten)
     <instances_path>/_base/<sha1(image_id)>.part      a download in progress (never a base)
     <instances_path>/_base/.cowfleet/<sha1>.json      per-base metadata (ours)
     <instances_path>/_base/.cowfleet/<sha1>.part.json resume record of the .part
