@@ -35,12 +35,12 @@ from pathlib import Path
 
 from cowfleet.cache import metadata as md
 from cowfleet.cache import pins
-from cowfleet.cache.layout import META_DIRNAME, SHA1_RE, Layout
+from cowfleet.cache.layout import META_DIRNAME, SHA1_RE, Layout, is_image_id
 from cowfleet.cache.listing import QUARANTINE_DIRNAME, BaseEntry, list_entries
 from cowfleet.cache.lock import base_lock, is_held, lock_path
 from cowfleet.cache.usage import Problem, Usage, scan
 from cowfleet.config import Config
-from cowfleet.errors import CowfleetError, LocalIOError, TimeoutError_
+from cowfleet.errors import CowfleetError, LocalIOError, TimeoutError_, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,15 @@ class CleanReport:
         return text
 
 
+def _pinnable(locks_dir: Path, name: str) -> bool:
+    """Whether ``name`` can have a pin file; other names are no file cowfleet or Nova makes."""
+    try:
+        pins.pin_path(locks_dir, name)
+    except UsageError:
+        return False
+    return True
+
+
 def _size(n: int) -> str:
     for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= div:
@@ -188,7 +197,7 @@ class Cleaner:
                 path=str(self.layout.base_dir),
             ) from exc
         # Tokens before the scan: a pin released during the scan changes its token.
-        tokens = {n: pins.token(locks, n) for n in names}
+        tokens = {n: pins.token(locks, n) for n in names if _pinnable(locks, n)}
         usage = scan(self.layout.instances_path)
         items = [self._classify(e, now) for e in list_entries(self.layout, usage)]
         items += self._temp_files(now)
@@ -220,12 +229,13 @@ class Cleaner:
     # -- deciding --------------------------------------------------------------
     def _classify(self, e: BaseEntry, now: float) -> _Item:
         item = _Item(e)
+        locks = self.layout.locks_dir
         if e.kind in ("part", "converted"):
             return self._classify_part(item, now)
         if e.kind == "quarantined":
             item.reason = f"quarantined ({e.failure}): inspect it, then delete it by hand"
             return item
-        if e.kind == "unknown" or e.state == "stray":
+        if e.kind == "unknown" or e.state == "stray" or not _pinnable(locks, e.name):
             item.reason = e.failure or "not a file cowfleet or Nova makes: left alone"
             return item
         if e.state == md.STATE_FAILED:
@@ -238,7 +248,9 @@ class Cleaner:
             meta = md.read_meta(self.layout.paths_for_name(e.name).meta)
             if meta is not None:
                 item.needs = tuple(
-                    self.layout.paths(i).name for i in (meta.kernel_id, meta.ramdisk_id) if i
+                    self.layout.paths(i).name
+                    for i in (meta.kernel_id, meta.ramdisk_id)
+                    if i and is_image_id(i)  # a free-text image property: may be anything
                 )
         if e.users:
             item.reason = f"in use by {len(e.users)} instances"

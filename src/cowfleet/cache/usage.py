@@ -92,10 +92,14 @@ class _Link:
 
 
 def _read_head(path: str) -> tuple[bytes, int] | None:
-    """The first bytes of a regular file, and its size; None when it is not one."""
+    """The first bytes of a regular file, and its size; None when it is not one.
+
+    A file that is gone is None; any other error (EACCES...) is raised: the callers
+    report the disk as unreadable instead of silently not counting its chain.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
+    except FileNotFoundError:
         return None
     try:
         st = os.fstat(fd)
@@ -154,10 +158,12 @@ class _Scanner:
     def _resolve(self, path: str, depth: int) -> _Link:
         try:
             st = os.stat(path)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             parent, name = os.path.split(path)
             names = (name,) if os.path.basename(parent) == "_base" else ()
             return _Link(None, base_names=names, missing=path)
+        except OSError as exc:  # EACCES, ELOOP...: the chain below it is unknown
+            return _Link(None, problem=f"cannot stat backing file {path}: {exc.strerror}")
         ident = (st.st_dev, st.st_ino)
         if not stat.S_ISREG(st.st_mode):  # a block device backing: nothing to read below
             return _Link(ident)
@@ -180,6 +186,8 @@ class _Scanner:
     def folder(self, name: str, path: str) -> None:
         try:
             entries = [e for e in os.scandir(path) if e.name.startswith("disk")]
+        except (FileNotFoundError, NotADirectoryError):
+            return  # deleted (or renamed) since the listing: what is gone uses nothing
         except OSError as exc:
             self.unreadable.append(Problem(name, path, f"cannot list the folder: {exc.strerror}"))
             return
