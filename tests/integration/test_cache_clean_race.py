@@ -63,15 +63,6 @@ swap_mb = 8
 """
 
 
-def _upload(service: Any, name: str, data: bytes, disk_format: str) -> str:
-    from cowfleet.images.client import ImageClient
-
-    with ImageClient(service.url, service.token) as client:
-        image = client.create(name=name, disk_format=disk_format, container_format="bare")
-        client.upload(image.id, iter([data]), size=len(data))
-        return str(image.id)
-
-
 def _raw(size: int, tag: bytes) -> bytes:
     data = bytearray(size)
     data[: len(tag)] = tag
@@ -141,9 +132,9 @@ def test_tight_clean_loop_while_booting_1000_instances(image_service: Any, tmp_p
     qemu_img = require_program("qemu-img")
     flavors = _flavors()
     images = [
-        _upload(image_service, "race-raw-a", _raw(1 * MIB, b"RACE-A"), "raw"),
-        _upload(image_service, "race-qcow2", _qcow2(tmp_path, qemu_img), "qcow2"),
-        _upload(image_service, "race-raw-b", _raw(2 * MIB, b"RACE-B"), "raw"),
+        image_service.upload("race-raw-a", _raw(1 * MIB, b"RACE-A"), "raw"),
+        image_service.upload("race-qcow2", _qcow2(tmp_path, qemu_img), "qcow2"),
+        image_service.upload("race-raw-b", _raw(2 * MIB, b"RACE-B"), "raw"),
     ]
     home, instances = tmp_path / "home", tmp_path / "instances"
     env = _env(tmp_path, image_service, home, instances)

@@ -108,15 +108,6 @@ def _stop(proc: subprocess.Popen[bytes], log: Path, within: float) -> tuple[floa
     return took, text
 
 
-def _upload(service: Any, name: str, data: bytes) -> str:
-    from cowfleet.images.client import ImageClient
-
-    with ImageClient(service.url, service.token) as client:
-        image = client.create(name=name, disk_format="raw", container_format="bare")
-        client.upload(image.id, iter([data]), size=len(data))
-        return str(image.id)
-
-
 def _image(size: int, tag: bytes) -> bytes:
     data = bytearray(size)
     data[: len(tag)] = tag
@@ -156,7 +147,7 @@ def test_passes_every_interval_and_sigterm_exits_0(node: Node) -> None:
 def test_sigterm_cuts_a_rate_limited_reverification_short(node: Node, image_service: Any) -> None:
     """A 16 MiB base re-verified at 64 KiB/s would take 256 s; SIGTERM ends it at once."""
     remote = _remote(node, image_service)
-    image_id = _upload(image_service, "slow-verify", _image(16 * MIB, b"SLOW"))
+    image_id = image_service.upload("slow-verify", _image(16 * MIB, b"SLOW"))
     node.ok("cache", "fetch", image_id, "--instances-path", str(node.instances), env=remote)
     env = dict(node.env, COWFLEET_VERIFY_INTERVAL="0.001", COWFLEET_VERIFY_RATE="65536")
     proc, log = node.start(
@@ -181,7 +172,7 @@ def test_sigterm_cuts_a_rate_limited_reverification_short(node: Node, image_serv
 def test_corrupt_base_is_quarantined_and_fetched_again(node: Node, image_service: Any) -> None:
     qemu_img = require_program("qemu-img")
     data = _image(4 * MIB, b"GOOD")
-    image_id = _upload(image_service, "to-corrupt", data)
+    image_id = image_service.upload("to-corrupt", data)
     remote = _remote(node, image_service)
     inst = ["--instances-path", str(node.instances)]
 

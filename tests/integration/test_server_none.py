@@ -95,15 +95,6 @@ def node(tmp_path: Path, image_service: Any) -> Iterator[Node]:
     yield Node(home, env, home / "instances", image_service)
 
 
-def _upload(service: Any, name: str, data: bytes, disk_format: str = "raw", **extra: Any) -> str:
-    from cowfleet.images.client import ImageClient
-
-    with ImageClient(service.url, service.token) as client:
-        image = client.create(name=name, disk_format=disk_format, container_format="bare", **extra)
-        client.upload(image.id, iter([data]), size=len(data))
-        return image.id
-
-
 def read_guest(path: Path, offset: int, length: int) -> bytes:
     """Bytes as the guest sees them, read through qemu (format given, read-only)."""
     qemu_io = require_program("qemu-io")
@@ -131,7 +122,7 @@ def _raw_image() -> bytes:
 
 def test_two_servers_share_one_base_and_survive_restarts(node: Node) -> None:
     qemu_img = require_program("qemu-img")
-    image_id = _upload(node.service, "tiny-raw", _raw_image())
+    image_id = node.service.upload("tiny-raw", _raw_image())
 
     a = node.json("server", "create", "--image", "tiny-raw", "--flavor", "t1.full", "a")
     bases_after_first = node.bases()
@@ -224,7 +215,7 @@ def test_two_servers_share_one_base_and_survive_restarts(node: Node) -> None:
 
 
 def test_bad_requests_exit_with_documented_codes_and_leave_nothing(node: Node) -> None:
-    image_id = _upload(node.service, "tiny-raw", _raw_image())
+    image_id = node.service.upload("tiny-raw", _raw_image())
     node.run("server", "create", "--image", image_id, "--flavor", "m1.tiny", "taken")
     before = sorted(p.name for p in node.instances.iterdir())
 
@@ -251,7 +242,7 @@ def test_bad_requests_exit_with_documented_codes_and_leave_nothing(node: Node) -
     qemu_img = require_program("qemu-img")
     big = node.home.parent / "big.qcow2"
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(big), "2G"], check=True)
-    big_id = _upload(node.service, "big", big.read_bytes(), disk_format="qcow2")
+    big_id = node.service.upload("big", big.read_bytes(), disk_format="qcow2")
     rc, err = code("--image", big_id, "--flavor", "m1.tiny", "x")
     assert rc == 6 and "smaller" in err
 
@@ -273,7 +264,7 @@ def test_bad_requests_exit_with_documented_codes_and_leave_nothing(node: Node) -
 
 
 def test_broken_folder_is_reported_not_ignored(node: Node) -> None:
-    image_id = _upload(node.service, "tiny-raw", _raw_image())
+    image_id = node.service.upload("tiny-raw", _raw_image())
     rec = node.json("server", "create", "--image", image_id, "--flavor", "m1.tiny", "x")
     (node.instances / rec["uuid"] / "instance.json").unlink()
     proc = node.run("server", "list", "--output", "json")
