@@ -551,8 +551,8 @@ def test_pin_taken_after_the_decision_blocks_the_removal(
     real = Cleaner._apply_budget
     with contextlib.ExitStack() as held:
 
-        def decide_then_pin(self: Cleaner, items: list, usage: Usage):  # type: ignore[no-untyped-def]
-            out = real(self, items, usage)  # every decision is made: now a boot pins it
+        def decide_then_pin(self: Cleaner, items: list):  # type: ignore[no-untyped-def]
+            out = real(self, items)  # every decision is made: now a boot pins it
             held.enter_context(pins.hold(node.layout.locks_dir, [node.name(iid)]))
             return out
 

@@ -38,7 +38,7 @@ from cowfleet.cache import pins
 from cowfleet.cache.layout import META_DIRNAME, SHA1_RE, Layout, is_image_id
 from cowfleet.cache.listing import QUARANTINE_DIRNAME, BaseEntry, list_entries
 from cowfleet.cache.lock import base_lock, is_held, lock_path
-from cowfleet.cache.usage import Problem, Usage, scan
+from cowfleet.cache.usage import Problem, scan
 from cowfleet.config import Config
 from cowfleet.errors import CowfleetError, LocalIOError, TimeoutError_, UsageError
 
@@ -202,7 +202,7 @@ class Cleaner:
         items = [self._classify(e, now) for e in list_entries(self.layout, usage)]
         items += self._temp_files(now)
         self._protect_dependencies(items)
-        budget, over = self._apply_budget(items, usage)
+        budget, over = self._apply_budget(items)
         if usage.unreadable:
             self._hold_everything(items, len(usage.unreadable))
         decisions = [self._carry_out(i, tokens, now, dry_run, stop) for i in items]
@@ -333,7 +333,7 @@ class Cleaner:
                     target.candidate = False
                     target.reason = f"kernel/ramdisk of image {item.entry.image_id}, which stays"
 
-    def _apply_budget(self, items: list[_Item], usage: Usage) -> tuple[int | None, int]:
+    def _apply_budget(self, items: list[_Item]) -> tuple[int | None, int]:
         """Evict unused bases, least recently used first, while over the budget."""
         total = sum(i.entry.allocated for i in items)
         freed = sum(i.entry.allocated for i in items if i.action == REMOVE)
