@@ -347,3 +347,19 @@ def test_backing_name_beyond_64_kib_is_unreadable_not_ignored(tmp_path: Path) ->
 def test_missing_instances_path_is_empty(tmp_path: Path) -> None:
     u = scan(tmp_path / "nope")
     assert (u.instances, u.disks, dict(u.by_id)) == (0, 0, {})
+
+
+def test_header_extensions_past_the_first_4_kib_are_read(tmp_path: Path) -> None:
+    """A valid qcow2 whose extensions run past 4 KiB (no backing) is read, not unreadable."""
+    root = _inst(tmp_path)
+    fields = (MAGIC, 3, 0, 0, 16, MiB, 0, 0, 0, 0, 0, 0, 0)
+    header = struct.pack(">4sIQIIQIIQQIIQ", *fields)
+    header += struct.pack(">QQQII", 0, 0, 0, 4, 112) + bytes(8)
+    header += struct.pack(">II", 0x6F000001, 6000) + bytes(6000)  # an unknown, long extension
+    header += bytes(8)  # end of the header extensions
+    disk = root / UUID_A / "disk"
+    disk.parent.mkdir(parents=True)
+    disk.write_bytes(header + bytes(65536 - len(header)))
+    u = scan(root)
+    _clean(u)
+    assert u.disks == 1 and dict(u.by_id) == {}

@@ -91,11 +91,13 @@ class _Link:
     missing: str | None = None  # a backing file in the chain is gone
 
 
-def _read_head(path: str) -> tuple[bytes, int] | None:
-    """The first bytes of a regular file, and its size; None when it is not one.
+def read_backing(path: str) -> tuple[bool, str | None] | None:
+    """(is qcow2, backing file name) of a regular file; None when it is not one or is gone.
 
-    A file that is gone is None; any other error (EACCES...) is raised: the callers
-    report the disk as unreadable instead of silently not counting its chain.
+    Reads 4 KiB, and 64 KiB when the backing name or the header extensions lie
+    further. Any error other than a missing file is raised (EACCES...), and so is a
+    header qemu would not accept: the callers then report the disk as unreadable
+    instead of silently not counting its chain.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -106,26 +108,20 @@ def _read_head(path: str) -> tuple[bytes, int] | None:
         if not stat.S_ISREG(st.st_mode):
             return None
         head = os.pread(fd, HEAD, 0)
-        if len(head) == HEAD and not _complete(head):
-            head = os.pread(fd, HEAD_MAX, 0)
-        return head, st.st_size
+        if head[:4] != MAGIC:
+            return False, None
+        if len(head) == HEAD:
+            try:
+                return True, _backing_of(head, st.st_size)
+            except CowfleetError:  # extensions or the name past 4 KiB: read more
+                head = os.pread(fd, HEAD_MAX, 0)
+        return True, _backing_of(head, st.st_size)
     finally:
         os.close(fd)
 
 
-def _complete(head: bytes) -> bool:
-    """Whether the backing name lies inside ``head`` (cheap check before parsing)."""
-    if head[:4] != MAGIC:
-        return True
-    offset = int.from_bytes(head[8:16], "big")
-    size = int.from_bytes(head[16:20], "big")
-    return offset + size <= len(head)
-
-
 def _backing_of(head: bytes, size: int) -> str | None:
-    """The backing file name of a qcow2 file, None for none; raises on a bad header."""
-    if head[:4] != MAGIC:
-        return None
+    """The backing file name of a qcow2 header; raises on a bad (or cut) header."""
     header = parse_header(head, file_size=size)
     if header.backing_file_offset and header.backing_file is None:
         raise CowfleetError("backing file name lies beyond the bytes read")
@@ -168,10 +164,10 @@ class _Scanner:
         if not stat.S_ISREG(st.st_mode):  # a block device backing: nothing to read below
             return _Link(ident)
         try:
-            got = _read_head(path)
+            got = read_backing(path)
             if got is None:
                 return _Link(ident, problem=f"cannot read backing file {path}")
-            backing = _backing_of(*got)
+            backing = got[1]
         except (OSError, CowfleetError) as exc:
             return _Link(ident, problem=f"cannot read the header of {path}: {exc}")
         if backing is None:
@@ -199,15 +195,13 @@ class _Scanner:
             try:
                 if not entry.is_file(follow_symlinks=False):
                     continue
-                got = _read_head(entry.path)
-                if got is None:
-                    continue
-                backing = _backing_of(*got)
+                got = read_backing(entry.path)
             except (OSError, CowfleetError) as exc:
                 self.unreadable.append(Problem(name, entry.path, f"cannot read header: {exc}"))
                 continue
-            if not got[0].startswith(MAGIC):
+            if got is None or not got[0]:
                 continue
+            backing = got[1]
             self.disks += 1
             if backing is None:
                 continue
