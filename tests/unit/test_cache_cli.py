@@ -58,3 +58,46 @@ def test_fetch_rejects_non_uuid_without_network(tmp_path: Path) -> None:
         ]
     )
     assert rc == 8
+
+
+def test_clean_dry_run_then_real_pass_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst = tmp_path / "inst"
+    iid = _populate(inst)
+    common = ["--home", str(tmp_path), "--instances-path", str(inst)]
+    base = next(p for p in (inst / "_base").iterdir() if p.is_file())
+    # young: kept with its age; --min-age 0: any unused base goes
+    assert main(["cache", "clean", "--dry-run", *common]) == 0
+    out = capsys.readouterr().out
+    assert "kept" in out and "removed after 1.0 d" in out and "dry run:" in out
+    assert main(["cache", "clean", "--dry-run", "--min-age", "0", "-o", "json", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    [d] = [d for d in report["decisions"] if d["image_id"] == iid]
+    assert (d["action"], d["done"], report["dry_run"]) == ("remove", False, True)
+    assert base.exists()
+    assert main(["cache", "clean", "--min-age", "0", *common]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert not base.exists()
+
+
+@pytest.mark.parametrize("bad", ["-1", "soon", "inf", "nan"])
+def test_clean_refuses_a_bad_min_age(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["cache", "clean", "--home", str(tmp_path), "--min-age", bad])
+    assert exc.value.code == 2
+    assert "--min-age" in capsys.readouterr().err
+
+
+def test_node_run_once_json_on_an_empty_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst = tmp_path / "inst"
+    rc = main(["node", "run", "--once", "-o", "json", "--home", str(tmp_path),
+               "--instances-path", str(inst)])  # fmt: skip
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["number"] == 1 and report["clean"]["decisions"] == []
+    assert not inst.exists()  # a pass on nothing creates nothing

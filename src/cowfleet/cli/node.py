@@ -26,16 +26,19 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         log.info("node run: %s received, stopping", signal.Signals(signum).name)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    manager = CacheManager(cfg)
-    if args.once:
-        report = manager.run_pass(stop=stop)
-        if args.output == "json":
-            print_json(report)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        manager = CacheManager(cfg)
+        if args.once:
+            report = manager.run_pass(stop=stop)
+            if args.output == "json":
+                print_json(report)
+            return 0
+        manager.run(stop)
         return 0
-    manager.run(stop)
-    return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
