@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.cli.common import add_command, add_instances_path, print_json, print_table
 from cowfleet.config import Config
 
 if TYPE_CHECKING:
@@ -19,13 +19,7 @@ VERIFY_FAILED_EXIT = 7  # same as IntegrityError
 
 
 def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
-    p.add_argument(
-        "--instances-path",
-        dest="instances_path",
-        type=Path,
-        metavar="DIR",
-        help="instances path holding _base/ and locks/ (env COWFLEET_INSTANCES_PATH)",
-    )
+    add_instances_path(p)
     if remote:
         p.add_argument(
             "--image-url",

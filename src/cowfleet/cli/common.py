@@ -34,6 +34,17 @@ def common_parent(*, output: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def add_instances_path(p: argparse.ArgumentParser) -> None:
+    """``--instances-path DIR`` (the ``instances_path`` setting)."""
+    p.add_argument(
+        "--instances-path",
+        dest="instances_path",
+        type=Path,
+        metavar="DIR",
+        help="instances path: instance folders, _base/ and locks/ (env COWFLEET_INSTANCES_PATH)",
+    )
+
+
 def add_command(
     sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     name: str,

@@ -6,10 +6,9 @@ import argparse
 import logging
 import signal
 import threading
-from pathlib import Path
 from types import FrameType
 
-from cowfleet.cli.common import add_command, print_json
+from cowfleet.cli.common import add_command, add_instances_path, print_json
 from cowfleet.config import Config
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,4 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="seconds between passes (env COWFLEET_NODE_INTERVAL; default 600)",
     )
     rp.add_argument("--once", action="store_true", help="run one pass and exit")
-    rp.add_argument(
-        "--instances-path",
-        dest="instances_path",
-        type=Path,
-        metavar="DIR",
-        help="instances path holding _base/ and locks/ (env COWFLEET_INSTANCES_PATH)",
-    )
+    add_instances_path(rp)

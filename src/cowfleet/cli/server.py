@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.cli.common import add_command, add_instances_path, print_json, print_table
 from cowfleet.compute.manager import ServerManager
 from cowfleet.config import DRIVERS, VIRT_TYPES, Config
 
@@ -19,13 +19,7 @@ from cowfleet.config import DRIVERS, VIRT_TYPES, Config
 def _node_options(p: argparse.ArgumentParser) -> None:
     """Options that pick the node's instances path and hypervisor (config overrides)."""
     p.add_argument("--driver", dest="driver", choices=DRIVERS, help="hypervisor driver")
-    p.add_argument(
-        "--instances-path",
-        dest="instances_path",
-        type=Path,
-        metavar="DIR",
-        help="where instance folders and _base live",
-    )
+    add_instances_path(p)
     p.add_argument("--libvirt-uri", dest="libvirt_uri", metavar="URI", help="libvirt URI")
 
 
