@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,14 +181,8 @@ def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
         ("Image ID", "Name", "Kind", "Allocated", "Users", "Last used", "Action", "Why", "File"),
         rows,
     )
+    # Unreadable disks, broken chains and quarantines are also logged (stderr) by the pass.
     print(("dry run: " if report.dry_run else "") + report.summary())
-    for p in report.unreadable:
-        print(f"warning: cannot tell what {p.path} uses: {p.reason}", file=sys.stderr)
-    for p in report.broken:
-        print(f"warning: broken backing chain: {p.path}: {p.reason}", file=sys.stderr)
-    for d in report.decisions:
-        if d.action == "quarantine":
-            print(f"ERROR: base {d.name} (image {d.image_id}) {d.reason}", file=sys.stderr)
     return 0
 
 
