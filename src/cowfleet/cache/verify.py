@@ -54,9 +54,17 @@ class RateLimit:
         self._bytes = 0
 
     def spend(self, n: int) -> None:
-        """Account for ``n`` bytes read; sleep until the average rate is back under the limit."""
+        """Account for ``n`` bytes read; sleep until the rate is back under the limit.
+
+        Credit left unused (a pause, a wait for a lock) is kept for one second at
+        most, so a slow start never buys a long burst at full speed later.
+        """
+        now = self.monotonic()
+        earliest = now - 1.0 - self._bytes / self.rate  # start that leaves 1 s of credit
+        if self._start < earliest:
+            self._start = earliest
         self._bytes += n
-        ahead = self._bytes / self.rate - (self.monotonic() - self._start)
+        ahead = self._bytes / self.rate - (now - self._start)
         if ahead > 0:
             self.sleep(ahead)
 
