@@ -20,12 +20,12 @@ from cowfleet.demo.transcript import (
     console_tail,
     fetch_table,
     guest_finished,
-    human_bytes,
     shell_line,
     table,
     virsh_table,
 )
 from cowfleet.errors import CommandError
+from cowfleet.units import human_bytes
 
 
 def test_human_bytes() -> None:

@@ -41,6 +41,7 @@ from cowfleet.cache.lock import base_lock, is_held, lock_path
 from cowfleet.cache.usage import Problem, scan
 from cowfleet.config import Config
 from cowfleet.errors import CowfleetError, LocalIOError, TimeoutError_, UsageError
+from cowfleet.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class CleanReport:
         verb = "would remove" if self.dry_run else "removed"
         parts = [
             f"{self.count(KEEP)} kept",
-            f"{self.count(REMOVE)} {verb} ({_size(self.freed_bytes)})",
+            f"{self.count(REMOVE)} {verb} ({human_bytes(self.freed_bytes)})",
         ]
         if self.count(QUARANTINE):
             parts.append(f"{self.count(QUARANTINE)} quarantined")
@@ -123,7 +124,8 @@ class CleanReport:
             f"in {self.seconds:.2f}s"
         )
         if self.over_budget_bytes:
-            text += f"; files that must stay exceed the budget by {_size(self.over_budget_bytes)}"
+            over = human_bytes(self.over_budget_bytes)
+            text += f"; files that must stay exceed the budget by {over}"
         if self.unreadable:
             text += f"; {len(self.unreadable)} disks unreadable, nothing removed"
         return text
@@ -136,13 +138,6 @@ def _pinnable(locks_dir: Path, name: str) -> bool:
     except UsageError:
         return False
     return True
-
-
-def _size(n: int) -> str:
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 def _age(seconds: float) -> str:
@@ -364,7 +359,7 @@ class Cleaner:
             item.action = REMOVE
             item.candidate = False
             item.reason = (
-                f"over the budget by {_size(need)}: least recently used "
+                f"over the budget by {human_bytes(need)}: least recently used "
                 f"({item.reason.partition(';')[0]})"
             )
             need -= item.entry.allocated

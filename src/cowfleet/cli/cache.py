@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from cowfleet.cli.common import add_command, add_instances_path, print_json, print_table
 from cowfleet.config import Config
+from cowfleet.units import human_bytes
 
 if TYPE_CHECKING:
     from cowfleet.cache.cache import ImageCache
@@ -64,12 +65,7 @@ def _when(ts: float | None) -> str:
 
 
 def _gib(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
+    return "-" if n is None else human_bytes(n)
 
 
 def cmd_list(args: argparse.Namespace, cfg: Config) -> int:

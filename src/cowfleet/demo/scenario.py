@@ -36,7 +36,6 @@ from cowfleet.demo.transcript import (
     console_tail,
     fetch_table,
     guest_finished,
-    human_bytes,
     table,
 )
 from cowfleet.errors import (
@@ -46,6 +45,7 @@ from cowfleet.errors import (
     TimeoutError_,
     ValidationError,
 )
+from cowfleet.units import human_bytes
 
 MARKER = "demo"
 HOLD = 120  # seconds each guest stays up after its marker (cleanup destroys it earlier)

@@ -14,16 +14,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from cowfleet.units import human_bytes
+
 WIDTH = 96
 CONSOLE_PREFIX = "cowfleet-guest:"
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``1.5 KiB``; exact bytes below 1 KiB."""
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 def shell_line(argv: Sequence[str]) -> str:
