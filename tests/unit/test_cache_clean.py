@@ -369,7 +369,7 @@ def test_failed_base_is_quarantined_even_when_in_use(node: Node) -> None:
     d = _by_name(report)[node.name(iid)]
     assert d.action == QUARANTINE and d.done and d.users == (folder.name,)
     assert "sha512 differs" in d.reason
-    qdir = node.layout.meta_dir / clean_mod.QUARANTINE_DIRNAME
+    qdir = node.layout.quarantine_dir
     moved = qdir / f"{node.name(iid)}.20231114T221320Z"
     assert sorted(os.listdir(qdir)) == [moved.name, moved.name + ".json"]
     assert moved.read_bytes() == data

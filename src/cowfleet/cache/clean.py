@@ -36,7 +36,7 @@ from pathlib import Path
 from cowfleet.cache import metadata as md
 from cowfleet.cache import pins
 from cowfleet.cache.layout import META_DIRNAME, SHA1_RE, Layout, is_image_id
-from cowfleet.cache.listing import QUARANTINE_DIRNAME, BaseEntry, list_entries
+from cowfleet.cache.listing import BaseEntry, list_entries
 from cowfleet.cache.lock import base_lock, is_held, lock_path
 from cowfleet.cache.usage import Problem, scan
 from cowfleet.config import Config
@@ -239,14 +239,11 @@ class Cleaner:
             if e.users:
                 item.reason += f" (backs {len(e.users)} instances: they keep their open file)"
             return item
-        if e.kind == "base" and e.image_id is not None:
-            meta = md.read_meta(self.layout.paths_for_name(e.name).meta)
-            if meta is not None:
-                item.needs = tuple(
-                    self.layout.paths(i).name
-                    for i in (meta.kernel_id, meta.ramdisk_id)
-                    if i and is_image_id(i)  # a free-text image property: may be anything
-                )
+        item.needs = tuple(
+            self.layout.paths(i).name
+            for i in (e.kernel_id, e.ramdisk_id)
+            if i and is_image_id(i)  # a free-text image property: may be anything
+        )
         if e.users:
             item.reason = f"in use by {len(e.users)} instances"
             return item
@@ -462,7 +459,7 @@ class Cleaner:
 
     def _quarantine(self, e: BaseEntry, now: float) -> str | None:
         paths = self.layout.paths_for_name(e.name)
-        qdir = self.layout.meta_dir / QUARANTINE_DIRNAME
+        qdir = self.layout.quarantine_dir
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         with self._try_lock(e.name) as locked:
             if not locked:

@@ -6,6 +6,7 @@ Nova-compatible layout::
     <instances_path>/_base/<sha1(image_id)>.part      a download in progress (never a base)
     <instances_path>/_base/.cowfleet/<sha1>.json      per-base metadata (ours)
     <instances_path>/_base/.cowfleet/<sha1>.part.json resume record of the .part
+    <instances_path>/_base/.cowfleet/quarantine/      bases that failed verification
     <instances_path>/locks/cowfleet-<name>            fcntl lock files
 
 Metadata lives in a hidden sub-directory rather than beside the base: Nova's
@@ -27,6 +28,7 @@ from pathlib import Path
 from cowfleet.errors import UsageError
 
 META_DIRNAME = ".cowfleet"
+QUARANTINE_DIRNAME = "quarantine"  # under META_DIRNAME: bases that failed verification
 PART_SUFFIX = ".part"
 CONVERTED_SUFFIX = ".converted"
 LOCK_PREFIX = "cowfleet-"
@@ -90,6 +92,10 @@ class Layout:
     @property
     def meta_dir(self) -> Path:
         return self.base_dir / META_DIRNAME
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.meta_dir / QUARANTINE_DIRNAME
 
     @property
     def locks_dir(self) -> Path:

@@ -18,6 +18,7 @@ from cowfleet.cache.layout import (
     CONVERTED_SUFFIX,
     META_DIRNAME,
     PART_SUFFIX,
+    QUARANTINE_DIRNAME,
     SHA1_RE,
     Layout,
 )
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class BaseEntry:
     name: str  # file name in _base
     path: Path
-    kind: str  # base | part | converted | ephemeral | swap | unknown
+    kind: str  # base | part | converted | ephemeral | swap | unknown | quarantined
     image_id: str | None
     image_name: str | None
     format: str | None  # format of the file
@@ -40,8 +41,10 @@ class BaseEntry:
     virtual_size: int | None
     users: tuple[str, ...]  # instance folders with this file in a disk's backing chain
     last_used: float | None
-    state: str  # verified | failed | unverified | resumable | stray | foreign
+    state: str  # verified | failed | unverified | resumable | stray | foreign | quarantined
     failure: str | None = None
+    kernel_id: str | None = None  # image bases: the kernel/ramdisk images they boot with
+    ramdisk_id: str | None = None
 
 
 def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
@@ -126,6 +129,8 @@ def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
                     md.last_used(paths.meta),
                     state,
                     meta.failure,
+                    meta.kernel_id,
+                    meta.ramdisk_id,
                 )
             )
             continue
@@ -183,12 +188,9 @@ def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
     return out
 
 
-QUARANTINE_DIRNAME = "quarantine"
-
-
 def _quarantined(layout: Layout) -> list[BaseEntry]:
     """Bases the cache manager moved aside after they failed verification."""
-    qdir = layout.meta_dir / QUARANTINE_DIRNAME
+    qdir = layout.quarantine_dir
     try:
         names = sorted(n for n in os.listdir(qdir) if not n.endswith(".json"))
     except OSError:
