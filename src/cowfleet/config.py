@@ -67,6 +67,8 @@ DEFAULT_MAX_VIRTUAL_SIZE = 4 * TIB
 DEFAULT_MAX_IMAGE_SIZE = 1 * TIB
 DEFAULT_IMAGE_PORT = 9292
 DEFAULT_IMAGE_HOST = "127.0.0.1"
+# The image service keeps an image in the page cache from its second download on.
+DEFAULT_CACHE_MIN_USES = 2
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 DEFAULT_MAX_UNUSED_AGE = 86400.0  # Nova's remove_unused_original_minimum_age_seconds
 DEFAULT_PART_MAX_AGE = 3600.0
@@ -106,7 +108,8 @@ class Config:
     images_database: str | None = None
     images_host: str = DEFAULT_IMAGE_HOST
     images_port: int = DEFAULT_IMAGE_PORT
-    images_drop_upload_cache: bool = False
+    images_direct_io: bool = True
+    images_cache_min_uses: int = DEFAULT_CACHE_MIN_USES
     # node cache
     force_raw: bool = False
     fetch_concurrency: int = 4
@@ -181,7 +184,8 @@ _PARSERS: dict[str, Any] = {
     "images_database": str,
     "images_host": str,
     "images_port": int,
-    "images_drop_upload_cache": _bool,
+    "images_direct_io": _bool,
+    "images_cache_min_uses": int,
     "force_raw": _bool,
     "fetch_concurrency": int,
     "fetch_deadline": float,
@@ -211,7 +215,8 @@ _ENV = {
     "COWFLEET_IMAGE_TOKEN_FILE": "image_token_file",
     "COWFLEET_IMAGES_DATA_DIR": "images_data_dir",
     "COWFLEET_IMAGES_DATABASE": "images_database",
-    "COWFLEET_IMAGES_DROP_UPLOAD_CACHE": "images_drop_upload_cache",
+    "COWFLEET_IMAGES_DIRECT_IO": "images_direct_io",
+    "COWFLEET_IMAGES_CACHE_MIN_USES": "images_cache_min_uses",
     "COWFLEET_FORCE_RAW": "force_raw",
     "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
     "COWFLEET_MAX_UNUSED_AGE": "max_unused_age",
@@ -239,7 +244,8 @@ _TOML: dict[tuple[str, ...], str] = {
     ("images", "database"): "images_database",
     ("images", "host"): "images_host",
     ("images", "port"): "images_port",
-    ("images", "drop_upload_cache"): "images_drop_upload_cache",
+    ("images", "direct_io"): "images_direct_io",
+    ("images", "cache_min_uses"): "images_cache_min_uses",
     ("cache", "force_raw"): "force_raw",
     ("cache", "fetch_concurrency"): "fetch_concurrency",
     ("cache", "fetch_deadline"): "fetch_deadline",
@@ -394,7 +400,13 @@ def _validate(cfg: Config) -> None:
         v = getattr(cfg, f.name)
         if f.name in ("max_virtual_size", "max_image_size", "fetch_concurrency") and v <= 0:
             raise ConfigError(f"{f.name} must be positive, not {v}")
-    for name in ("max_unused_age", "part_max_age", "max_cache_bytes", "verify_interval"):
+    for name in (
+        "max_unused_age",
+        "part_max_age",
+        "max_cache_bytes",
+        "verify_interval",
+        "images_cache_min_uses",
+    ):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, not {getattr(cfg, name)}")
     if not (0 <= cfg.min_free_percent < 100):

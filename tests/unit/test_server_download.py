@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cowfleet.fsutil import cached_fraction
 from cowfleet.images.server import download
 from cowfleet.images.server.download import DescriptorResponse
 
@@ -26,13 +27,17 @@ class Cycle:
         return {"type": "http.disconnect"}
 
 
-def serve(path: Path, offset: int, length: int, *, drop_behind: bool) -> tuple[bytes, list[str]]:
+def serve(path: Path, offset: int, length: int, *, keep_cached: bool) -> tuple[bytes, list[str]]:
     async def run() -> tuple[bytes, list[str]]:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         theirs.setblocking(False)
         transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
         fd = os.open(path, os.O_RDONLY)
+        # Windows here are far smaller than the kernel's readahead; without this the
+        # first window would bring in the whole file. (Real windows, 32 MiB, are larger
+        # than the readahead.)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         resp = DescriptorResponse(
             fd,
             offset=offset,
@@ -40,7 +45,7 @@ def serve(path: Path, offset: int, length: int, *, drop_behind: bool) -> tuple[b
             status_code=206,
             headers={},
             chunk_size=4096,
-            drop_behind=drop_behind,
+            keep_cached=keep_cached,
         )
         cycle = Cycle(transport, length)
         sent: list[str] = []
@@ -69,32 +74,81 @@ def serve(path: Path, offset: int, length: int, *, drop_behind: bool) -> tuple[b
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize("drop_behind", [False, True])
+def cold_file(path: Path, data: bytes) -> None:
+    """``data`` on disk and out of the page cache."""
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached_fraction(fd, 0, len(data)) != 0.0:
+            pytest.skip("cannot evict a file from the page cache here")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("keep_cached", [True, False])
 def test_sendfile_in_windows_sends_every_byte_of_the_range(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop_behind: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_cached: bool
 ) -> None:
     window = 64 * 1024
     monkeypatch.setattr(download, "DROP_WINDOW", window)
     dropped: list[tuple[int, int]] = []
-    real_drop = download._drop
+    real_drop = download.drop_cached
 
-    def record(fd: int, start: int, end: int) -> None:
-        dropped.append((start, end))
-        real_drop(fd, start, end)
+    def record(fd: int, start: int, length: int) -> None:
+        dropped.append((start, start + length))
+        real_drop(fd, start, length)
 
-    monkeypatch.setattr(download, "_drop", record)
+    monkeypatch.setattr(download, "drop_cached", record)
     data = os.urandom(5 * window + 777)
     path = tmp_path / "image"
-    path.write_bytes(data)
+    cold_file(path, data)
     offset, length = 1000, len(data) - 1500
-    got, sent = serve(path, offset, length, drop_behind=drop_behind)
+    got, sent = serve(path, offset, length, keep_cached=keep_cached)
     assert got == data[offset : offset + length]
     assert sent[0] == "http.response.start"
-    if drop_behind:
-        # Every window but the last leaves the cache, in order, once the next was sent.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cached = cached_fraction(fd, offset, length)
+    finally:
+        os.close(fd)
+    if keep_cached:
+        assert dropped == []
+        assert cached == 1.0
+    else:
+        # Every window this download brought in leaves the cache, in order, the last too.
         windows = -(-length // window)
         assert windows == 5
-        expected = [(offset + i * window, offset + (i + 1) * window) for i in range(windows - 1)]
-        assert dropped == expected
-    else:
-        assert dropped == []
+        ends = [min(offset + (i + 1) * window, offset + length) for i in range(windows)]
+        assert dropped == [(offset + i * window, ends[i]) for i in range(windows)]
+        assert cached is not None and cached < 0.5
+
+
+def test_windows_that_were_cached_already_stay_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window = 64 * 1024
+    monkeypatch.setattr(download, "DROP_WINDOW", window)
+    data = os.urandom(4 * window)
+    path = tmp_path / "image"
+    cold_file(path, data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, window, window)  # someone else read window 1: it is cached
+        got, _ = serve(path, 0, len(data), keep_cached=False)
+        assert got == data
+        assert cached_fraction(fd, window, window) == 1.0
+        for i in (0, 2, 3):
+            frac = cached_fraction(fd, i * window, window)
+            assert frac is not None and frac < 0.5, i
+    finally:
+        os.close(fd)
+
+
+def test_use_counts_count_per_image_and_forget() -> None:
+    uses = download.UseCounts()
+    assert [uses.count("a"), uses.count("a"), uses.count("b"), uses.count("a")] == [1, 2, 1, 3]
+    uses.forget("a")
+    uses.forget("never-counted")
+    assert uses.count("a") == 1

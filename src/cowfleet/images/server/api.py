@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -10,7 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
 
@@ -22,14 +21,15 @@ from starlette.requests import ClientDisconnect
 from cowfleet.errors import NotFoundError, ValidationError
 from cowfleet.formats import policy
 from cowfleet.images.server import schemas
+from cowfleet.images.server.body import receive_body
 from cowfleet.images.server.catalog import ACTIVE, FILTER_KEYS, Catalog
-from cowfleet.images.server.download import DescriptorResponse
+from cowfleet.images.server.download import DescriptorResponse, UseCounts
 from cowfleet.images.server.errors import bad_request
 from cowfleet.images.server.patch import PATCH_MEDIA_TYPES, apply_patch
 from cowfleet.images.server.ranges import parse_range
 from cowfleet.images.server.settings import ServerSettings
 from cowfleet.images.server.store import FilesystemStore
-from cowfleet.images.server.upload import UploadPipeline, too_large
+from cowfleet.images.server.upload import BlockPool, UploadPipeline, too_large
 from cowfleet.images.server.validate import check_uuid, parse_create
 from cowfleet.images.server.views import image_json
 
@@ -48,6 +48,8 @@ class Service:
     settings: ServerSettings
     catalog: Catalog
     store: FilesystemStore
+    blocks: BlockPool  # upload buffers, reused from one upload to the next
+    uses: UseCounts = field(default_factory=UseCounts)  # downloads per image
 
 
 def service(request: Request) -> Service:
@@ -283,6 +285,7 @@ def delete_image(request: Request, image_id: str) -> Response:
     svc = service(request)
     rec = svc.catalog.delete(image_id_or_404(image_id))
     svc.store.delete(rec.id)
+    svc.uses.forget(rec.id)
     log.info("deleted image %s", rec.id)
     return Response(status_code=204)
 
@@ -321,17 +324,13 @@ async def upload_image(request: Request, image_id: str) -> Response:
     await call(svc.catalog.claim_upload, image_id)
     started = time.monotonic()
     staged = svc.store.begin_write(image_id)
-    pipe = UploadPipeline(staged, block_size=st.upload_block, max_size=st.max_image_size)
+    pipe = UploadPipeline(staged, pool=svc.blocks, max_size=st.max_image_size)
     committed = False
     try:
-        loop = asyncio.get_running_loop()
         try:
             # A client that stops sending for upload_idle_timeout seconds is dropped, so
             # a stalled upload cannot keep the image in "saving" forever.
-            async with asyncio.timeout(st.upload_idle_timeout) as idle:
-                async for chunk in request.stream():
-                    await pipe.feed(chunk)
-                    idle.reschedule(loop.time() + st.upload_idle_timeout)
+            await receive_body(request, pipe, st.upload_idle_timeout)
         except TimeoutError:
             log.warning(
                 "image %s: no data for %ss after %d bytes; upload dropped",
@@ -421,23 +420,17 @@ def download_image(request: Request, image_id: str) -> Response:
     headers = {"accept-ranges": "bytes"}
     if rec.checksum:
         headers["content-md5"] = rec.checksum
-    if rng is None:
-        return DescriptorResponse(
-            fd,
-            offset=0,
-            length=size,
-            status_code=200,
-            headers=headers,
-            chunk_size=svc.settings.download_chunk,
-            drop_behind=svc.settings.upload_drop_behind,
-        )
-    headers["content-range"] = rng.content_range
+    offset, length, status = 0, size, 200
+    if rng is not None:
+        headers["content-range"] = rng.content_range
+        offset, length, status = rng.first, rng.length, 206
+    min_uses = svc.settings.cache_min_uses
     return DescriptorResponse(
         fd,
-        offset=rng.first,
-        length=rng.length,
-        status_code=206,
+        offset=offset,
+        length=length,
+        status_code=status,
         headers=headers,
         chunk_size=svc.settings.download_chunk,
-        drop_behind=svc.settings.upload_drop_behind,
+        keep_cached=min_uses > 0 and svc.uses.count(rec.id) >= min_uses,
     )

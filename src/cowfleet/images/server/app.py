@@ -20,6 +20,7 @@ from cowfleet.images.server.catalog import Catalog
 from cowfleet.images.server.errors import error_body, status_for
 from cowfleet.images.server.settings import ServerSettings
 from cowfleet.images.server.store import FilesystemStore
+from cowfleet.images.server.upload import BlockPool
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
     """Build the app: open (and migrate) the catalog, tidy the store after a crash."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = FilesystemStore(
-        settings.images_dir, settings.staging_dir, drop_behind=settings.upload_drop_behind
+        settings.images_dir,
+        settings.staging_dir,
+        direct_io=settings.direct_io,
+        # Buffered uploads stay out of the page cache too when downloads never keep it.
+        drop_behind=settings.cache_min_uses == 0,
     )
     store.clean_staging()
     catalog = catalog or Catalog.open(settings.database_url)
@@ -49,7 +54,7 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.service = Service(settings, catalog, store)
+    app.state.service = Service(settings, catalog, store, BlockPool(settings.upload_block))
     app.include_router(router)
 
     @app.exception_handler(CowfleetError)

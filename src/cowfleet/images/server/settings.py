@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfleet.config import DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MAX_VIRTUAL_SIZE, Config
+from cowfleet.config import (
+    DEFAULT_CACHE_MIN_USES,
+    DEFAULT_MAX_IMAGE_SIZE,
+    DEFAULT_MAX_VIRTUAL_SIZE,
+    Config,
+)
 
 # Bytes per block handed to the hashing/writing threads during an upload.
 DEFAULT_UPLOAD_BLOCK = 4 * 1024 * 1024
@@ -35,8 +40,11 @@ class ServerSettings:
     upload_block: int = DEFAULT_UPLOAD_BLOCK
     download_chunk: int = DEFAULT_DOWNLOAD_CHUNK
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
-    # Keep images out of the page cache on upload and download (see ...server.store).
-    upload_drop_behind: bool = False
+    # Write uploads with O_DIRECT where the filesystem allows it (see ...server.store).
+    direct_io: bool = True
+    # Keep an image in the page cache from its N-th download on; 0: never (see
+    # ...server.download).
+    cache_min_uses: int = DEFAULT_CACHE_MIN_USES
     default_page_size: int = DEFAULT_PAGE_SIZE
     max_page_size: int = MAX_PAGE_SIZE
 
@@ -56,5 +64,6 @@ class ServerSettings:
             token=token,
             max_image_size=cfg.max_image_size,
             max_virtual_size=cfg.max_virtual_size,
-            upload_drop_behind=cfg.images_drop_upload_cache,
+            direct_io=cfg.images_direct_io,
+            cache_min_uses=cfg.images_cache_min_uses,
         )

@@ -1,0 +1,313 @@
+"""The real image server's transfer paths: bodies read straight from the socket, O_DIRECT
+uploads, and what downloads leave in the page cache (seen with util-linux's ``fincore``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import missing, require_program
+from tests.fixtures.images import ImageService
+from tests.unit.hostile_corpus import MIB
+
+pytestmark = pytest.mark.integration
+
+OCTETS = {"Content-Type": "application/octet-stream"}
+
+
+def create(http: httpx.Client, name: str = "img") -> str:
+    r = http.post(
+        "/v2/images", json={"name": name, "disk_format": "raw", "container_format": "bare"}
+    )
+    assert r.status_code == 201, r.text
+    image_id: str = r.json()["id"]
+    return image_id
+
+
+@pytest.fixture
+def http(image_service: ImageService) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=image_service.url, headers=image_service.headers, timeout=60) as c:
+        yield c
+
+
+def check_stored(http: httpx.Client, image_id: str, data: bytes) -> None:
+    img = http.get(f"/v2/images/{image_id}").json()
+    assert img["status"] == "active"
+    assert img["size"] == len(data)
+    assert img["checksum"] == hashlib.md5(data).hexdigest()
+    assert img["os_hash_value"] == hashlib.sha512(data).hexdigest()
+    got = http.get(f"/v2/images/{image_id}/file")
+    assert got.status_code == 200 and got.content == data
+
+
+def test_a_large_body_is_read_from_the_socket_and_the_connection_then_closes(
+    http: httpx.Client,
+) -> None:
+    data = os.urandom(24 * MIB + 12345)  # not a multiple of any block: a padded tail
+    iid = create(http)
+    r = http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS)
+    assert r.status_code == 204, r.text
+    # uvicorn's parser never saw these bytes: the connection must not be reused.
+    assert r.headers.get("connection") == "close"
+    check_stored(http, iid, data)  # the same client carries on, on a new connection
+
+
+def test_small_and_chunked_bodies_take_the_asgi_path_and_keep_the_connection(
+    http: httpx.Client,
+) -> None:
+    small = os.urandom(300 * 1024)
+    iid = create(http, "small")
+    r = http.put(f"/v2/images/{iid}/file", content=small, headers=OCTETS)
+    assert r.status_code == 204 and r.headers.get("connection") != "close"
+    check_stored(http, iid, small)
+
+    big = os.urandom(9 * MIB + 7)
+    iid = create(http, "chunked")
+    pieces = (big[i : i + 1_000_000] for i in range(0, len(big), 1_000_000))
+    r = http.put(f"/v2/images/{iid}/file", content=pieces, headers=OCTETS)  # no length
+    assert r.status_code == 204 and r.headers.get("connection") != "close"
+    check_stored(http, iid, big)
+
+
+def test_expect_100_continue_from_curl_is_answered(
+    image_service: ImageService, http: httpx.Client, tmp_path: Path
+) -> None:
+    curl = require_program("curl")
+    data = os.urandom(6 * MIB)
+    path = tmp_path / "image.raw"
+    path.write_bytes(data)
+    iid = create(http)
+    out = subprocess.run(
+        [
+            curl,
+            "-sS",
+            "--fail",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--expect100-timeout",
+            "30",  # curl goes ahead after 1 s by default: the test must see the 100
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            f"X-Auth-Token: {image_service.token}",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "-T",
+            str(path),
+            f"{image_service.url}/v2/images/{iid}/file",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout == "204"
+    check_stored(http, iid, data)
+
+
+def test_a_request_pipelined_after_a_direct_upload_is_never_misread(
+    image_service: ImageService, http: httpx.Client
+) -> None:
+    data = os.urandom(4 * MIB)
+    iid = create(http)
+    head = (
+        f"PUT /v2/images/{iid}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {image_service.token}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    follow = f"GET /v2/images/{iid} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", image_service.port), timeout=30) as s:
+        s.sendall(head + data + follow)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 204"), reply[:200]
+    assert b"connection: close" in reply.lower()
+    # The server closed after the upload; the GET is not answered (nor taken as body).
+    assert reply.count(b"HTTP/1.1") == 1
+    check_stored(http, iid, data)
+
+
+def test_a_client_gone_during_a_direct_read_leaves_the_image_queued_and_no_bytes(
+    image_service: ImageService, http: httpx.Client
+) -> None:
+    iid = create(http)
+    total = 32 * MIB
+    head = (
+        f"PUT /v2/images/{iid}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {image_service.token}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {total}\r\n\r\n"
+    ).encode()
+    s = socket.create_connection(("127.0.0.1", image_service.port), timeout=30)
+    s.sendall(head + b"\1" * (12 * MIB))
+    wait = _waiter()
+    wait(lambda: http.get(f"/v2/images/{iid}").json()["status"] == "saving")
+    s.close()
+    wait(lambda: http.get(f"/v2/images/{iid}").json()["status"] == "queued")
+    staging = image_service.data_dir / "staging"
+    wait(lambda: list(staging.iterdir()) == [])
+    assert list((image_service.data_dir / "images").iterdir()) == []
+    data = os.urandom(5 * MIB)  # and the image can be uploaded again
+    assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+    check_stored(http, iid, data)
+
+
+def _waiter() -> Callable[[Callable[[], bool]], None]:
+    import time
+
+    def wait(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "condition not met in time"
+            time.sleep(0.05)
+
+    return wait
+
+
+# What stays in the page cache ---------------------------------------------------------
+
+
+def resident(fincore: str, path: Path) -> float:
+    """Share of ``path`` in the page cache, as util-linux's fincore reports it."""
+    out = subprocess.run(
+        [fincore, "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    res, size = int(out[0]), int(out[1])
+    return res / size
+
+
+def direct_io_works(directory: Path) -> bool:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
+
+
+@pytest.fixture
+def cache_server(
+    image_service_factory: Callable[..., ImageService], tmp_path: Path
+) -> Iterator[Callable[..., tuple[ImageService, httpx.Client, str]]]:
+    fincore = require_program("fincore")
+    if not direct_io_works(tmp_path):
+        missing(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    clients: list[httpx.Client] = []
+
+    def start(**settings: str) -> tuple[ImageService, httpx.Client, str]:
+        svc = image_service_factory(settings=settings)
+        client = httpx.Client(base_url=svc.url, headers=svc.headers, timeout=60)
+        clients.append(client)
+        return svc, client, fincore
+
+    yield start
+    for c in clients:
+        c.close()
+
+
+def upload_cold(http: httpx.Client, svc: ImageService, data: bytes) -> tuple[str, Path]:
+    iid = create(http)
+    assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+    return iid, svc.data_dir / "images" / iid
+
+
+def download(http: httpx.Client, iid: str, data: bytes) -> None:
+    with http.stream("GET", f"/v2/images/{iid}/file") as r:
+        assert r.status_code == 200
+        digest = hashlib.sha512()
+        for chunk in r.iter_bytes():
+            digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha512(data).hexdigest()
+
+
+def test_uploads_skip_the_page_cache_and_an_image_is_cached_from_its_second_download(
+    cache_server: Callable[..., tuple[ImageService, httpx.Client, str]],
+) -> None:
+    svc, http, fincore = cache_server()
+    data = os.urandom(96 * MIB)
+    iid, path = upload_cold(http, svc, data)
+    assert resident(fincore, path) < 0.05  # written with O_DIRECT
+    download(http, iid, data)
+    assert resident(fincore, path) < 0.35  # the first download dropped what it read
+    download(http, iid, data)
+    assert resident(fincore, path) > 0.9  # the second keeps it
+    download(http, iid, data)
+    assert resident(fincore, path) > 0.9  # and later ones leave it cached
+
+
+@pytest.mark.parametrize(
+    ("settings", "after_first"),
+    [
+        ({"COWFLEET_IMAGES_CACHE_MIN_USES": "1"}, "kept"),
+        ({"COWFLEET_IMAGES_CACHE_MIN_USES": "0"}, "dropped"),
+        ({"COWFLEET_IMAGES_DIRECT_IO": "false", "COWFLEET_IMAGES_CACHE_MIN_USES": "1"}, "kept"),
+    ],
+)
+def test_page_cache_settings(
+    cache_server: Callable[..., tuple[ImageService, httpx.Client, str]],
+    settings: dict[str, Any],
+    after_first: str,
+) -> None:
+    svc, http, fincore = cache_server(**settings)
+    data = os.urandom(64 * MIB)
+    iid, path = upload_cold(http, svc, data)
+    buffered = settings.get("COWFLEET_IMAGES_DIRECT_IO") == "false"
+    if not buffered:
+        assert resident(fincore, path) < 0.05
+    for _ in range(2):
+        download(http, iid, data)
+        if after_first == "kept":
+            assert resident(fincore, path) > 0.9
+        else:
+            assert resident(fincore, path) < 0.35
+
+
+def test_disk_full_part_way_through_a_direct_read_is_answered_not_reset(
+    tmp_path: Path,
+) -> None:
+    from tests.fixtures.images import start_image_service
+
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        missing(f"cannot mount a size-limited tmpfs: {r.stderr.strip()}")
+    svc = None
+    try:
+        svc = start_image_service(small / "svc")
+        with httpx.Client(base_url=svc.url, headers=svc.headers, timeout=60) as http:
+            iid = create(http)
+            r = http.put(f"/v2/images/{iid}/file", content=os.urandom(24 * MIB), headers=OCTETS)
+            # The rest of the body was read and dropped: the client got the answer.
+            assert r.status_code == 507, r.text
+            assert "no space left" in r.json()["message"]
+            assert http.get(f"/v2/images/{iid}").json()["status"] == "queued"
+            assert list((svc.data_dir / "staging").iterdir()) == []
+            assert list((svc.data_dir / "images").iterdir()) == []
+            data = os.urandom(2 * MIB)  # the service carries on once there is room
+            assert (
+                http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+            )
+            check_stored(http, iid, data)
+    finally:
+        if svc is not None:
+            svc.stop()
+        subprocess.run(["umount", "-l", str(small)], check=False)
