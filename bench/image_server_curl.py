@@ -1,12 +1,14 @@
 """Image server throughput with curl over loopback, against baselines from the same run.
 
-    python3 bench/image_server_curl.py [--size-mib 1024] [--file PATH] [--drop-upload-cache]
+    python3 bench/image_server_curl.py [--size-mib 1024] [--file PATH] [--buffered]
+        [--cache-min-uses N]
 
 Starts a real ``cowfleet images serve`` (SQLite, own temp data dir), then:
 - upload: ``curl -T`` of a random raw image (md5 + sha512 + inspection + fsync on the
   server) vs. the same curl upload into a plain socket sink (the client-side ceiling);
 - download: ``curl -o /dev/null`` of the image (first, right after the upload, and the
-  best of two more) vs. ``curl file://`` of the same file;
+  best of two more; by default the first is read from disk, the second fills the page
+  cache, the third is served from it) vs. ``curl file://`` of the same file;
 - the server's CPU seconds per GiB for each (from /proc: less noisy than wall clock on
   a shared machine), its peak RSS (VmHWM) after the transfers, and ``uptime``.
 Prints one line per figure; needs ``curl``.
@@ -102,9 +104,15 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--file", type=Path, help="existing raw file to use instead of random data")
     ap.add_argument(
-        "--drop-upload-cache",
+        "--buffered",
         action="store_true",
-        help="serve with images_drop_upload_cache (images kept out of the page cache)",
+        help="serve with images_direct_io off (uploads written through the page cache)",
+    )
+    ap.add_argument(
+        "--cache-min-uses",
+        type=int,
+        metavar="N",
+        help="serve with images_cache_min_uses N (1: every download keeps the image cached)",
     )
     args = ap.parse_args()
     if shutil.which("curl") is None:
@@ -124,8 +132,10 @@ def main() -> int:
         data = work / "service"
         env = {k: v for k, v in os.environ.items() if not k.startswith("COWFLEET_")}
         env["COWFLEET_HOME"] = str(work / "home")
-        if args.drop_upload_cache:
-            env["COWFLEET_IMAGES_DROP_UPLOAD_CACHE"] = "true"
+        if args.buffered:
+            env["COWFLEET_IMAGES_DIRECT_IO"] = "false"
+        if args.cache_min_uses is not None:
+            env["COWFLEET_IMAGES_CACHE_MIN_USES"] = str(args.cache_min_uses)
         proc = subprocess.Popen(
             [
                 sys.executable,
