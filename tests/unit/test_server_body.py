@@ -124,3 +124,8 @@ def test_discard_drops_what_is_there_and_waits_only_as_long_as_asked(
     t0 = time.monotonic()
     assert reader.discard(10, 0.3) == 0  # nothing comes: gives up after the time given
     assert 0.25 <= time.monotonic() - t0 < 2.0
+    theirs.sendall(b"s" * 1500)
+    threading.Timer(0.2, lambda: theirs.sendall(b"t" * 1000)).start()
+    assert reader.discard(2000, 5.0) == 2000  # the second read stops at the limit too
+    time.sleep(0.05)
+    assert reader.discard(1 << 20, 0.0) == 500  # what was beyond it is still there
