@@ -34,7 +34,7 @@ from cowfleet.errors import (
     TimeoutError_,
     UnsafeImageError,
 )
-from tests.conftest import missing, require_program
+from tests.conftest import require_program, small_tmpfs
 from tests.integration._cache_rogue import RogueImage, RogueServer
 
 pytestmark = pytest.mark.integration
@@ -264,16 +264,7 @@ def test_symlinks_planted_in_base_dir(image_service: Any, tmp_path: Path) -> Non
 
 
 def test_disk_full(image_service: Any, tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        missing(f"cannot mount a size-limited tmpfs: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small") as small:
         iid = _upload(image_service, random.Random(7).randbytes(16 * MiB))
         cfg = Config(
             home=tmp_path / "home",
@@ -287,8 +278,6 @@ def test_disk_full(image_service: Any, tmp_path: Path) -> None:
         assert _leftovers(cfg) == []
         left = os.listdir(cfg.base_dir / ".cowfleet")
         assert [n for n in left if not n.endswith(".failed.json")] == []
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_server_down(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import missing, require_program
+from tests.conftest import missing, require_program, small_tmpfs
 from tests.fixtures.images import ImageService
 from tests.unit.hostile_corpus import MIB
 
@@ -281,45 +281,33 @@ def test_disk_full_part_way_through_a_direct_read_is_answered_not_reset(
 ) -> None:
     from tests.fixtures.images import start_image_service
 
-    small = tmp_path / "small"
-    small.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        missing(f"cannot mount a size-limited tmpfs: {r.stderr.strip()}")
-    svc = None
-    try:
+    with small_tmpfs(tmp_path / "small") as small:
         svc = start_image_service(small / "svc")
-        with httpx.Client(base_url=svc.url, headers=svc.headers, timeout=60) as http:
-            iid = create(http)
-            # A client that sends the whole body before it reads anything (as urllib3
-            # does): the server reads and drops the rest after the failure, so sending
-            # ends normally and the answer is there to read, not a reset.
-            total = 24 * MIB
-            head = (
-                f"PUT /v2/images/{iid}/file HTTP/1.1\r\nHost: x\r\n"
-                f"X-Auth-Token: {svc.token}\r\nContent-Type: application/octet-stream\r\n"
-                f"Content-Length: {total}\r\n\r\n"
-            ).encode()
-            with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as s:
-                s.sendall(head + os.urandom(total))
-                reply = b""
-                while chunk := s.recv(65536):
-                    reply += chunk
-            assert reply.startswith(b"HTTP/1.1 507"), reply[:200]
-            assert b"no space left" in reply
-            assert http.get(f"/v2/images/{iid}").json()["status"] == "queued"
-            assert list((svc.data_dir / "staging").iterdir()) == []
-            assert list((svc.data_dir / "images").iterdir()) == []
-            data = os.urandom(2 * MIB)  # the service carries on once there is room
-            assert (
-                http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
-            )
-            check_stored(http, iid, data)
-    finally:
-        if svc is not None:
+        try:
+            with httpx.Client(base_url=svc.url, headers=svc.headers, timeout=60) as http:
+                iid = create(http)
+                # A client that sends the whole body before it reads anything (as urllib3
+                # does): the server reads and drops the rest after the failure, so sending
+                # ends normally and the answer is there to read, not a reset.
+                total = 24 * MIB
+                head = (
+                    f"PUT /v2/images/{iid}/file HTTP/1.1\r\nHost: x\r\n"
+                    f"X-Auth-Token: {svc.token}\r\nContent-Type: application/octet-stream\r\n"
+                    f"Content-Length: {total}\r\n\r\n"
+                ).encode()
+                with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as s:
+                    s.sendall(head + os.urandom(total))
+                    reply = b""
+                    while chunk := s.recv(65536):
+                        reply += chunk
+                assert reply.startswith(b"HTTP/1.1 507"), reply[:200]
+                assert b"no space left" in reply
+                assert http.get(f"/v2/images/{iid}").json()["status"] == "queued"
+                assert list((svc.data_dir / "staging").iterdir()) == []
+                assert list((svc.data_dir / "images").iterdir()) == []
+                data = os.urandom(2 * MIB)  # the service carries on once there is room
+                r = http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS)
+                assert r.status_code == 204
+                check_stored(http, iid, data)
+        finally:
             svc.stop()
-        subprocess.run(["umount", "-l", str(small)], check=False)

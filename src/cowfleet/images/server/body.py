@@ -75,7 +75,7 @@ async def receive_body(request: Request, pipe: UploadPipeline, idle_timeout: flo
             if not message.get("more_body", False):
                 return False
             idle.reschedule(loop.time() + idle_timeout)
-            if conn is None and length is not None:
+            if length is not None:
                 conn = _take_over(request, length - pipe.total)
                 if conn is not None:
                     break

@@ -101,7 +101,7 @@ class BlockPool:
             return len(self._idle)
 
 
-# A block handed to the lanes: its buffer, the bytes used, one future per lane.
+# A block handed to the lanes: its buffer and one future per lane.
 _InFlight = tuple[mmap.mmap, tuple["Future[None]", ...]]
 
 
