@@ -31,6 +31,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Settings of an image service whose images are always served from memory (uploads
+# through the page cache, every download keeps the image): for benchmarks of the node.
+SERVE_FROM_MEMORY = {
+    "COWFLEET_IMAGES_DIRECT_IO": "false",
+    "COWFLEET_IMAGES_CACHE_MIN_USES": "1",
+}
+
+
 @contextlib.contextmanager
 def image_service(workdir: Path) -> Iterator[Service]:
     """``cowfleet images serve`` on a free loopback port (a real subprocess).
@@ -60,11 +68,7 @@ def image_service(workdir: Path) -> Iterator[Service]:
         "--home",
         str(workdir / "home"),
     ]
-    env = {
-        **os.environ,
-        "COWFLEET_IMAGES_DIRECT_IO": "false",
-        "COWFLEET_IMAGES_CACHE_MIN_USES": "1",
-    }
+    env = {**os.environ, **SERVE_FROM_MEMORY}
     log = open(workdir / "service.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

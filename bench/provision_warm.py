@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from _cache_common import SERVE_FROM_MEMORY
 from cowfleet import config
 from cowfleet.cache import ImageCache
 from cowfleet.compute.drivers.none import NoneDriver
@@ -70,10 +71,8 @@ def image_service(work: Path) -> Iterator[tuple[str, str]]:
     token_file = data / "token"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COWFLEET_")}
     env["COWFLEET_HOME"] = str(work / "service-home")
-    # These benchmarks measure the node: the server keeps images in memory (uploads
-    # through the page cache, cached from the first download), whatever the run's order.
-    env["COWFLEET_IMAGES_DIRECT_IO"] = "false"
-    env["COWFLEET_IMAGES_CACHE_MIN_USES"] = "1"
+    # These benchmarks measure the node: every fetch is served from memory.
+    env.update(SERVE_FROM_MEMORY)
     argv = [
         sys.executable,
         "-m",

@@ -66,3 +66,17 @@ def small_tmpfs(path: Path, size: str = "8m") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def o_direct_works(directory: Path) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT (tmpfs before Linux
+    6.6 and some FUSE filesystems refuse it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".o-direct-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return True

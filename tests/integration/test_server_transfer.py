@@ -14,22 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import missing, require_program, small_tmpfs
+from tests.conftest import missing, o_direct_works, require_program, small_tmpfs
 from tests.fixtures.images import ImageService
+from tests.integration.test_server_http import create, wait_for
 from tests.unit.hostile_corpus import MIB
 
 pytestmark = pytest.mark.integration
 
 OCTETS = {"Content-Type": "application/octet-stream"}
-
-
-def create(http: httpx.Client, name: str = "img") -> str:
-    r = http.post(
-        "/v2/images", json={"name": name, "disk_format": "raw", "container_format": "bare"}
-    )
-    assert r.status_code == 201, r.text
-    image_id: str = r.json()["id"]
-    return image_id
 
 
 @pytest.fixture
@@ -64,13 +56,13 @@ def test_small_and_chunked_bodies_take_the_asgi_path_and_keep_the_connection(
     http: httpx.Client,
 ) -> None:
     small = os.urandom(300 * 1024)
-    iid = create(http, "small")
+    iid = create(http, name="small")
     r = http.put(f"/v2/images/{iid}/file", content=small, headers=OCTETS)
     assert r.status_code == 204 and r.headers.get("connection") != "close"
     check_stored(http, iid, small)
 
     big = os.urandom(9 * MIB + 7)
-    iid = create(http, "chunked")
+    iid = create(http, name="chunked")
     pieces = (big[i : i + 1_000_000] for i in range(0, len(big), 1_000_000))
     r = http.put(f"/v2/images/{iid}/file", content=pieces, headers=OCTETS)  # no length
     assert r.status_code == 204 and r.headers.get("connection") != "close"
@@ -148,28 +140,15 @@ def test_a_client_gone_during_a_direct_read_leaves_the_image_queued_and_no_bytes
     ).encode()
     s = socket.create_connection(("127.0.0.1", image_service.port), timeout=30)
     s.sendall(head + b"\1" * (12 * MIB))
-    wait = _waiter()
-    wait(lambda: http.get(f"/v2/images/{iid}").json()["status"] == "saving")
+    wait_for(lambda: http.get(f"/v2/images/{iid}").json()["status"] == "saving")
     s.close()
-    wait(lambda: http.get(f"/v2/images/{iid}").json()["status"] == "queued")
+    wait_for(lambda: http.get(f"/v2/images/{iid}").json()["status"] == "queued")
     staging = image_service.data_dir / "staging"
-    wait(lambda: list(staging.iterdir()) == [])
+    wait_for(lambda: list(staging.iterdir()) == [])
     assert list((image_service.data_dir / "images").iterdir()) == []
     data = os.urandom(5 * MIB)  # and the image can be uploaded again
     assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
     check_stored(http, iid, data)
-
-
-def _waiter() -> Callable[[Callable[[], bool]], None]:
-    import time
-
-    def wait(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, "condition not met in time"
-            time.sleep(0.05)
-
-    return wait
 
 
 # What stays in the page cache ---------------------------------------------------------
@@ -187,24 +166,12 @@ def resident(fincore: str, path: Path) -> float:
     return res / size
 
 
-def direct_io_works(directory: Path) -> bool:
-    directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / ".probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
-    except OSError:
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
-    return True
-
-
 @pytest.fixture
 def cache_server(
     image_service_factory: Callable[..., ImageService], tmp_path: Path
 ) -> Iterator[Callable[..., tuple[ImageService, httpx.Client, str]]]:
     fincore = require_program("fincore")
-    if not direct_io_works(tmp_path):
+    if not o_direct_works(tmp_path):
         missing(f"the filesystem of {tmp_path} refuses O_DIRECT")
     clients: list[httpx.Client] = []
 

@@ -13,6 +13,7 @@ import pytest
 from cowfleet.errors import IntegrityError
 from cowfleet.images.server.store import FilesystemStore
 from cowfleet.images.server.upload import BlockPool, UploadPipeline
+from tests.conftest import o_direct_works
 from tests.unit.hostile_corpus import MIB, qcow2
 
 
@@ -145,20 +146,6 @@ def test_page_cache_settings_reach_the_store_and_the_service(tmp_path: Path) -> 
         app.state.service.catalog.close()
 
 
-def direct_supported(path: Path) -> bool:
-    import os
-
-    probe = path / ".direct-probe"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
-    os.close(fd)
-    return True
-
-
 @pytest.mark.parametrize(
     "sizes",
     [
@@ -172,7 +159,7 @@ def direct_supported(path: Path) -> bool:
 def test_direct_writes_keep_every_byte_whatever_the_sizes(tmp_path: Path, sizes: list[int]) -> None:
     import os
 
-    if not direct_supported(tmp_path):
+    if not o_direct_works(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")
     iid = str(uuid.uuid4())
@@ -197,7 +184,7 @@ def test_aligned_blocks_go_straight_to_disk_and_odd_ones_through_the_buffer(
 
     from cowfleet.images.server.store import DIRECT_ALIGN
 
-    if not direct_supported(tmp_path):
+    if not o_direct_works(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")
     iid = str(uuid.uuid4())
@@ -251,7 +238,7 @@ def test_disk_full_during_a_direct_write_is_storage_full(
     from cowfleet.errors import StorageFullError
     from cowfleet.images.server import store as store_mod
 
-    if not direct_supported(tmp_path):
+    if not o_direct_works(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")
     staged = fs.begin_write(str(uuid.uuid4()))
