@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,7 +70,15 @@ def _gib(n: int | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
-    entries = _cache(cfg).list()
+    from cowfleet.cache.holders import collect, node_sources
+    from cowfleet.cache.layout import Layout
+    from cowfleet.cache.listing import list_entries
+
+    layout = Layout(cfg.instances_path)
+    holders = collect(node_sources(cfg), layout.base_dir)
+    for p in holders.problems:
+        print(f"cowfleet: warning: in-use check incomplete: {p.path}: {p.reason}", file=sys.stderr)
+    entries = list_entries(layout, holders=holders)
     if args.output == "json":
         print_json(entries)
         return 0
@@ -81,7 +90,7 @@ def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
             e.kind,
             _gib(e.allocated),
             _gib(e.virtual_size),
-            ",".join(e.users) or "-",
+            "; ".join(e.in_use_by) or "-",
             _when(e.last_used),
             e.state,
             e.name,
@@ -96,7 +105,7 @@ def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
             "Kind",
             "Allocated",
             "Virtual",
-            "Users",
+            "In use by",
             "Last used",
             "State",
             "File",
@@ -165,7 +174,7 @@ def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
             d.image_name or "-",
             d.kind,
             _gib(d.allocated),
-            str(len(d.users)),
+            "; ".join(d.in_use_by) or "-",
             _when(d.last_used),
             _action(d.action, d.done, report.dry_run),
             d.reason,
@@ -174,7 +183,17 @@ def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
         for d in report.decisions
     ]
     print_table(
-        ("Image ID", "Name", "Kind", "Allocated", "Users", "Last used", "Action", "Why", "File"),
+        (
+            "Image ID",
+            "Name",
+            "Kind",
+            "Allocated",
+            "In use by",
+            "Last used",
+            "Action",
+            "Why",
+            "File",
+        ),
         rows,
     )
     # Unreadable disks, broken chains and quarantines are also logged (stderr) by the pass.
