@@ -91,6 +91,28 @@ def list_entries(
         allocated = st.st_blocks * 512
         who = tuple(sorted(usage.users_of(path, st)))
         sources[name] = _sources(layout, name, usage.holders_of(path, st))
+        meta = md.read_meta(layout.paths_for_name(name).meta) if SHA1_RE.match(name) else None
+        if not stat.S_ISREG(st.st_mode) and meta is not None:
+            # a directory or symlink where a base was: failed, so the pass moves it aside
+            out.append(
+                BaseEntry(
+                    name,
+                    path,
+                    "base",
+                    meta.image_id,
+                    meta.name,
+                    None,
+                    meta.disk_format,
+                    allocated,
+                    st.st_size,
+                    None,
+                    who,
+                    md.last_used(layout.paths_for_name(name).meta),
+                    md.STATE_FAILED,
+                    "not a regular file (a directory or symlink where the base was)",
+                )
+            )
+            continue
         if not stat.S_ISREG(st.st_mode):
             out.append(
                 BaseEntry(
@@ -113,7 +135,6 @@ def list_entries(
             continue
         if SHA1_RE.match(name):
             paths = layout.paths_for_name(name)
-            meta = md.read_meta(paths.meta)
             if meta is None:
                 out.append(
                     BaseEntry(
@@ -267,3 +288,60 @@ def _quarantined(layout: Layout, usage: Usage) -> list[BaseEntry]:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """One base the cache manager moved aside, as its ``.json`` record tells."""
+
+    file: Path  # the quarantined file
+    record: Path  # its .json record
+    name: str  # the base name it had in _base
+    image_id: str | None
+    reason: str
+    image_gone: bool
+    data: dict[str, object]
+
+
+def quarantine_records(layout: Layout) -> dict[str, list[QuarantineRecord]]:
+    """Records of every quarantined base, by the name it had in ``_base``."""
+    qdir = layout.quarantine_dir
+    try:
+        names = sorted(n for n in os.listdir(qdir) if n.endswith(".json"))
+    except OSError:
+        return {}
+    out: dict[str, list[QuarantineRecord]] = {}
+    for rec_name in names:
+        data = md.read_json(qdir / rec_name)
+        name = data.get("name") if data else None
+        if not data or not isinstance(name, str) or not SHA1_RE.match(name):
+            continue
+        out.setdefault(name, []).append(
+            QuarantineRecord(
+                file=qdir / rec_name[: -len(".json")],
+                record=qdir / rec_name,
+                name=name,
+                image_id=_text(data.get("image_id")),
+                reason=_text(data.get("reason")) or "failed verification",
+                image_gone=bool(data.get("image_gone_at")),
+                data=data,
+            )
+        )
+    return out
+
+
+def base_note(layout: Layout, base: Path) -> str | None:
+    """What an instance disk's missing base became, for ``server show``; None: nothing to say."""
+    if os.path.lexists(base) or base.parent != layout.base_dir:
+        return None
+    records = quarantine_records(layout).get(base.name)
+    if not records:
+        return f"base {base} is missing"
+    last = records[-1]
+    text = f"base {base} was quarantined ({last.reason})"
+    if last.image_gone:
+        return (
+            f"{text}; image {last.image_id} is gone from the image service "
+            "(quarantined, image gone): the server cannot boot until it is restored"
+        )
+    return f"{text}; the node's cache manager fetches image {last.image_id} again"
