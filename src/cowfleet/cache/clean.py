@@ -548,5 +548,3 @@ def clean(
         sources=node_sources(cfg),
     )
     return cleaner.run(dry_run=dry_run, stop=stop)
-
-

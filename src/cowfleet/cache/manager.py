@@ -126,9 +126,7 @@ class CacheManager:
         return result
 
     # -- quarantined bases still needed ----------------------------------------
-    def _restore(
-        self, report: CleanReport, stop: Callable[[], bool] | None
-    ) -> tuple[Restore, ...]:
+    def _restore(self, report: CleanReport, stop: Callable[[], bool] | None) -> tuple[Restore, ...]:
         """Fetch again each quarantined base that some disk still names."""
         layout = Layout(self.cfg.instances_path)
         wanted = set(report.missing_bases)
@@ -184,9 +182,7 @@ class CacheManager:
             if changed:
                 log.error("quarantined base %s not fetched again: %s", name, changed)
                 return Restore(name, image_id, f"failed: {changed}")
-            ImageCache(self.cfg, client, clock=self.clock, sleep=self.sleep).ensure_cached(
-                image_id
-            )
+            ImageCache(self.cfg, client, clock=self.clock, sleep=self.sleep).ensure_cached(image_id)
         except NotFoundError as exc:
             if not any(r.image_gone for r in records):
                 log.error(
