@@ -315,9 +315,7 @@ def test_quarantined_base_of_a_stopped_instance_comes_back_then_image_gone(
     proc = node.run("node", "run", "--once", *inst, "-o", "json", env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert [(r["image_id"], r["outcome"]) for r in report["restored"]] == [
-        (image_id, "image gone")
-    ]
+    assert [(r["image_id"], r["outcome"]) for r in report["restored"]] == [(image_id, "image gone")]
     assert not base.exists()
     listing = json.loads(node.ok("cache", "list", *inst, "-o", "json").stdout)
     gone = [e for e in listing if e["kind"] == "quarantined" and e["image_id"] == image_id]
