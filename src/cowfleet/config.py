@@ -1,7 +1,9 @@
 """The one configuration object: defaults < TOML file < ``COWFLEET_*`` env < flags.
 
 Built once at the entry point (:func:`load`) and handed down; no other module
-reads the environment. Every path defaults to somewhere under ``home``.
+reads the environment. Every path defaults to somewhere under ``home``. Each
+setting's type and range are one :class:`Setting` row in :data:`SETTING_ROWS`;
+a value is checked where it is read, so an error names its source.
 
 TOML layout (all keys optional)::
 
