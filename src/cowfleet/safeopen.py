@@ -9,8 +9,8 @@ Every file cowfleet creates or reads in such a folder (``_base``, the image stor
 - a new file is created ``O_CREAT|O_EXCL|O_NOFOLLOW``: a name already there (a planted
   symlink, hard link or file) is an error, never something written through;
 - an existing file is opened ``O_NOFOLLOW`` (and ``O_NONBLOCK``, so a planted FIFO
-  cannot hang us), then checked on its descriptor: a regular file, one link, owned
-  by us or root. A hard link to a file elsewhere fails the link check; a file someone
+  cannot hang us), then checked on its descriptor: a regular file, no second link,
+  owned by us or root. A hard link to a file elsewhere fails the link check; a file someone
   else owns fails the owner check. Callers then read the descriptor they checked,
   never the name again.
 - renames and unlinks are relative to folder descriptors too.
@@ -127,9 +127,9 @@ def open_existing(
     except OSError as exc:
         raise io_error(exc, shown, "open") from exc
     try:
-        st = check(fd, shown, allow_block=allow_block)
-        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
-            raise UnsafeFileError(f"{shown} was replaced while being opened", path=shown)
+        # The descriptor's own check decides (the name may have been replaced since
+        # the look above, e.g. by an atomic rename: that is fine when it passes).
+        check(fd, shown, allow_block=allow_block)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
@@ -153,7 +153,7 @@ def open_path(
 
 
 def check(fd: int, display: str | os.PathLike[str], *, allow_block: bool = False) -> os.stat_result:
-    """The file behind ``fd`` is regular, has one link and is ours (or root's)."""
+    """The file behind ``fd`` is regular, has no second link and is ours (or root's)."""
     shown = os.fspath(display)
     try:
         st = os.fstat(fd)
@@ -173,7 +173,7 @@ def _check_stat(st: os.stat_result, shown: str, *, allow_block: bool) -> None:
         raise UnsafeFileError(
             f"{shown} is not a regular file (it is {_describe(mode)})", path=shown
         )
-    if st.st_nlink != 1:
+    if st.st_nlink > 1:  # (0: replaced since we opened it; nobody else can reach it)
         raise UnsafeFileError(
             f"{shown} has {st.st_nlink} links (a hard link to it exists elsewhere)", path=shown
         )
