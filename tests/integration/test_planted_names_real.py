@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from cowfleet.compute.ephemeral import MIB, ensure_ephemeral_base, ensure_swap_base
 from cowfleet.errors import UnsafeFileError
-from tests.conftest import require_program
+from tests.conftest import missing, require_program, small_tmpfs
 from tests.fixtures.images import ImageService
 from tests.integration.test_client_embedded import cli
 
@@ -66,6 +67,22 @@ def test_cli_download_refuses_planted_names_and_checks_the_destination_first(
     st = os.lstat(dest)
     assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and dest.read_bytes() == data
     assert sorted(p.name for p in dl.iterdir()) == ["img.raw"]
+
+
+def test_cli_download_into_a_read_only_folder_fails_before_fetching(
+    image_service: ImageService, tmp_path: Path
+) -> None:
+    image_service.upload("img", os.urandom(MIB))
+    with small_tmpfs(tmp_path / "ro", "1m") as ro:
+        r = subprocess.run(
+            ["mount", "-o", "remount,ro", str(ro)], capture_output=True, text=True, check=False
+        )
+        if r.returncode != 0:
+            missing(f"cannot remount a tmpfs read-only: {r.stderr.strip()}")
+        done = cli(image_service, "download", "img", "--file", str(ro / "img"))
+        assert done.returncode == 2
+        assert "cannot write to folder" in done.stderr
+        assert list(ro.iterdir()) == []
 
 
 def test_image_service_never_serves_a_planted_file(
