@@ -208,12 +208,12 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes_and_no_leftover(
 
     real_open = os.open
 
-    def refuse_direct(path: Any, flags: int, mode: int = 0o777) -> int:
+    def refuse_direct(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
         if flags & os.O_DIRECT:
-            fd = real_open(path, flags & ~os.O_DIRECT, mode)  # created, then refused,
+            fd = real_open(path, flags & ~os.O_DIRECT, mode, **kw)  # created, then refused,
             os.close(fd)  # as the kernel does it
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, mode)
+        return real_open(path, flags, mode, **kw)
 
     monkeypatch.setattr(os, "open", refuse_direct)
     fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")

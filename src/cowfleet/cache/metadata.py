@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cowfleet.errors import LocalIOError, StorageFullError
+from cowfleet import safeopen
+from cowfleet.errors import LocalIOError, StorageFullError, UnsafeFileError
 from cowfleet.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    # Through safeopen: a FIFO planted at a metadata path must not hang a daemon, and a
+    # symlink or hard link must not lend another file's content.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = safeopen.open_path(path)
+    except UnsafeFileError as exc:
+        log.warning("ignoring metadata file: %s", exc)
+        return None
+    except LocalIOError:
         return None
     try:
         raw = os.read(fd, 1 << 16)
