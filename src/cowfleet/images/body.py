@@ -49,17 +49,13 @@ class _Counted:
             if self._progress is not None:
                 self._progress(done, self.size)
         if self.size is not None and done < self.size:
-            raise ValidationError(
-                f"upload data ended at {done} of the declared {self.size} bytes"
-            )
+            raise ValidationError(f"upload data ended at {done} of the declared {self.size} bytes")
 
 
 class FileBody(_Counted):
     """A seekable binary file from its current position; :meth:`rewind` seeks back."""
 
-    def __init__(
-        self, fh: IO[bytes], size: int | None, progress: Progress | None = None
-    ) -> None:
+    def __init__(self, fh: IO[bytes], size: int | None, progress: Progress | None = None) -> None:
         super().__init__(size, progress)
         self._fh = fh
         # Without a length the body goes out chunked: keep each chunk under the limit.
