@@ -17,6 +17,7 @@ A body of unknown length goes out chunked, in chunks of at most
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -113,9 +114,14 @@ class StreamBody(_Counted):
 
 
 def upload_body(
-    data: IO[bytes] | Iterable[bytes], size: int | None, progress: Progress | None
+    data: IO[bytes] | Iterable[bytes] | bytes,
+    size: int | None,
+    progress: Progress | None,
 ) -> tuple[FileBody | StreamBody, int | None]:
     """The body for ``data`` and its size (that of a regular file's rest when not given)."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        data = io.BytesIO(data)
+        size = len(data.getbuffer()) if size is None else size
     if hasattr(data, "read"):
         fh: Any = data
         if size is None:

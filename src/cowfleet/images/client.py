@@ -202,13 +202,13 @@ class ImageClient:
     def upload(
         self,
         image_id: str,
-        data: IO[bytes] | Iterable[bytes],
+        data: IO[bytes] | Iterable[bytes] | bytes,
         *,
         size: int | None = None,
         progress: Progress | None = None,
     ) -> Image:
-        """``PUT /v2/images/{id}/file``: stream ``data`` (a binary file or an iterable of
-        bytes); sends ``Content-Length`` when the size is known, else chunked (chunks of
+        """``PUT /v2/images/{id}/file``: stream ``data`` (a binary file, bytes or an
+        iterable of bytes); sends ``Content-Length`` when the size is known, else chunked (chunks of
         at most 512 KiB). Sent again from its start if the connection was stale (see
         :mod:`.body`)."""
         body, size = upload_body(data, size, progress)

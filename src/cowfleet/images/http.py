@@ -100,10 +100,12 @@ def send(
         watch = _ConnectionWatch()
         try:
             request = client.build_request(method, url, extensions={"trace": watch}, **kwargs)
+            # Judged before sending: reading a body can swap it for bytes (request.read()).
+            plain = rewind is None and isinstance(request.stream, httpx.ByteStream)
             try:
                 resp = client.send(request, stream=True)
             except _DROPPED as exc:
-                if not _may_resend(method, request, watch, attempt, rewind):
+                if not _may_resend(method, plain, watch, attempt, rewind):
                     raise
                 attempt += 1
                 log.info(
@@ -127,14 +129,14 @@ def send(
 
 def _may_resend(
     method: str,
-    request: httpx.Request,
+    plain: bool,
     watch: _ConnectionWatch,
     attempt: int,
     rewind: Callable[[], bool] | None,
 ) -> bool:
     if method not in IDEMPOTENT_METHODS or watch.opened or attempt >= STALE_RETRIES:
         return False
-    if isinstance(request.stream, httpx.ByteStream):
+    if plain:
         return True  # bytes (or no body): the same bytes go out again
     return rewind is not None and rewind()
 
