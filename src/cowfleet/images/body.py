@@ -20,17 +20,15 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from cowfleet.errors import LocalIOError, ValidationError
+from cowfleet.images.transfer import Progress
 
 FILE_CHUNK = 4 * 1024 * 1024  # read size for a body of known length (Content-Length)
 STREAM_CHUNK = 512 * 1024  # largest chunk of a chunked body (below uWSGI's 1 MB limit)
 REPLAY_LIMIT = 4 * 1024 * 1024  # a one-pass body is replayable until this much was sent
-
-# (bytes done, total bytes or None)
-Progress = Callable[[int, int | None], None]
 
 
 class _Counted:
