@@ -19,6 +19,13 @@ TOML layout (all keys optional)::
     database = "sqlite:///..."           # server
     host = "127.0.0.1"
     port = 9292
+    property_quota = 128                 # server: properties per image (413 above)
+    max_uploads = 16                     # server: uploads in flight (503 above)
+    max_uploads_per_token = 4            # server: uploads in flight per token
+    max_header_bytes = 65536             # server: request line + headers (431 above)
+    header_timeout = 30.0                # server: s to send a request's headers
+    orphan_grace = 3600.0                # server: s before a file no record explains goes
+    allow_insecure_token_file = false    # client & server: accept a token file others can read
 
     [cache]
     force_raw = false
@@ -69,6 +76,13 @@ DEFAULT_IMAGE_PORT = 9292
 DEFAULT_IMAGE_HOST = "127.0.0.1"
 # The image service keeps an image in the page cache from its second download on.
 DEFAULT_CACHE_MIN_USES = 2
+# Image service limits (Glance's image_property_quota is 128 too).
+DEFAULT_PROPERTY_QUOTA = 128
+DEFAULT_MAX_UPLOADS = 16
+DEFAULT_MAX_UPLOADS_PER_TOKEN = 4
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_HEADER_TIMEOUT = 30.0
+DEFAULT_ORPHAN_GRACE = 3600.0
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 DEFAULT_MAX_UNUSED_AGE = 86400.0  # Nova's remove_unused_original_minimum_age_seconds
 DEFAULT_PART_MAX_AGE = 3600.0
@@ -110,6 +124,13 @@ class Config:
     images_port: int = DEFAULT_IMAGE_PORT
     images_direct_io: bool = True
     images_cache_min_uses: int = DEFAULT_CACHE_MIN_USES
+    images_property_quota: int = DEFAULT_PROPERTY_QUOTA
+    images_max_uploads: int = DEFAULT_MAX_UPLOADS
+    images_max_uploads_per_token: int = DEFAULT_MAX_UPLOADS_PER_TOKEN
+    images_max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    images_header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    images_orphan_grace: float = DEFAULT_ORPHAN_GRACE
+    images_allow_insecure_token_file: bool = False
     # node cache
     force_raw: bool = False
     fetch_concurrency: int = 4
@@ -186,6 +207,13 @@ _PARSERS: dict[str, Any] = {
     "images_port": int,
     "images_direct_io": _bool,
     "images_cache_min_uses": int,
+    "images_property_quota": int,
+    "images_max_uploads": int,
+    "images_max_uploads_per_token": int,
+    "images_max_header_bytes": int,
+    "images_header_timeout": float,
+    "images_orphan_grace": float,
+    "images_allow_insecure_token_file": _bool,
     "force_raw": _bool,
     "fetch_concurrency": int,
     "fetch_deadline": float,
@@ -217,6 +245,13 @@ _ENV = {
     "COWFLEET_IMAGES_DATABASE": "images_database",
     "COWFLEET_IMAGES_DIRECT_IO": "images_direct_io",
     "COWFLEET_IMAGES_CACHE_MIN_USES": "images_cache_min_uses",
+    "COWFLEET_IMAGES_PROPERTY_QUOTA": "images_property_quota",
+    "COWFLEET_IMAGES_MAX_UPLOADS": "images_max_uploads",
+    "COWFLEET_IMAGES_MAX_UPLOADS_PER_TOKEN": "images_max_uploads_per_token",
+    "COWFLEET_IMAGES_MAX_HEADER_BYTES": "images_max_header_bytes",
+    "COWFLEET_IMAGES_HEADER_TIMEOUT": "images_header_timeout",
+    "COWFLEET_IMAGES_ORPHAN_GRACE": "images_orphan_grace",
+    "COWFLEET_IMAGES_ALLOW_INSECURE_TOKEN_FILE": "images_allow_insecure_token_file",
     "COWFLEET_FORCE_RAW": "force_raw",
     "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
     "COWFLEET_MAX_UNUSED_AGE": "max_unused_age",
@@ -246,6 +281,13 @@ _TOML: dict[tuple[str, ...], str] = {
     ("images", "port"): "images_port",
     ("images", "direct_io"): "images_direct_io",
     ("images", "cache_min_uses"): "images_cache_min_uses",
+    ("images", "property_quota"): "images_property_quota",
+    ("images", "max_uploads"): "images_max_uploads",
+    ("images", "max_uploads_per_token"): "images_max_uploads_per_token",
+    ("images", "max_header_bytes"): "images_max_header_bytes",
+    ("images", "header_timeout"): "images_header_timeout",
+    ("images", "orphan_grace"): "images_orphan_grace",
+    ("images", "allow_insecure_token_file"): "images_allow_insecure_token_file",
     ("cache", "force_raw"): "force_raw",
     ("cache", "fetch_concurrency"): "fetch_concurrency",
     ("cache", "fetch_deadline"): "fetch_deadline",
@@ -398,7 +440,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"virt_type must be one of {allowed}, not {cfg.virt_type!r}")
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name in ("max_virtual_size", "max_image_size", "fetch_concurrency") and v <= 0:
+        if (
+            f.name
+            in (
+                "max_virtual_size",
+                "max_image_size",
+                "fetch_concurrency",
+                "images_max_uploads",
+                "images_max_uploads_per_token",
+                "images_max_header_bytes",
+                "images_header_timeout",
+            )
+            and v <= 0
+        ):
             raise ConfigError(f"{f.name} must be positive, not {v}")
     for name in (
         "max_unused_age",
@@ -406,6 +460,8 @@ def _validate(cfg: Config) -> None:
         "max_cache_bytes",
         "verify_interval",
         "images_cache_min_uses",
+        "images_property_quota",
+        "images_orphan_grace",
     ):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, not {getattr(cfg, name)}")

@@ -28,9 +28,16 @@ from cowfleet.images.server.errors import bad_request
 from cowfleet.images.server.patch import PATCH_MEDIA_TYPES, apply_patch
 from cowfleet.images.server.ranges import parse_range
 from cowfleet.images.server.settings import ServerSettings
+from cowfleet.images.server.slots import UploadSlots
 from cowfleet.images.server.store import FilesystemStore
 from cowfleet.images.server.upload import BlockPool, UploadPipeline, too_large
-from cowfleet.images.server.validate import check_uuid, parse_create
+from cowfleet.images.server.validate import (
+    MAX_JSON_DEPTH,
+    check_document,
+    check_text,
+    check_uuid,
+    parse_create,
+)
 from cowfleet.images.server.views import image_json
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,7 @@ class Service:
     catalog: Catalog
     store: FilesystemStore
     blocks: BlockPool  # upload buffers, reused from one upload to the next
+    slots: UploadSlots  # uploads in flight, per server and per token
     uses: UseCounts = field(default_factory=UseCounts)  # downloads per image
 
 
@@ -91,9 +99,24 @@ async def read_json(request: Request, allowed: tuple[str, ...]) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad_request(f"malformed JSON in request body: {exc}") from exc
+    except RecursionError:
+        raise bad_request(
+            f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
+    check_document(doc)
+    return doc
+
+
+def check_property_quota(count: int, quota: int) -> None:
+    """413 when an image would hold more than ``quota`` free-form properties."""
+    if count > quota:
+        raise ValidationError(
+            f"an image may hold at most {quota} properties; this request leaves {count}",
+            http_status=413,
+        )
 
 
 router = APIRouter()
@@ -161,6 +184,7 @@ _CREATE_BODY = {
 async def create_image(request: Request) -> JSONResponse:
     svc = service(request)
     req = parse_create(await read_json(request, ("application/json",)))
+    check_property_quota(len(req.properties), svc.settings.property_quota)
     fields = dict(req.fields)
     fields.setdefault("owner", svc.settings.owner)
     image_id = req.image_id or str(uuid.uuid4())
@@ -208,6 +232,8 @@ def list_images(
         "owner": owner,
     }
     filters = {k: v for k, v in given.items() if v is not None and k in FILTER_KEYS}
+    for key, value in filters.items():
+        check_text(value, f"filter {key}")
     if filters.get("visibility") == "all":
         del filters["visibility"]
     if marker is not None:
@@ -265,6 +291,8 @@ async def update_image(request: Request, image_id: str) -> JSONResponse:
     rec = await call(svc.catalog.get, image_id)
     body = await read_json(request, PATCH_MEDIA_TYPES)
     result = apply_patch(rec, body)
+    if len(result.properties) > len(rec.properties):
+        check_property_quota(len(result.properties), svc.settings.property_quota)
     rec = await call(
         svc.catalog.update,
         image_id,
@@ -301,7 +329,7 @@ _UPLOAD_BODY = {
 @router.put(
     "/v2/images/{image_id}/file",
     status_code=204,
-    responses=schemas.error_responses(400, 401, 404, 408, 409, 410, 413, 415),
+    responses=schemas.error_responses(400, 401, 404, 408, 409, 410, 413, 415, 503),
     openapi_extra=_UPLOAD_BODY,
     tags=["image data"],
 )
@@ -321,7 +349,18 @@ async def upload_image(request: Request, image_id: str) -> Response:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > st.max_image_size:
         raise too_large(int(declared), st.max_image_size, image_id)
-    await call(svc.catalog.claim_upload, image_id)
+    with svc.slots.hold(request.headers.get("x-auth-token", ""), image_id):
+        return await _receive_upload(request, svc, image_id)
+
+
+async def _receive_upload(request: Request, svc: Service, image_id: str) -> Response:
+    st = svc.settings
+    # The record as claimed: its formats cannot change from here on (see Catalog.update),
+    # so the safety check below judges the data against the values fixed now.
+    rec = await call(svc.catalog.claim_upload, image_id)
+    if rec.disk_format is None or rec.container_format is None:
+        await call(svc.catalog.release_upload, image_id)
+        raise bad_request("disk_format and container_format must be set before uploading data")
     started = time.monotonic()
     staged = svc.store.begin_write(image_id)
     pipe = UploadPipeline(staged, pool=svc.blocks, max_size=st.max_image_size)

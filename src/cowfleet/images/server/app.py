@@ -19,6 +19,7 @@ from cowfleet.images.server.auth import TokenAuth
 from cowfleet.images.server.catalog import Catalog
 from cowfleet.images.server.errors import error_body, status_for
 from cowfleet.images.server.settings import ServerSettings
+from cowfleet.images.server.slots import UploadSlots
 from cowfleet.images.server.store import FilesystemStore
 from cowfleet.images.server.upload import BlockPool
 
@@ -54,7 +55,13 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.service = Service(settings, catalog, store, BlockPool(settings.upload_block))
+    app.state.service = Service(
+        settings,
+        catalog,
+        store,
+        BlockPool(settings.upload_block),
+        UploadSlots(settings.max_uploads, settings.max_uploads_per_token),
+    )
     app.include_router(router)
 
     @app.exception_handler(CowfleetError)
