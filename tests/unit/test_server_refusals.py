@@ -258,3 +258,24 @@ def test_uploads_over_the_caps_get_503_with_retry_after(tmp_path: Path) -> None:
             assert r.status_code == 204
 
     asyncio.run(asyncio.wait_for(run(), 20))
+
+
+def test_an_image_stored_with_invalid_text_before_the_fix_can_be_listed_and_deleted(
+    tmp_path: Path,
+) -> None:
+    app = create_app(settings(tmp_path))
+    svc = app.state.service
+    iid = "6f1c1c0e-5d0a-4a55-9a43-8a0d1b1f0c12"
+    # Written as a server without the checks did (straight into the catalog; the
+    # JSON columns take such text, SQLite's text columns do not).
+    svc.catalog.create(iid, fields={"name": "old"}, properties={"p": "\udfff"}, tags=("\ud800",))
+    with TestClient(app) as c:
+        r = c.get(f"/v2/images/{iid}", headers=AUTH)
+        assert r.status_code == 200 and r.json()["p"] == "\udfff"
+        assert b'"p":"\\udfff"' in r.content and r.json()["tags"] == ["\ud800"]
+        r = c.get("/v2/images", headers=AUTH)
+        assert r.status_code == 200 and [i["id"] for i in r.json()["images"]] == [iid]
+        ops = [{"op": "remove", "path": "/p"}, {"op": "replace", "path": "/tags", "value": []}]
+        r = c.patch(f"/v2/images/{iid}", json=ops, headers=PATCH)
+        assert r.status_code == 200 and r.json()["tags"] == [] and "p" not in r.json()
+        assert c.delete(f"/v2/images/{iid}", headers=AUTH).status_code == 204

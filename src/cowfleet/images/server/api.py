@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -38,7 +37,7 @@ from cowfleet.images.server.validate import (
     check_uuid,
     parse_create,
 )
-from cowfleet.images.server.views import image_json
+from cowfleet.images.server.views import ImageResponse, image_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,7 +180,7 @@ _CREATE_BODY = {
     openapi_extra=_CREATE_BODY,
     tags=["images"],
 )
-async def create_image(request: Request) -> JSONResponse:
+async def create_image(request: Request) -> ImageResponse:
     svc = service(request)
     req = parse_create(await read_json(request, ("application/json",)))
     check_property_quota(len(req.properties), svc.settings.property_quota)
@@ -192,7 +191,7 @@ async def create_image(request: Request) -> JSONResponse:
         svc.catalog.create, image_id, fields=fields, properties=req.properties, tags=req.tags
     )
     log.info("created image %s (%s)", rec.id, rec.name)
-    return JSONResponse(
+    return ImageResponse(
         image_json(rec), status_code=201, headers={"Location": f"/v2/images/{rec.id}"}
     )
 
@@ -215,7 +214,7 @@ def list_images(
     container_format: schemas.ContainerFormat | None = None,
     visibility: schemas.Visibility | Literal["all"] | None = None,
     owner: str | None = None,
-) -> JSONResponse:
+) -> ImageResponse:
     svc = service(request)
     st = svc.settings
     if limit is None:
@@ -252,7 +251,7 @@ def list_images(
     }
     if more and page:
         body["next"] = "/v2/images?" + urlencode({**query, "marker": page[-1].id})
-    return JSONResponse(body)
+    return ImageResponse(body)
 
 
 @router.get(
@@ -261,9 +260,9 @@ def list_images(
     responses=schemas.error_responses(401, 404),
     tags=["images"],
 )
-def show_image(request: Request, image_id: str) -> JSONResponse:
+def show_image(request: Request, image_id: str) -> ImageResponse:
     rec = service(request).catalog.get(image_id_or_404(image_id))
-    return JSONResponse(image_json(rec))
+    return ImageResponse(image_json(rec))
 
 
 _PATCH_BODY = {
@@ -285,7 +284,7 @@ _PATCH_BODY = {
     openapi_extra=_PATCH_BODY,
     tags=["images"],
 )
-async def update_image(request: Request, image_id: str) -> JSONResponse:
+async def update_image(request: Request, image_id: str) -> ImageResponse:
     svc = service(request)
     image_id = image_id_or_404(image_id)
     rec = await call(svc.catalog.get, image_id)
@@ -300,7 +299,7 @@ async def update_image(request: Request, image_id: str) -> JSONResponse:
         properties=result.properties,
         tags=result.tags,
     )
-    return JSONResponse(image_json(rec))
+    return ImageResponse(image_json(rec))
 
 
 @router.delete(

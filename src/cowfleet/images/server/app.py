@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> FastAPI:
-    """Build the app: open (and migrate) the catalog, tidy the store after a crash."""
+    """Build the app: open (and migrate) the catalog, tidy the store after a crash (staging
+    leftovers, and image files no active image explains once ``orphan_grace`` old)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = FilesystemStore(
         settings.images_dir,
@@ -39,6 +40,7 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
     store.clean_staging()
     catalog = catalog or Catalog.open(settings.database_url)
     catalog.reset_saving()
+    store.reconcile(catalog.active_ids(), grace=settings.orphan_grace)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -231,6 +231,11 @@ class Catalog:
                 raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
             return _record(row)
 
+    def active_ids(self) -> set[str]:
+        """Ids of every active image (those whose data the store must keep)."""
+        with self._session() as s:
+            return set(s.scalars(select(ImageRow.id).where(ImageRow.status == ACTIVE)))
+
     def list_page(
         self,
         *,
