@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import require_env
 from tests.fixtures.images import ImageService
-from tests.integration.test_server_http import OCTETS, PATCH, create
+from tests.integration.test_server_http import OCTETS, PATCH, create, raw_partial_upload, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -193,6 +193,35 @@ def test_slow_or_missing_headers_are_closed_after_the_timeout(
         assert http.get("/v2/images").status_code == 200
         time.sleep(2)
         assert http.get("/v2/images").status_code == 200
+
+
+# -- uploads in flight ----------------------------------------------------------------
+
+
+def test_uploads_over_the_caps_get_503_with_retry_after(
+    image_service_factory: Callable[..., ImageService],
+) -> None:
+    svc = image_service_factory(
+        settings={"COWFLEET_IMAGES_MAX_UPLOADS": "3", "COWFLEET_IMAGES_MAX_UPLOADS_PER_TOKEN": "2"}
+    )
+    with httpx.Client(base_url=svc.url, headers=svc.headers, timeout=30) as http:
+        ids = [create(http) for _ in range(3)]
+
+        def saving() -> int:
+            return len(http.get("/v2/images", params={"status": "saving"}).json()["images"])
+
+        # Two stalled uploads (2 MiB sent of 64: the server reads them from the socket).
+        stalled = [raw_partial_upload(svc, iid, 64 * MIB, b"s" * 2 * MIB) for iid in ids[:2]]
+        wait_for(lambda: saving() == 2)
+        r = http.put(f"/v2/images/{ids[2]}/file", content=b"x" * 4096, headers=OCTETS)
+        assert r.status_code == 503, r.text
+        assert int(r.headers["retry-after"]) > 0 and "with this token" in r.json()["message"]
+        assert http.get(f"/v2/images/{ids[2]}").json()["status"] == "queued"
+        for s in stalled:
+            s.close()
+        wait_for(lambda: saving() == 0)
+        r = http.put(f"/v2/images/{ids[2]}/file", content=b"x" * 4096, headers=OCTETS)
+        assert r.status_code == 204, r.text
 
 
 # -- store reconciliation -------------------------------------------------------------
