@@ -70,6 +70,13 @@ def test_invalid_text_on_patch_is_400_and_not_stored(client: TestClient, op: str
     assert client.delete(url, headers=AUTH).status_code == 204
 
 
+def test_body_that_is_not_utf8_is_400(client: TestClient) -> None:
+    for raw in (b'{"name": "\xff"}', b'{"prop": "\xed\xa0\x80"}'):  # the second: UTF-8d surrogate
+        r = client.post("/v2/images", content=raw, headers=JSON)
+        assert r.status_code == 400, r.text
+    assert client.get("/v2/images", headers=AUTH).json()["images"] == []
+
+
 def test_deep_json_is_400(client: TestClient) -> None:
     for depth in (9, 100_000):
         r = raw_json(client, "POST", "/v2/images", "[" * depth + "]" * depth, JSON)
