@@ -21,6 +21,13 @@ TOML layout (all keys optional)::
     database = "sqlite:///..."           # server
     host = "127.0.0.1"
     port = 9292
+    property_quota = 128                 # server: properties per image (413 above)
+    max_uploads = 16                     # server: uploads in flight (503 above)
+    max_uploads_per_token = 4            # server: uploads in flight per token
+    max_header_bytes = 65536             # server: request line + headers (431 above)
+    header_timeout = 30.0                # server: s to send a request's headers
+    orphan_grace = 3600.0                # server: s before a file no record explains goes
+    allow_insecure_token_file = false    # client & server: accept a token file others can read
 
     [cache]
     force_raw = false
@@ -71,6 +78,13 @@ DEFAULT_IMAGE_PORT = 9292
 DEFAULT_IMAGE_HOST = "127.0.0.1"
 # The image service keeps an image in the page cache from its second download on.
 DEFAULT_CACHE_MIN_USES = 2
+# Image service limits (Glance's image_property_quota is 128 too).
+DEFAULT_PROPERTY_QUOTA = 128
+DEFAULT_MAX_UPLOADS = 16
+DEFAULT_MAX_UPLOADS_PER_TOKEN = 4
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_HEADER_TIMEOUT = 30.0
+DEFAULT_ORPHAN_GRACE = 3600.0
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 DEFAULT_MAX_UNUSED_AGE = 86400.0  # Nova's remove_unused_original_minimum_age_seconds
 DEFAULT_PART_MAX_AGE = 3600.0
@@ -114,6 +128,13 @@ class Config:
     images_port: int = DEFAULT_IMAGE_PORT
     images_direct_io: bool = True
     images_cache_min_uses: int = DEFAULT_CACHE_MIN_USES
+    images_property_quota: int = DEFAULT_PROPERTY_QUOTA
+    images_max_uploads: int = DEFAULT_MAX_UPLOADS
+    images_max_uploads_per_token: int = DEFAULT_MAX_UPLOADS_PER_TOKEN
+    images_max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    images_header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    images_orphan_grace: float = DEFAULT_ORPHAN_GRACE
+    images_allow_insecure_token_file: bool = False
     # node cache
     force_raw: bool = False
     fetch_concurrency: int = 4
@@ -278,6 +299,13 @@ SETTING_ROWS: tuple[Setting, ...] = (
     Setting("images_port", int, at_least=1, at_most=65535),
     Setting("images_direct_io", bool),
     Setting("images_cache_min_uses", int, at_least=0),
+    Setting("images_property_quota", int, at_least=0),
+    Setting("images_max_uploads", int, at_least=1),
+    Setting("images_max_uploads_per_token", int, at_least=1),
+    Setting("images_max_header_bytes", int, at_least=1024),
+    Setting("images_header_timeout", float, above=0),
+    Setting("images_orphan_grace", float, at_least=0),
+    Setting("images_allow_insecure_token_file", bool),
     Setting("force_raw", bool),
     Setting("fetch_concurrency", int, at_least=1),
     Setting("fetch_deadline", float, above=0),
@@ -310,6 +338,13 @@ _ENV = {
     "COWFLEET_IMAGES_DATABASE": "images_database",
     "COWFLEET_IMAGES_DIRECT_IO": "images_direct_io",
     "COWFLEET_IMAGES_CACHE_MIN_USES": "images_cache_min_uses",
+    "COWFLEET_IMAGES_PROPERTY_QUOTA": "images_property_quota",
+    "COWFLEET_IMAGES_MAX_UPLOADS": "images_max_uploads",
+    "COWFLEET_IMAGES_MAX_UPLOADS_PER_TOKEN": "images_max_uploads_per_token",
+    "COWFLEET_IMAGES_MAX_HEADER_BYTES": "images_max_header_bytes",
+    "COWFLEET_IMAGES_HEADER_TIMEOUT": "images_header_timeout",
+    "COWFLEET_IMAGES_ORPHAN_GRACE": "images_orphan_grace",
+    "COWFLEET_IMAGES_ALLOW_INSECURE_TOKEN_FILE": "images_allow_insecure_token_file",
     "COWFLEET_FORCE_RAW": "force_raw",
     "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
     "COWFLEET_MAX_UNUSED_AGE": "max_unused_age",
@@ -339,6 +374,13 @@ _TOML: dict[tuple[str, ...], str] = {
     ("images", "port"): "images_port",
     ("images", "direct_io"): "images_direct_io",
     ("images", "cache_min_uses"): "images_cache_min_uses",
+    ("images", "property_quota"): "images_property_quota",
+    ("images", "max_uploads"): "images_max_uploads",
+    ("images", "max_uploads_per_token"): "images_max_uploads_per_token",
+    ("images", "max_header_bytes"): "images_max_header_bytes",
+    ("images", "header_timeout"): "images_header_timeout",
+    ("images", "orphan_grace"): "images_orphan_grace",
+    ("images", "allow_insecure_token_file"): "images_allow_insecure_token_file",
     ("cache", "force_raw"): "force_raw",
     ("cache", "fetch_concurrency"): "fetch_concurrency",
     ("cache", "fetch_deadline"): "fetch_deadline",

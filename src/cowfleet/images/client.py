@@ -27,7 +27,6 @@ import httpx
 from cowfleet.errors import (
     BackendUnavailableError,
     ConflictError,
-    LocalIOError,
     NotFoundError,
     RemoteError,
     TimeoutError_,
@@ -37,6 +36,7 @@ from cowfleet.errors import (
 from cowfleet.images.body import upload_body
 from cowfleet.images.http import raise_for_status, send, transport_error
 from cowfleet.images.models import Image
+from cowfleet.images.token_file import read_token_file
 from cowfleet.images.transfer import CHUNK_SIZE, Progress, download_to
 
 if TYPE_CHECKING:
@@ -131,18 +131,18 @@ class ImageClient:
     @classmethod
     def from_config(cls, cfg: Config) -> ImageClient:
         """Endpoint from ``cfg.endpoint``; token from ``cfg.image_token``, else the token
-        file (``cfg.token_file``) when it exists, else none (a Glance without keystone)."""
+        file (``cfg.token_file``, refused when others may read it) when it exists, else
+        none (a Glance without keystone)."""
         token = cfg.image_token
         if not token:
             path = cfg.token_file
             try:
-                token = path.read_text(encoding="utf-8").strip() or None
+                token = (
+                    read_token_file(path, allow_insecure=cfg.images_allow_insecure_token_file)
+                    or None
+                )
             except FileNotFoundError:
                 token = None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise LocalIOError(
-                    f"cannot read the image service token file {path}: {exc}"
-                ) from exc
         return cls(cfg.endpoint, token, retries=cfg.fetch_retries)
 
     # -- plumbing ------------------------------------------------------------------

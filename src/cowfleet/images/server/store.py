@@ -32,8 +32,10 @@ import logging
 import mmap
 import os
 import secrets
+import stat
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -313,3 +315,43 @@ class FilesystemStore:
         if removed:
             log.warning("removed %d staging leftover(s) from %s", removed, self.staging_dir)
         return removed
+
+    def reconcile(
+        self, keep: Collection[str], *, grace: float, now: float | None = None
+    ) -> list[str]:
+        """At start: remove each file under ``images/`` that no id in ``keep`` (the
+        active images) explains and that was last written more than ``grace`` seconds
+        ago (a kill between the catalog delete and the file delete leaves one; the grace
+        spares a file another process has just renamed into place). Returns the names
+        removed; each is logged. Folders are left alone (and logged)."""
+        entries: list[tuple[str, float]] = []
+        for entry in os.scandir(self.images_dir):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                log.warning("unexpected folder in the image store left alone: %s", entry.path)
+                continue
+            entries.append((entry.name, st.st_mtime))
+        doomed = orphans(entries, keep, grace=grace, now=time.time() if now is None else now)
+        for name in doomed:
+            path = self.images_dir / name
+            try:
+                size = path.lstat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot remove orphan store file %s: %s", path, exc.strerror)
+                continue
+            log.warning("removed %s (%d bytes): no active image has this id", path, size)
+        return doomed
+
+
+def orphans(
+    entries: Iterable[tuple[str, float]], keep: Collection[str], *, grace: float, now: float
+) -> list[str]:
+    """The plan of :meth:`FilesystemStore.reconcile`: the names (with their mtimes) in
+    ``entries`` that are not in ``keep`` and older than ``grace`` seconds at ``now``."""
+    return sorted(name for name, mtime in entries if name not in keep and now - mtime > grace)
