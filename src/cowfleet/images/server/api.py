@@ -29,7 +29,12 @@ from cowfleet.images.server.patch import PATCH_MEDIA_TYPES, apply_patch
 from cowfleet.images.server.ranges import parse_range
 from cowfleet.images.server.settings import ServerSettings
 from cowfleet.images.server.store import FilesystemStore
-from cowfleet.images.server.upload import BlockPool, UploadPipeline, too_large
+from cowfleet.images.server.upload import (
+    BlockPool,
+    UploadPipeline,
+    check_qcow2_tables,
+    too_large,
+)
 from cowfleet.images.server.validate import check_uuid, parse_create
 from cowfleet.images.server.views import image_json
 
@@ -351,6 +356,8 @@ async def upload_image(request: Request, image_id: str) -> Response:
             rec.disk_format, result.inspection, max_virtual_size=st.max_virtual_size
         )
         verdict.raise_if_unsafe(image_id=image_id)
+        if result.inspection.format == "qcow2":
+            await call(check_qcow2_tables, staged)
         received = time.monotonic()
         await call(svc.store.commit, staged)
         committed = True
