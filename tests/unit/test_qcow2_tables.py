@@ -27,6 +27,14 @@ COMPRESSED = 1 << 62
 EXTL2 = 1 << 4
 
 
+@pytest.fixture(autouse=True, params=["fast", "entry-by-entry"])
+def l2_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: with the whole-table L2 check, and with the loop alone."""
+    if request.param != "fast":
+        monkeypatch.setattr(qt, "MAX_META_SET", -1)
+    return str(request.param)
+
+
 def image(
     *, clusters: int = 3, ext: bool = False, snapshots: int = 0, compressed: bool = True
 ) -> bytearray:
@@ -78,6 +86,25 @@ def test_valid_image_passes() -> None:
     r = check(image())
     assert (r.l1_tables, r.l2_tables, r.data_clusters, r.compressed_clusters) == (1, 1, 3, 2)
     assert r.refcount_blocks == 1
+
+
+def test_whole_table_check_agrees_with_the_loop(
+    l2_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[bool] = []
+    fast = qt._Checker.l2_table_fast
+
+    def spy(self: qt._Checker, buf: bytes) -> bool:
+        taken.append(fast(self, buf))
+        return taken[-1]
+
+    monkeypatch.setattr(qt._Checker, "l2_table_fast", spy)
+    data = image(compressed=False, clusters=40)
+    struct.pack_into(">Q", data, L2 + 50 * 8, 1)  # a zero cluster (bit 0), no offset
+    struct.pack_into(">Q", data, L2 + 51 * 8, DATA | 1)  # preallocated zero cluster
+    r = check(data)
+    assert (r.data_clusters, r.compressed_clusters) == (41, 0)
+    assert taken == ([True] if l2_path == "fast" else [False])
 
 
 def test_valid_extended_l2_image_passes() -> None:
