@@ -6,6 +6,7 @@ L1 table (clusters 0-3), then one L2 table (cluster 4) and data clusters after i
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -326,3 +327,24 @@ def test_staged_upload_is_checked_with_its_buffered_tail(tmp_path: Path, direct:
         check_qcow2_tables(staged)
     assert info.value.context["image_id"] == staged.image_id
     store.abort(staged)
+
+
+def test_disk_inspect_runs_the_table_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cowfleet.cli.main import main
+
+    monkeypatch.setenv("COWFLEET_HOME", str(tmp_path / "home"))
+    good = tmp_path / "good.qcow2"
+    good.write_bytes(image())
+    assert main(["disk", "inspect", "--declared-format", "qcow2", str(good)]) == 0
+    bad = tmp_path / "bad.qcow2"
+    data = image()
+    struct.pack_into(">Q", data, L1, (200 * CS) | COPIED)
+    bad.write_bytes(data)
+    capsys.readouterr()
+    args = ["disk", "inspect", "--output", "json", "--declared-format", "qcow2", str(bad)]
+    assert main(args) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert out["safe"] is False
+    assert [f["code"] for f in out["failures"]] == ["l2-table-past-end"]
