@@ -12,6 +12,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cowfleet.errors import ImageFormatError, LocalIOError, UnsafeImageError
 from cowfleet.formats import qcow2_tables as qt
@@ -235,6 +237,9 @@ def test_snapshot_l1_tables_are_checked() -> None:
     refused(_with_snapshot(here, [L2 + 64 * CS]), "l2-table-past-end")
     refused(_with_snapshot(here + 256 * CS, [L2]), "l1-table-past-end")
     refused(_with_snapshot(L1, [L2]), "metadata-overlap")
+    data = _with_snapshot(here, [L2])
+    struct.pack_into(">I", data, 60, 70_000)  # more snapshots than qemu allows
+    assert "70000 snapshots" in str(refused(data, "invalid-header"))
 
 
 class Recorder:
@@ -348,3 +353,49 @@ def test_disk_inspect_runs_the_table_check(
     out = json.loads(capsys.readouterr().out)
     assert out["safe"] is False
     assert [f["code"] for f in out["failures"]] == ["l2-table-past-end"]
+
+
+# (offset, format) of the header fields that place tables: l1_size, l1_table_offset,
+# refcount_table_offset, refcount_table_clusters, nb_snapshots, snapshots_offset.
+HEADER_FIELDS = [(36, ">I"), (40, ">Q"), (48, ">Q"), (56, ">I"), (60, ">I"), (64, ">Q")]
+_SEEDS = [bytes(image()), bytes(image(ext=True)), bytes(_with_snapshot(9 * CS, [L2]))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(_SEEDS),
+    edits=st.lists(
+        st.tuples(st.integers(0, 12 * CS), st.integers(0, 2**64 - 1)), min_size=1, max_size=6
+    ),
+    header=st.lists(st.tuples(st.sampled_from(HEADER_FIELDS), st.integers(0, 2**64 - 1))),
+    cut=st.one_of(st.none(), st.integers(CS, 12 * CS)),
+)
+def test_hostile_entries_never_crash(
+    seed: bytes,
+    edits: list[tuple[int, int]],
+    header: list[tuple[tuple[int, str], int]],
+    cut: int | None,
+) -> None:
+    """Any values in the table fields of the header and anywhere past it: a verdict
+    (or a header qemu would refuse), never a crash, and no more reading than the file."""
+    data = bytearray(seed)
+    for (offset, fmt), value in header:
+        struct.pack_into(fmt, data, offset, value % (1 << (8 * struct.calcsize(fmt))))
+    for where, value in edits:
+        where = CS + (where & ~7) % max(8, len(data) - CS - 8)
+        struct.pack_into(">Q", data, where, value)
+    if cut is not None:
+        del data[cut:]
+    try:
+        h = parse_header(bytes(data[:CS]), file_size=len(data))
+    except ImageFormatError:
+        return
+    rec = Recorder(bytes(data))
+    try:
+        qt.check_tables(h, rec, len(data))
+    except UnsafeImageError as exc:
+        assert exc.failures[0].code in FAILURE_CODES
+    except ImageFormatError as exc:
+        assert "short read" not in str(exc)  # the file did not change
+    assert sum(n for _off, n in rec.reads) <= 4 * len(data)
+    assert all(n <= max(qt.READ_STEP, CS) for _off, n in rec.reads)

@@ -31,7 +31,7 @@ from typing import Any
 
 from cowfleet.errors import ImageFormatError, LocalIOError, UnsafeImageError
 from cowfleet.formats.inspection import Qcow2Header
-from cowfleet.formats.qcow2 import MAX_L1_BYTES, parse_header
+from cowfleet.formats.qcow2 import MAX_L1_BYTES, MAX_SNAPSHOTS, parse_header
 
 Read = Callable[[int, int], bytes]
 """``read(offset, length)``: up to ``length`` bytes of the file at ``offset``."""
@@ -170,6 +170,13 @@ class _Checker:
             h.refcount_table_clusters * self.cs,
             "refcount-table-past-end",
         )
+        if h.nb_snapshots > MAX_SNAPSHOTS:
+            raise self.fail(
+                "invalid-header",
+                f"qcow2 image claims {h.nb_snapshots} snapshots (qemu allows {MAX_SNAPSHOTS})",
+                "snapshot table",
+                h.snapshots_offset,
+            )
         pos = h.snapshots_offset
         for n in range(h.nb_snapshots):
             what = f"snapshot table entry {n}"
