@@ -17,6 +17,7 @@ made read-only (0444) and renamed into place while holding the base's lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -122,7 +123,8 @@ def _ensure_base(
                 with open(tmp, "wb") as fh:
                     fh.truncate(size)  # sparse
             except OSError as exc:
-                cls = StorageFullError if exc.errno in (28, 122) else LocalIOError
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                cls = StorageFullError if full else LocalIOError
                 raise cls(f"cannot create {tmp}: {exc.strerror}", path=str(tmp)) from exc
             runner(format_argv(tmp), timeout=300.0)
             with open(tmp, "rb+") as fh:
