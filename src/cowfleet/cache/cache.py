@@ -301,6 +301,11 @@ class ImageCache:
                         sink.close()
                     part.close()
             self._check_policy(image_id, disk_format, inspection)
+            if inspection.format == "qcow2":
+                from cowfleet.formats.qcow2_tables import check_file
+
+                # The stream judged the header; the tables' entries need the whole file.
+                check_file(paths.part.name, dir_fd=dir_fd, image_id=image_id)
             result = self._install(dir_fd, paths, image, disk_format, algo, value, inspection)
         except (BackendUnavailableError, TimeoutError_):
             # Transport trouble: keep the .part and its record for a later resume.

@@ -10,6 +10,7 @@ it with one ``utime`` call instead of rewriting the record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -130,7 +131,7 @@ def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFullError(f"no space left writing {path}", path=str(path)) from exc
         raise LocalIOError(f"cannot write {path}: {exc.strerror}", path=str(path)) from exc
 

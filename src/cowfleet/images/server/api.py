@@ -29,7 +29,7 @@ from cowfleet.images.server.ranges import parse_range
 from cowfleet.images.server.settings import ServerSettings
 from cowfleet.images.server.slots import UploadSlots
 from cowfleet.images.server.store import FilesystemStore
-from cowfleet.images.server.upload import BlockPool, UploadPipeline, too_large
+from cowfleet.images.server.upload import BlockPool, UploadPipeline, check_qcow2_tables, too_large
 from cowfleet.images.server.validate import (
     MAX_JSON_DEPTH,
     check_document,
@@ -389,6 +389,8 @@ async def _receive_upload(request: Request, svc: Service, image_id: str) -> Resp
             rec.disk_format, result.inspection, max_virtual_size=st.max_virtual_size
         )
         verdict.raise_if_unsafe(image_id=image_id)
+        if result.inspection.format == "qcow2":
+            await call(check_qcow2_tables, staged)
         received = time.monotonic()
         await call(svc.store.commit, staged)
         committed = True
