@@ -3,7 +3,8 @@
 # own venv so the integration tier can check cowfleet's image client against it, and export
 # COWFLEET_TEST_GLANCE_VENV. Idempotent: a venv that already runs glance 33 is kept.
 # The venv also gets pyuwsgi (glance-api is served as a WSGI app; uWSGI handles chunked
-# uploads with http-chunked-input) and a copy of the stock glance-api-paste.ini at
+# uploads with http-chunked-input; the tests serve it both as --http11-socket and as plain
+# --http-socket) and a copy of the stock glance-api-paste.ini at
 # $VENV/etc/glance/glance-api-paste.ini for the test fixture.
 
 _cf_glance_setup() {

@@ -3,7 +3,8 @@
 set -euo pipefail
 PKGS=(
   qemu-utils                    # qemu-img: conversion, checks, the agreement tests
-  e2fsprogs dosfstools util-linux  # mkfs.* and mkswap for ephemeral/swap bases
+  e2fsprogs dosfstools util-linux  # mkfs.* and mkswap for ephemeral/swap bases; prlimit
+                                # (resource limits of qemu-img on untrusted images)
   curl                          # benchmark baseline
 )
 if [[ "${1:-}" == "--full" ]]; then

@@ -1,7 +1,9 @@
 """The one configuration object: defaults < TOML file < ``COWFLEET_*`` env < flags.
 
 Built once at the entry point (:func:`load`) and handed down; no other module
-reads the environment. Every path defaults to somewhere under ``home``.
+reads the environment. Every path defaults to somewhere under ``home``. Each
+setting's type and range are one :class:`Setting` row in :data:`SETTING_ROWS`;
+a value is checked where it is read, so an error names its source.
 
 TOML layout (all keys optional)::
 
@@ -19,6 +21,13 @@ TOML layout (all keys optional)::
     database = "sqlite:///..."           # server
     host = "127.0.0.1"
     port = 9292
+    property_quota = 128                 # server: properties per image (413 above)
+    max_uploads = 16                     # server: uploads in flight (503 above)
+    max_uploads_per_token = 4            # server: uploads in flight per token
+    max_header_bytes = 65536             # server: request line + headers (431 above)
+    header_timeout = 30.0                # server: s to send a request's headers
+    orphan_grace = 3600.0                # server: s before a file no record explains goes
+    allow_insecure_token_file = false    # client & server: accept a token file others can read
 
     [cache]
     force_raw = false
@@ -55,7 +64,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +78,13 @@ DEFAULT_IMAGE_PORT = 9292
 DEFAULT_IMAGE_HOST = "127.0.0.1"
 # The image service keeps an image in the page cache from its second download on.
 DEFAULT_CACHE_MIN_USES = 2
+# Image service limits (Glance's image_property_quota is 128 too).
+DEFAULT_PROPERTY_QUOTA = 128
+DEFAULT_MAX_UPLOADS = 16
+DEFAULT_MAX_UPLOADS_PER_TOKEN = 4
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_HEADER_TIMEOUT = 30.0
+DEFAULT_ORPHAN_GRACE = 3600.0
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 DEFAULT_MAX_UNUSED_AGE = 86400.0  # Nova's remove_unused_original_minimum_age_seconds
 DEFAULT_PART_MAX_AGE = 3600.0
@@ -78,6 +94,8 @@ DEFAULT_VERIFY_RATE = 64 * 1024 * 1024
 DEFAULT_NODE_INTERVAL = 600.0
 DRIVERS = ("libvirt", "none")
 VIRT_TYPES = ("kvm", "qemu")
+# The filesystems compute.ephemeral can make (its MKFS_TEMPLATES; a unit test keeps both equal).
+EPHEMERAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "vfat")
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,13 @@ class Config:
     images_port: int = DEFAULT_IMAGE_PORT
     images_direct_io: bool = True
     images_cache_min_uses: int = DEFAULT_CACHE_MIN_USES
+    images_property_quota: int = DEFAULT_PROPERTY_QUOTA
+    images_max_uploads: int = DEFAULT_MAX_UPLOADS
+    images_max_uploads_per_token: int = DEFAULT_MAX_UPLOADS_PER_TOKEN
+    images_max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    images_header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    images_orphan_grace: float = DEFAULT_ORPHAN_GRACE
+    images_allow_insecure_token_file: bool = False
     # node cache
     force_raw: bool = False
     fetch_concurrency: int = 4
@@ -162,48 +187,144 @@ class Config:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
-# name in env (after COWFLEET_) -> (field, parser)
 def _bool(v: str) -> bool:
     low = v.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
     if low in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"not a boolean: {v!r}")
+    raise ValueError("not a boolean (true/false, yes/no, on/off, 1/0)")
 
 
-_PARSERS: dict[str, Any] = {
-    "home": Path,
-    "instances_path": Path,
-    "max_virtual_size": int,
-    "max_image_size": int,
-    "image_url": str,
-    "image_token": str,
-    "image_token_file": Path,
-    "images_data_dir": Path,
-    "images_database": str,
-    "images_host": str,
-    "images_port": int,
-    "images_direct_io": _bool,
-    "images_cache_min_uses": int,
-    "force_raw": _bool,
-    "fetch_concurrency": int,
-    "fetch_deadline": float,
-    "fetch_retries": int,
-    "max_unused_age": float,
-    "part_max_age": float,
-    "max_cache_bytes": int,
-    "min_free_percent": float,
-    "verify_interval": float,
-    "verify_rate": int,
-    "node_interval": float,
-    "driver": str,
-    "libvirt_uri": str,
-    "virt_type": str,
-    "ephemeral_fs": str,
-}
+@dataclass(frozen=True)
+class Setting:
+    """One setting's type and allowed values: the one place they are spelled.
 
-SETTINGS = frozenset(_PARSERS)
+    ``kind`` is ``int``, ``float``, ``bool``, ``str`` or ``Path``; numbers may have
+    bounds (``at_least``/``above`` below, ``at_most``/``below`` above) and strings
+    a fixed set of ``choices``. :meth:`parse` turns a raw value from a TOML file
+    (already typed), the environment or a flag (text, or typed by argparse) into
+    the value, or raises :class:`ValueError` saying what is wrong with it.
+    """
+
+    name: str
+    kind: type
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def parse(self, raw: Any) -> Any:
+        value = self._typed(raw)
+        if self.kind in (int, float):
+            self._check_range(value)
+        if self.choices and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}")
+        return value
+
+    def _typed(self, raw: Any) -> Any:
+        kind = self.kind
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str):
+                return _bool(raw)
+            raise ValueError("not a boolean")
+        if isinstance(raw, bool):  # bool is an int subclass; true is no number or text
+            raise ValueError(f"a boolean where {_KIND_NAMES[kind]} is expected")
+        if kind is int:
+            if isinstance(raw, int):
+                return raw
+            if isinstance(raw, str):
+                try:
+                    return int(raw.strip(), 10)
+                except ValueError:
+                    raise ValueError("not a whole number") from None
+            raise ValueError("not a whole number")
+        if kind is float:
+            if isinstance(raw, (int, float)):
+                value = float(raw)
+            elif isinstance(raw, str):
+                try:
+                    value = float(raw)
+                except ValueError:
+                    raise ValueError("not a number") from None
+            else:
+                raise ValueError("not a number")
+            if not math.isfinite(value):
+                raise ValueError("not a finite number")
+            return value
+        if kind is Path:
+            if isinstance(raw, Path):
+                return raw
+            if isinstance(raw, str) and raw:
+                return Path(raw)
+            raise ValueError("not a path")
+        if isinstance(raw, str):
+            return raw
+        raise ValueError("not a string")
+
+    def _check_range(self, value: float) -> None:
+        if self.at_least is not None and value < self.at_least:
+            raise ValueError(f"must be at least {_num(self.at_least)}")
+        if self.above is not None and value <= self.above:
+            raise ValueError(f"must be above {_num(self.above)}")
+        if self.at_most is not None and value > self.at_most:
+            raise ValueError(f"must be at most {_num(self.at_most)}")
+        if self.below is not None and value >= self.below:
+            raise ValueError(f"must be below {_num(self.below)}")
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", Path: "a path"}
+
+
+def _num(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+# Every setting, its type and its range. A new setting needs a row here (and a
+# field in Config, a TOML key and, if it has one, an environment variable below).
+SETTING_ROWS: tuple[Setting, ...] = (
+    Setting("home", Path),
+    Setting("instances_path", Path),
+    Setting("max_virtual_size", int, at_least=1),
+    Setting("max_image_size", int, at_least=1),
+    Setting("image_url", str),
+    Setting("image_token", str),
+    Setting("image_token_file", Path),
+    Setting("images_data_dir", Path),
+    Setting("images_database", str),
+    Setting("images_host", str),
+    Setting("images_port", int, at_least=1, at_most=65535),
+    Setting("images_direct_io", bool),
+    Setting("images_cache_min_uses", int, at_least=0),
+    Setting("images_property_quota", int, at_least=0),
+    Setting("images_max_uploads", int, at_least=1),
+    Setting("images_max_uploads_per_token", int, at_least=1),
+    Setting("images_max_header_bytes", int, at_least=1024),
+    Setting("images_header_timeout", float, above=0),
+    Setting("images_orphan_grace", float, at_least=0),
+    Setting("images_allow_insecure_token_file", bool),
+    Setting("force_raw", bool),
+    Setting("fetch_concurrency", int, at_least=1),
+    Setting("fetch_deadline", float, above=0),
+    Setting("fetch_retries", int, at_least=0),
+    Setting("max_unused_age", float, at_least=0),
+    Setting("part_max_age", float, at_least=0),
+    Setting("max_cache_bytes", int, at_least=0),
+    Setting("min_free_percent", float, at_least=0, below=100),
+    Setting("verify_interval", float, at_least=0),
+    Setting("verify_rate", int, at_least=1),
+    Setting("node_interval", float, above=0),
+    Setting("driver", str, choices=DRIVERS),
+    Setting("libvirt_uri", str),
+    Setting("virt_type", str, choices=VIRT_TYPES),
+    Setting("ephemeral_fs", str, choices=EPHEMERAL_FILESYSTEMS),
+)
+_BY_NAME = {s.name: s for s in SETTING_ROWS}
+
+SETTINGS = frozenset(_BY_NAME)
 
 _ENV = {
     "COWFLEET_HOME": "home",
@@ -217,6 +338,13 @@ _ENV = {
     "COWFLEET_IMAGES_DATABASE": "images_database",
     "COWFLEET_IMAGES_DIRECT_IO": "images_direct_io",
     "COWFLEET_IMAGES_CACHE_MIN_USES": "images_cache_min_uses",
+    "COWFLEET_IMAGES_PROPERTY_QUOTA": "images_property_quota",
+    "COWFLEET_IMAGES_MAX_UPLOADS": "images_max_uploads",
+    "COWFLEET_IMAGES_MAX_UPLOADS_PER_TOKEN": "images_max_uploads_per_token",
+    "COWFLEET_IMAGES_MAX_HEADER_BYTES": "images_max_header_bytes",
+    "COWFLEET_IMAGES_HEADER_TIMEOUT": "images_header_timeout",
+    "COWFLEET_IMAGES_ORPHAN_GRACE": "images_orphan_grace",
+    "COWFLEET_IMAGES_ALLOW_INSECURE_TOKEN_FILE": "images_allow_insecure_token_file",
     "COWFLEET_FORCE_RAW": "force_raw",
     "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
     "COWFLEET_MAX_UNUSED_AGE": "max_unused_age",
@@ -246,6 +374,13 @@ _TOML: dict[tuple[str, ...], str] = {
     ("images", "port"): "images_port",
     ("images", "direct_io"): "images_direct_io",
     ("images", "cache_min_uses"): "images_cache_min_uses",
+    ("images", "property_quota"): "images_property_quota",
+    ("images", "max_uploads"): "images_max_uploads",
+    ("images", "max_uploads_per_token"): "images_max_uploads_per_token",
+    ("images", "max_header_bytes"): "images_max_header_bytes",
+    ("images", "header_timeout"): "images_header_timeout",
+    ("images", "orphan_grace"): "images_orphan_grace",
+    ("images", "allow_insecure_token_file"): "images_allow_insecure_token_file",
     ("cache", "force_raw"): "force_raw",
     ("cache", "fetch_concurrency"): "fetch_concurrency",
     ("cache", "fetch_deadline"): "fetch_deadline",
@@ -265,18 +400,13 @@ _TOML: dict[tuple[str, ...], str] = {
 
 
 def _convert(name: str, raw: Any, origin: str) -> Any:
-    parser = _PARSERS[name]
+    """``raw`` checked against the setting's row; a bad value names the setting and ``origin``."""
     try:
-        if parser is _bool and isinstance(raw, bool):
-            return raw
-        if parser in (int, float) and isinstance(raw, bool):
-            raise ValueError("booleans are not numbers")
-        value = parser(raw) if not isinstance(raw, Path) or parser is not Path else raw
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("not a finite number")
-        return value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{origin}: invalid value for {name}: {raw!r} ({exc})") from exc
+        return _BY_NAME[name].parse(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid setting {name} = {raw!r} (from {origin}): {exc}", setting=name, origin=origin
+        ) from exc
 
 
 def _flavors_from_toml(table: Any, origin: str) -> tuple[FlavorSpec, ...]:
@@ -338,8 +468,13 @@ def load(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build the configuration. ``flags`` values of ``None`` mean "not given"."""
+    """Build the configuration. ``flags`` values of ``None`` mean "not given".
+
+    ``flag_names`` maps a setting to the option that set it (``images_port`` ->
+    ``--port``) so an error names what the user typed; by default ``--images-port``.
+    """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     flavors: tuple[FlavorSpec, ...] = ()
@@ -360,7 +495,7 @@ def load(
                     break
                 node = node[k]
             else:
-                values[name] = _convert(name, node, origin)
+                values[name] = _convert(name, node, f"{origin}, key {'.'.join(keys)}")
         for section in ("limits", "images", "cache", "node", "compute"):
             sec = data.get(section, {})
             if not isinstance(sec, dict):
@@ -373,47 +508,17 @@ def load(
 
     for var, name in _ENV.items():
         if env.get(var):
-            values[name] = _convert(name, env[var], f"environment {var}")
+            values[name] = _convert(name, env[var], f"environment variable {var}")
 
     for name, raw in (flags or {}).items():
         if raw is None:
             continue
-        if name not in _PARSERS:
+        if name not in _BY_NAME:
             raise ConfigError(f"unknown setting {name!r}")
-        values[name] = _convert(name, raw, f"--{name.replace('_', '-')}")
+        flag = (flag_names or {}).get(name) or f"--{name.replace('_', '-')}"
+        values[name] = _convert(name, raw, f"command-line flag {flag}")
 
     home = Path(values.pop("home", DEFAULT_HOME)).expanduser()
     home = home if home.is_absolute() else Path.cwd() / home
     instances = Path(values.pop("instances_path", home / "instances")).expanduser()
-    cfg = Config(home=home, instances_path=instances.absolute(), flavors=flavors, **values)
-    _validate(cfg)
-    return cfg
-
-
-def _validate(cfg: Config) -> None:
-    if cfg.driver not in DRIVERS:
-        raise ConfigError(f"driver must be one of {', '.join(DRIVERS)}, not {cfg.driver!r}")
-    if cfg.virt_type not in VIRT_TYPES:
-        allowed = ", ".join(VIRT_TYPES)
-        raise ConfigError(f"virt_type must be one of {allowed}, not {cfg.virt_type!r}")
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name in ("max_virtual_size", "max_image_size", "fetch_concurrency") and v <= 0:
-            raise ConfigError(f"{f.name} must be positive, not {v}")
-    for name in (
-        "max_unused_age",
-        "part_max_age",
-        "max_cache_bytes",
-        "verify_interval",
-        "images_cache_min_uses",
-    ):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} must not be negative, not {getattr(cfg, name)}")
-    if not (0 <= cfg.min_free_percent < 100):
-        raise ConfigError(f"min_free_percent must be in [0, 100), not {cfg.min_free_percent}")
-    if cfg.verify_rate <= 0:
-        raise ConfigError(f"verify_rate must be positive, not {cfg.verify_rate}")
-    if cfg.node_interval <= 0:
-        raise ConfigError(f"node_interval must be positive, not {cfg.node_interval}")
-    if not (0 < cfg.images_port < 65536):
-        raise ConfigError(f"images port out of range: {cfg.images_port}")
+    return Config(home=home, instances_path=instances.absolute(), flavors=flavors, **values)

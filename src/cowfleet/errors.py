@@ -11,7 +11,9 @@ documented exit code (see ``docs/exit-codes.md`` and :data:`EXIT_CODES`).
     ├── UsageError                     exit 2   bad arguments, bad configuration
     │   └── ConfigError                exit 2
     ├── LocalIOError                   exit 2   a local file could not be read/written
-    │   └── StorageFullError           exit 2   ENOSPC / EDQUOT while writing
+    │   ├── StorageFullError           exit 2   ENOSPC / EDQUOT while writing
+    │   └── UnsafeFileError            exit 2   a symlink, hard link, non-regular file or
+    │                                           someone else's file where ours must be
     ├── ImageFormatError               exit 3   bytes are not a readable image
     │   └── UnsafeImageError           exit 3   the safety policy refused the image
     ├── NotFoundError                  exit 4   image, base, flavor, server unknown
@@ -63,6 +65,10 @@ class LocalIOError(CowfleetError):
 
 class StorageFullError(LocalIOError):
     """The filesystem ran out of space (or quota) while writing."""
+
+
+class UnsafeFileError(LocalIOError):
+    """A name was refused: a symlink, a hard link, not a regular file, or not ours."""
 
 
 class ImageFormatError(CowfleetError):

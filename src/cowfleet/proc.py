@@ -2,17 +2,20 @@
 
 Every external program cowfleet runs (qemu-img, mkfs, mkswap, ...) goes through
 :func:`run`. Untrusted input gets :class:`Limits` (CPU seconds and address
-space, like ``prlimit``) and a wall-clock timeout.
+space) and a wall-clock timeout. The limits are set by util-linux ``prlimit``
+put in front of the argv (``prlimit --cpu=30 --as=2147483648 -- qemu-img ...``),
+as Nova does: ``preexec_fn`` would run Python code between fork and exec, which
+is unsafe in a process with threads (the image service, the node daemon).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import resource
+import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cowfleet.errors import CommandError, NotFoundError, TimeoutError_
@@ -20,23 +23,24 @@ from cowfleet.errors import CommandError, NotFoundError, TimeoutError_
 log = logging.getLogger(__name__)
 
 
+PRLIMIT = "prlimit"  # util-linux: sets the limits, then execs the program (same pid)
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits applied in the child before exec."""
+    """Resource limits (soft = hard) for the child, set by ``prlimit`` before it execs."""
 
     cpu_seconds: int | None = 30
     address_space: int | None = 2 * 1024**3
 
-    def preexec(self) -> Callable[[], None]:
-        cpu, mem = self.cpu_seconds, self.address_space
-
-        def apply() -> None:
-            if cpu is not None:
-                resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-            if mem is not None:
-                resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-
-        return apply
+    def prefix(self) -> list[str]:
+        """``prlimit --cpu=N --as=N --``, or nothing when no limit is set."""
+        opts = []
+        if self.cpu_seconds is not None:
+            opts.append(f"--cpu={self.cpu_seconds}")
+        if self.address_space is not None:
+            opts.append(f"--as={self.address_space}")
+        return [PRLIMIT, *opts, "--"] if opts else []
 
 
 UNTRUSTED = Limits()
@@ -70,20 +74,28 @@ def run(
         raise ValueError("empty argv")
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("LC_ALL", "C")
+    command = args
+    prefix = limits.prefix() if limits is not None else []
+    if prefix:
+        # Resolved here so that a missing program is still "not found", not an exit
+        # code of prlimit.
+        program = shutil.which(args[0], path=full_env.get("PATH", os.defpath))
+        if program is None:
+            raise NotFoundError(f"program not found: {args[0]}", argv=args)
+        command = [*prefix, program, *args[1:]]
     start = time.monotonic()
     try:
         proc = subprocess.run(
-            args,
+            command,
             capture_output=True,
             text=True,
             timeout=timeout,
-            preexec_fn=limits.preexec() if limits else None,
             env=full_env,
             input=input_text,
             check=False,
         )
     except FileNotFoundError as exc:
-        raise NotFoundError(f"program not found: {args[0]}", argv=args) from exc
+        raise NotFoundError(f"program not found: {command[0]}", argv=args) from exc
     except subprocess.TimeoutExpired as exc:
         raise TimeoutError_(
             f"{os.path.basename(args[0])} did not finish within {timeout} s", argv=args
@@ -92,7 +104,7 @@ def run(
         raise CommandError(f"cannot run {args[0]}: {exc.strerror}", argv=args) from exc
     seconds = time.monotonic() - start
     result = Completed(tuple(args), proc.returncode, proc.stdout, proc.stderr, seconds)
-    log.debug("ran %s rc=%s in %.3fs", args, proc.returncode, seconds)
+    log.debug("ran %s rc=%s in %.3fs", command, proc.returncode, seconds)
     if check and proc.returncode not in ok_codes:
         raise CommandError(
             f"{os.path.basename(args[0])} failed",

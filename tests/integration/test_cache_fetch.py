@@ -247,6 +247,44 @@ def test_fetch_by_name_and_cli_verify_exit_codes(image_service: Any, tmp_path: P
     assert again.returncode == 7 and "failed verification" in again.stderr
 
 
+def test_cli_fetch_brings_the_kernel_and_ramdisk_too(image_service: Any, tmp_path: Path) -> None:
+    from cowfleet.cache.layout import base_name
+
+    kernel, ramdisk = _image_bytes(MiB, seed=11), _image_bytes(2 * MiB, seed=12)
+    root = _image_bytes(3 * MiB, seed=13)
+    kid = _upload(image_service, kernel, "aki")
+    rid = _upload(image_service, ramdisk, "ari")
+    iid = _upload(image_service, root, "ami", kernel_id=kid, ramdisk_id=rid)
+    cfg = _cfg(tmp_path, image_service.url)
+    out = subprocess.run(
+        _fetch_cmd(cfg, iid, image_service.token_file), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    # Today's main fetched only the root image: _base held one file.
+    assert _leftovers(cfg) == sorted(base_name(i) for i in (iid, kid, rid))
+    for image_id, data in ((iid, root), (kid, kernel), (rid, ramdisk)):
+        assert (cfg.base_dir / base_name(image_id)).read_bytes() == data, image_id
+    got = json.loads(out.stdout)
+    assert (got["image_id"], got["kernel"]["image_id"], got["ramdisk"]["image_id"]) == (
+        iid,
+        kid,
+        rid,
+    )
+    assert got["fetched"] and got["kernel"]["fetched"] and got["ramdisk"]["fetched"]
+    assert Path(got["kernel"]["path"]) == cfg.base_dir / base_name(kid)
+
+    # Again, in human form: all three already cached (the links read from the base's metadata).
+    human = [
+        a for a in _fetch_cmd(cfg, iid, image_service.token_file) if a not in ("--output", "json")
+    ]
+    again = subprocess.run(human, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    assert len(lines) == 3 and all("already cached" in line for line in lines), again.stdout
+    assert lines[1].startswith(f"  kernel: {cfg.base_dir / base_name(kid)} (")
+    assert lines[2].startswith(f"  ramdisk: {cfg.base_dir / base_name(rid)} (")
+
+
 def test_symlinks_planted_in_base_dir(image_service: Any, tmp_path: Path) -> None:
     data = _image_bytes(2 * MiB, seed=6)
     iid = _upload(image_service, data)

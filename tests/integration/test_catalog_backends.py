@@ -171,6 +171,31 @@ def test_update_replaces_fields_and_properties(catalog: Catalog) -> None:
         catalog.update(new_id(), fields={}, properties={})
 
 
+def test_formats_change_only_while_queued(catalog: Catalog) -> None:
+    iid = make(catalog, "f")
+    assert (
+        catalog.update(iid, fields={"disk_format": "qcow2"}, properties={}).disk_format == "qcow2"
+    )
+    catalog.claim_upload(iid)
+    for fields in ({"disk_format": "raw"}, {"container_format": "ovf"}, {"disk_format": "qcow2"}):
+        with pytest.raises(ConflictError) as exc:
+            catalog.update(iid, fields={"name": "renamed", **fields}, properties={"p": "v"})
+        assert exc.value.context["reason"] == "not queued"
+        assert exc.value.context["status"] == "saving"
+    rec = catalog.get(iid)
+    assert (rec.disk_format, rec.container_format, rec.name) == ("qcow2", "bare", "f")
+    assert rec.properties == {}  # the refused updates wrote nothing
+    assert catalog.update(iid, fields={"name": "ok"}, properties={}).name == "ok"
+    catalog.finish_upload(
+        iid, size=1, virtual_size=1, checksum="c", os_hash_algo="sha512", os_hash_value="h"
+    )
+    with pytest.raises(ConflictError):
+        catalog.update(iid, fields={"container_format": "ovf"}, properties={})
+    with pytest.raises(NotFoundError):
+        catalog.update(new_id(), fields={"disk_format": "raw"}, properties={})
+    assert catalog.active_ids() == {iid}
+
+
 def test_pagination_visits_every_image_once_in_order(catalog: Catalog) -> None:
     names = ["b", None, "a", "c", "a", "d", None]
     ids = {make(catalog, n) for n in names}

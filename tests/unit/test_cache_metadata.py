@@ -47,6 +47,23 @@ def test_symlinked_metadata_is_not_followed(tmp_path: Path) -> None:
     assert md.read_meta(tmp_path / "link.json") is None
 
 
+def test_fifo_or_hard_link_at_a_metadata_path_reads_as_none_without_hanging(
+    tmp_path: Path,
+) -> None:
+    os.mkfifo(tmp_path / "fifo.json")
+    got: list[object] = []
+    reader = threading.Thread(
+        target=lambda: got.append(md.read_json(tmp_path / "fifo.json")), daemon=True
+    )
+    reader.start()
+    reader.join(timeout=5)
+    assert got == [None]  # on a FIFO a plain open(O_RDONLY) waits for a writer forever
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"image_id": "x"}')
+    os.link(elsewhere, tmp_path / "linked.json")
+    assert md.read_json(tmp_path / "linked.json") is None
+
+
 def test_readers_never_see_a_half_written_record(tmp_path: Path) -> None:
     p = tmp_path / "m.json"
     md.write_meta(p, META)

@@ -121,3 +121,24 @@ def test_bad_property_and_empty_set_are_usage_errors(
     )
     assert main(["image", "set", "img"]) == 2
     assert requests == []  # refused before anything was sent
+
+
+def test_download_to_a_folder_or_missing_parent_fails_before_any_request(
+    requests: list[httpx.Request], capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    assert main(["image", "download", "img", "--file", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["image", "download", "img", "--file", str(tmp_path / "no" / "img")]) == 2
+    assert "no" in capsys.readouterr().err
+    assert requests == []  # nothing was asked of the service
+
+
+def test_download_refuses_a_symlink_at_the_destination(
+    requests: list[httpx.Request], capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / "img").symlink_to(victim)
+    assert main(["image", "download", "img", "--file", str(tmp_path / "img")]) == 2
+    assert "refusing to follow symlink" in capsys.readouterr().err
+    assert victim.read_bytes() == b"keep" and requests == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,11 +45,30 @@ def test_missing_program_and_timeout() -> None:
         proc.run([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.3)
 
 
-def test_limits_are_applied_in_the_child() -> None:
+def test_limits_are_a_prlimit_prefix_not_a_preexec_fn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real prlimit is exercised in tests/integration/test_proc_limits.py.
+    calls: list[tuple[list[str], dict[str, object]]] = []
+
+    def fake_run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append((argv, kw))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
     limits = proc.Limits(cpu_seconds=7, address_space=1536 * 1024**2)
-    code = "import resource as r; print(r.getrlimit(r.RLIMIT_CPU)[0], r.getrlimit(r.RLIMIT_AS)[0])"
-    out = proc.run([sys.executable, "-c", code], limits=limits)
-    assert out.stdout.split() == ["7", str(1536 * 1024**2)]
+    done = proc.run([sys.executable, "-c", "pass"], limits=limits)
+    argv, kw = calls[0]
+    limit_as = f"--as={1536 * 1024**2}"
+    assert argv == ["prlimit", "--cpu=7", limit_as, "--", sys.executable, "-c", "pass"]
+    assert "preexec_fn" not in kw
+    assert done.argv == (sys.executable, "-c", "pass")  # errors and logs name the program
+    proc.run([sys.executable], limits=proc.Limits(cpu_seconds=None, address_space=1 << 30))
+    assert calls[1][0][:3] == ["prlimit", f"--as={1 << 30}", "--"]
+    proc.run([sys.executable], limits=proc.Limits(cpu_seconds=None, address_space=None))
+    proc.run([sys.executable])
+    assert calls[2][0] == calls[3][0] == [sys.executable]
+    with pytest.raises(NotFoundError, match="program not found: cowfleet-no-such-program"):
+        proc.run(["cowfleet-no-such-program"], limits=limits)
+    assert len(calls) == 4
 
 
 def test_exit_codes_are_distinct_per_class() -> None:

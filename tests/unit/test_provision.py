@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -382,7 +383,7 @@ def test_overlay_failure_half_way_rolls_back(env: Env, monkeypatch: pytest.Monke
     def failing(out: Path, *a: Any, **kw: Any) -> Any:
         seen.append(out)
         if out.name == "disk.swap":
-            raise OSError(28, "No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real(out, *a, **kw)
 
     monkeypatch.setattr(provision, "write_overlay", failing)

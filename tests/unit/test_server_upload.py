@@ -13,7 +13,6 @@ import pytest
 from cowfleet.errors import IntegrityError
 from cowfleet.images.server.store import FilesystemStore
 from cowfleet.images.server.upload import BlockPool, UploadPipeline
-from tests.conftest import o_direct_works
 from tests.unit.hostile_corpus import MIB, qcow2
 
 
@@ -156,12 +155,12 @@ def test_page_cache_settings_reach_the_store_and_the_service(tmp_path: Path) -> 
         [100_000] * 90,
     ],
 )
-def test_direct_writes_keep_every_byte_whatever_the_sizes(tmp_path: Path, sizes: list[int]) -> None:
+def test_direct_writes_keep_every_byte_whatever_the_sizes(
+    direct_io_dir: Path, sizes: list[int]
+) -> None:
     import os
 
-    if not o_direct_works(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
-    fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")
+    fs = FilesystemStore(direct_io_dir / "images", direct_io_dir / "staging")
     iid = str(uuid.uuid4())
     staged = fs.begin_write(iid)
     assert staged.direct
@@ -177,16 +176,14 @@ def test_direct_writes_keep_every_byte_whatever_the_sizes(tmp_path: Path, sizes:
 
 
 def test_aligned_blocks_go_straight_to_disk_and_odd_ones_through_the_buffer(
-    tmp_path: Path,
+    direct_io_dir: Path,
 ) -> None:
     import mmap
     import os
 
     from cowfleet.images.server.store import DIRECT_ALIGN
 
-    if not o_direct_works(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
-    fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")
+    fs = FilesystemStore(direct_io_dir / "images", direct_io_dir / "staging")
     iid = str(uuid.uuid4())
     staged = fs.begin_write(iid)
     block = mmap.mmap(-1, 16 * DIRECT_ALIGN)
@@ -211,12 +208,12 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes_and_no_leftover(
 
     real_open = os.open
 
-    def refuse_direct(path: Any, flags: int, mode: int = 0o777) -> int:
+    def refuse_direct(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
         if flags & os.O_DIRECT:
-            fd = real_open(path, flags & ~os.O_DIRECT, mode)  # created, then refused,
+            fd = real_open(path, flags & ~os.O_DIRECT, mode, **kw)  # created, then refused,
             os.close(fd)  # as the kernel does it
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, mode)
+        return real_open(path, flags, mode, **kw)
 
     monkeypatch.setattr(os, "open", refuse_direct)
     fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")
@@ -231,16 +228,14 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes_and_no_leftover(
 
 
 def test_disk_full_during_a_direct_write_is_storage_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    direct_io_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
 
     from cowfleet.errors import StorageFullError
     from cowfleet.images.server import store as store_mod
 
-    if not o_direct_works(tmp_path):
-        pytest.skip("this filesystem refuses O_DIRECT")
-    fs = FilesystemStore(tmp_path / "images", tmp_path / "staging")
+    fs = FilesystemStore(direct_io_dir / "images", direct_io_dir / "staging")
     staged = fs.begin_write(str(uuid.uuid4()))
 
     def full(fd: int, data: Any) -> int:

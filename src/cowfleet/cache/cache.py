@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from cowfleet import safeopen
 from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import BasePaths, Layout, canonical_image_id
 from cowfleet.cache.lock import SlotLimiter, base_lock
@@ -260,7 +261,7 @@ class ImageCache:
         image = self._get_image(client, image_id, deadline)
         disk_format, algo, value, size = self._validate_image(image)
         limiter = SlotLimiter(self.layout.locks_dir, self.cfg.fetch_concurrency)
-        dir_fd = os.open(self.layout.base_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = safeopen.open_dir(self.layout.base_dir)
         started = self.monotonic()
         try:
             with limiter.hold(deadline=deadline):
@@ -300,6 +301,11 @@ class ImageCache:
                         sink.close()
                     part.close()
             self._check_policy(image_id, disk_format, inspection)
+            if inspection.format == "qcow2":
+                from cowfleet.formats.qcow2_tables import check_file
+
+                # The stream judged the header; the tables' entries need the whole file.
+                check_file(paths.part.name, dir_fd=dir_fd, image_id=image_id)
             result = self._install(dir_fd, paths, image, disk_format, algo, value, inspection)
         except (BackendUnavailableError, TimeoutError_):
             # Transport trouble: keep the .part and its record for a later resume.

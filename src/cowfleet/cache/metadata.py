@@ -10,6 +10,7 @@ it with one ``utime`` call instead of rewriting the record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cowfleet.errors import LocalIOError, StorageFullError
+from cowfleet import safeopen
+from cowfleet.errors import LocalIOError, StorageFullError, UnsafeFileError
 from cowfleet.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFullError(f"no space left writing {path}", path=str(path)) from exc
         raise LocalIOError(f"cannot write {path}: {exc.strerror}", path=str(path)) from exc
 
@@ -140,9 +142,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    # Through safeopen: a FIFO planted at a metadata path must not hang a daemon, and a
+    # symlink or hard link must not lend another file's content.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = safeopen.open_path(path)
+    except UnsafeFileError as exc:
+        log.warning("ignoring metadata file: %s", exc)
+        return None
+    except LocalIOError:
         return None
     try:
         raw = os.read(fd, 1 << 16)

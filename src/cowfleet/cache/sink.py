@@ -7,7 +7,8 @@ service (see :mod:`cowfleet.cache.fetch`). It
 - hashes every byte (the image's ``os_hash_algo``, usually sha512, else md5);
 - feeds the format inspector (which stops looking once it has what it needs);
 - writes to a ``.part`` file it created with ``O_CREAT|O_EXCL|O_NOFOLLOW``
-  relative to the directory fd, leaving holes for all-zero 64 KiB blocks;
+  relative to the directory fd (:mod:`cowfleet.safeopen`), leaving holes for
+  all-zero 64 KiB blocks;
 - on :meth:`finish`, checks length and digest, truncates to the full size (so
   trailing zeros stay holes) and fsyncs.
 
@@ -24,11 +25,11 @@ import hmac
 import logging
 import os
 import queue
-import stat
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from cowfleet import safeopen
 from cowfleet.errors import IntegrityError, LocalIOError, StorageFullError
 from cowfleet.formats.inspection import Inspection
 from cowfleet.fsutil import WRITEBACK_STEP, start_writeback
@@ -78,25 +79,18 @@ class PartFile:
 
     @classmethod
     def create(cls, dir_fd: int, name: str, display: str) -> PartFile:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
-        except OSError as exc:
-            raise _oserror(exc, "creating", display) from exc
+        fd = safeopen.create(dir_fd, name, display=display, mode=0o644, write_flags=os.O_WRONLY)
         return cls(fd, name, display, 0)
 
     @classmethod
     def reopen(cls, dir_fd: int, name: str, display: str) -> PartFile:
-        """Open an existing ``.part`` for resuming; it must be a plain file of ours."""
+        """Open an existing ``.part`` for resuming; it must be a plain file of ours
+        (see :func:`cowfleet.safeopen.open_existing`)."""
         try:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError as exc:
+            fd = safeopen.open_existing(dir_fd, name, display=display, flags=os.O_RDWR)
+        except FileNotFoundError as exc:
             raise _oserror(exc, "reopening", display) from exc
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
-            os.close(fd)
-            raise LocalIOError(f"{display} is not a private regular file", path=display)
-        return cls(fd, name, display, st.st_size)
+        return cls(fd, name, display, os.fstat(fd).st_size)
 
     def write(self, chunk: bytes | memoryview) -> None:
         n = len(chunk)

@@ -13,7 +13,7 @@ from cowfleet.config import Config
 from cowfleet.units import human_bytes
 
 if TYPE_CHECKING:
-    from cowfleet.cache.cache import ImageCache
+    from cowfleet.cache.cache import CachedBase, ImageCache
     from cowfleet.images.client import ImageClient
 
 VERIFY_FAILED_EXIT = 7  # same as IntegrityError
@@ -122,27 +122,41 @@ def cmd_fetch(args: argparse.Namespace, cfg: Config) -> int:
     ref: str = args.image
     image_id = canonical_image_id(ref) if is_image_id(ref) else cache.client.find(ref).id
     start = time.monotonic()
-    base = cache.ensure_cached(image_id)
+    # The image and the kernel/ramdisk its kernel_id/ramdisk_id name: what an instance needs.
+    got = cache.ensure_cached_with_deps(image_id)
     seconds = time.monotonic() - start
     if args.output == "json":
         print_json(
             {
-                "image_id": base.image_id,
-                "path": str(base.path),
-                "format": base.format,
-                "virtual_size": base.virtual_size,
-                "size": base.size,
-                "fetched": base.fetched,
+                **_base_json(got.root),
+                "kernel": _base_json(got.kernel) if got.kernel else None,
+                "ramdisk": _base_json(got.ramdisk) if got.ramdisk else None,
                 "seconds": round(seconds, 3),
             }
         )
     else:
-        what = "fetched" if base.fetched else "already cached"
-        print(
-            f"{base.path} ({what}, {base.format}, {_gib(base.virtual_size)} virtual, "
-            f"{seconds:.2f}s)"
-        )
+        print(f"{_base_line(got.root)}, {seconds:.2f}s)")
+        for role, base in (("kernel", got.kernel), ("ramdisk", got.ramdisk)):
+            if base is not None:
+                print(f"  {role}: {_base_line(base)})")
     return 0
+
+
+def _base_json(base: CachedBase) -> dict[str, object]:
+    return {
+        "image_id": base.image_id,
+        "path": str(base.path),
+        "format": base.format,
+        "virtual_size": base.virtual_size,
+        "size": base.size,
+        "fetched": base.fetched,
+    }
+
+
+def _base_line(base: CachedBase) -> str:
+    """``PATH (fetched, FORMAT, SIZE virtual`` (the caller closes the parenthesis)."""
+    what = "fetched" if base.fetched else "already cached"
+    return f"{base.path} ({what}, {base.format}, {_gib(base.virtual_size)} virtual"
 
 
 def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:

@@ -16,6 +16,24 @@ from cowfleet.config import Config
 Handler = Callable[[argparse.Namespace, Config], int]
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser that remembers which option sets each destination.
+
+    A bad value for a setting then names the flag the user typed (``--port``),
+    not the setting's own name (``images_port``). Sub-parsers inherit the class.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flag_names: dict[str, str] = {}  # before __init__ adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            self.flag_names[action.dest] = max(action.option_strings, key=len)
+        return action
+
+
 def common_parent(*, output: bool = True) -> argparse.ArgumentParser:
     """Options every command takes: ``--config``, ``--home``, ``--output`` (if it prints)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -57,7 +75,8 @@ def add_command(
     p: argparse.ArgumentParser = sub.add_parser(
         name, help=help_text, description=help_text, parents=[common_parent(output=output)]
     )
-    p.set_defaults(handler=handler)
+    # The dict fills as the caller adds options; build_config reads it.
+    p.set_defaults(handler=handler, flag_names=getattr(p, "flag_names", {}))
     return p
 
 
@@ -74,7 +93,9 @@ def build_config(args: argparse.Namespace) -> Config:
         for name, value in vars(args).items()
         if name in config_mod.SETTINGS and value is not None
     }
-    return config_mod.load(getattr(args, "config", None), flags=flags)
+    return config_mod.load(
+        getattr(args, "config", None), flags=flags, flag_names=getattr(args, "flag_names", None)
+    )
 
 
 def to_jsonable(obj: Any) -> Any:

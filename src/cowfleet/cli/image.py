@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cowfleet.cli.common import add_command, print_json, print_table
 from cowfleet.config import Config
@@ -40,10 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _endpoint_opts(p)
     _meta_opts(p, create=True)
 
-    p = add_command(cmds, "upload", _upload, "create an image and upload FILE in one step")
+    p = add_command(
+        cmds, "upload", _upload, "create an image and upload FILE (- for stdin) in one step"
+    )
     _endpoint_opts(p)
     _meta_opts(p, create=True)
-    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image data; - reads standard input")
 
     p = add_command(cmds, "list", _list, "list images")
     _endpoint_opts(p)
@@ -182,16 +184,27 @@ def _create(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _upload(args: argparse.Namespace, cfg: Config) -> int:
-    path: Path = args.file
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
-    with fh, client_factory(cfg) as client:
-        size = path.stat().st_size if path.is_file() else None
+    data: IO[bytes]
+    if args.file == "-":
+        # A pipe has no length: the client sends it chunked. A file redirected to
+        # stdin is regular: its length is known and it can be rewound.
+        from cowfleet.images.body import remaining_size
+
+        data, label = sys.stdin.buffer, "stdin"
+        size = remaining_size(data)
+        closing: AbstractContextManager[Any] = nullcontext()
+    else:
+        path = Path(args.file)
+        try:
+            data = path.open("rb")
+        except OSError as exc:
+            raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
+        label, size = path.name, (path.stat().st_size if path.is_file() else None)
+        closing = data
+    with closing, client_factory(cfg) as client:
         image = client.create(**_create_fields(args))
-        with _progress(f"upload {path.name}", size) as progress:
-            image = client.upload(image.id, fh, size=size, progress=progress)
+        with _progress(f"upload {label}", size) as progress:
+            image = client.upload(image.id, data, size=size, progress=progress)
         _render(args, image)
     return 0
 
@@ -222,6 +235,9 @@ def _show(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _download(args: argparse.Namespace, cfg: Config) -> int:
+    from cowfleet.images.transfer import check_destination
+
+    check_destination(args.dest)  # a folder or unwritable place fails before any fetch
     with client_factory(cfg) as client:
         image = client.find(args.image)
         with _progress(f"download {image.name or image.id}", image.size) as progress:

@@ -58,11 +58,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def serve(args: argparse.Namespace, cfg: Config) -> int:
     import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from cowfleet.images.server import ServerSettings, create_app
+    from cowfleet.images.server.guard import guarded
     from cowfleet.images.server.token import load_or_create_token
 
-    token = load_or_create_token(cfg.token_file)
+    token = load_or_create_token(
+        cfg.token_file, allow_insecure=cfg.images_allow_insecure_token_file
+    )
     settings = ServerSettings.from_config(cfg, token)
     app = create_app(settings)
     config = uvicorn.Config(
@@ -70,7 +74,13 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
         host=cfg.images_host,
         port=cfg.images_port,
         loop="asyncio",  # its loop.sendfile serves downloads zero-copy (uvloop has none)
-        http="httptools",
+        # httptools, behind limits on header size and time (uvicorn has none for it).
+        http=guarded(
+            HttpToolsProtocol,
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout=settings.header_timeout,
+        ),
+        ws="none",
         lifespan="on",
         access_log=False,
         log_level="warning",

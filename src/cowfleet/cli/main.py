@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from cowfleet import __version__
-from cowfleet.cli.common import build_config
+from cowfleet.cli.common import Parser, build_config
 from cowfleet.errors import CowfleetError
 
 log = logging.getLogger("cowfleet")
@@ -50,7 +50,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     HTTP stacks); a node running many ``cowfleet cache fetch`` at once should
     pay only for the group it runs.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cowfleet",
         description="Copy-on-write VM disks on a per-node image cache.",
     )

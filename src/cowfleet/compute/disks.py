@@ -8,6 +8,7 @@ writer (:func:`cowfleet.formats.overlay.build_metadata`).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -76,6 +77,6 @@ def write_overlay(
         finally:
             os.close(fd)
     except OSError as exc:
-        cls = StorageFullError if exc.errno in (28, 122) else LocalIOError
+        cls = StorageFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else LocalIOError
         raise cls(f"cannot write {out}: {exc.strerror}", path=str(out)) from exc
     return size

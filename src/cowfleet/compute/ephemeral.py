@@ -2,32 +2,37 @@
 
 An ephemeral disk is an overlay on a base holding an empty filesystem; a swap
 disk is an overlay on a base made by ``mkswap``. cowfleet makes these bases
-itself, so they are trusted (no inspection), but their names are derived from
-numbers and a fixed vocabulary, never from user strings:
+itself; their names are derived from numbers and a fixed vocabulary, never from
+user strings:
 
 - ``ephemeral_<GiB>_<fs>_<label>_<hash>``: the filesystem and label are part
   of the name and the hash covers the whole mkfs command, so two filesystems
   never share a base (Nova's name ignores the filesystem type).
 - ``swap_<MiB>``.
 
-Bases are built as a sparse raw file under a temporary name, formatted,
-made read-only (0444) and renamed into place while holding the base's lock.
+Bases are built as a sparse raw file under a fresh random temporary name
+(``O_EXCL``), formatted through its descriptor, made read-only (0444) and renamed
+into place while holding the base's lock. Every name is resolved relative to the
+``_base`` folder's descriptor (:mod:`cowfleet.safeopen`). An existing base is used
+only after it is checked again: not a symlink, a regular file with one link owned
+by us or root, and, inspected on that descriptor, raw of exactly its size. A planted
+or altered base is refused with an error, never used as a backing file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+import secrets
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfleet import proc
-from cowfleet.errors import LocalIOError, StorageFullError, ValidationError
+from cowfleet import proc, safeopen
+from cowfleet.errors import LocalIOError, UnsafeFileError, UnsafeImageError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -88,49 +93,94 @@ def swap_base_name(size_mb: int) -> str:
     return f"swap_{size_mb}"
 
 
-@contextlib.contextmanager
-def _temp_file(path: Path) -> Iterator[Path]:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+def _reuse(dir_fd: int, path: Path, size: int) -> LocalBase | None:
+    """The existing base at ``path`` after checking it again, or None when there is none.
+
+    Opened through :mod:`cowfleet.safeopen` (no symlink; a regular file with one link,
+    ours or root's) and inspected on that descriptor: it must be raw (no other format's
+    signature) and exactly ``size`` bytes, as this module makes it. Anything else is
+    refused, never used as a backing file.
+    """
+    from cowfleet.formats.inspector import inspect_fd
+
     try:
-        yield tmp
+        fd = safeopen.open_existing(dir_fd, path.name, display=path)
+    except FileNotFoundError:
+        return None
+    try:
+        inspection = inspect_fd(fd, str(path))
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        os.close(fd)
+    if inspection.format != "raw" or inspection.matches or inspection.virtual_size != size:
+        seen = ", ".join(inspection.matches) or inspection.format
+        raise UnsafeImageError(
+            f"base {path} is not what cowfleet makes (a raw file of {size} bytes): "
+            f"found {seen}, {inspection.virtual_size} bytes",
+            path=str(path),
+        )
+    return LocalBase(path=path, format="raw", virtual_size=size, created=False)
+
+
+def _build(
+    dir_fd: int, path: Path, size: int, format_argv: Callable[[str], list[str]], runner: Runner
+) -> None:
+    """Make the base under a fresh random name (``O_EXCL``), format it through its
+    descriptor, and rename it to ``path`` only while that name still is our file."""
+    tmp_name = f".{path.name}.tmp.{secrets.token_hex(6)}"
+    tmp = path.with_name(tmp_name)
+    fd = safeopen.create(dir_fd, tmp_name, display=tmp, mode=0o600)
+    try:
+        try:
+            os.ftruncate(fd, size)  # sparse
+        except OSError as exc:
+            raise safeopen.io_error(exc, str(tmp), "create") from exc
+        # mkfs opens a path: give it one that reaches our descriptor, whatever
+        # happens to the name in the folder meanwhile.
+        runner(format_argv(safeopen.fd_path(fd)), timeout=300.0)
+        try:
+            os.fsync(fd)
+            os.fchmod(fd, BASE_MODE)
+        except OSError as exc:
+            raise safeopen.io_error(exc, str(tmp), "finish") from exc
+        if not safeopen.same_file(dir_fd, tmp_name, fd):
+            raise UnsafeFileError(f"{tmp} was replaced while being formatted", path=str(tmp))
+        safeopen.rename(dir_fd, tmp_name, dir_fd, path.name, display=path)
+    except BaseException:
+        safeopen.unlink_if_same(dir_fd, tmp_name, fd)
+        raise
+    finally:
+        os.close(fd)
 
 
 def _ensure_base(
     path: Path,
     size: int,
-    format_argv: Callable[[Path], list[str]],
+    format_argv: Callable[[str], list[str]],
     *,
     locks_dir: Path,
     lock: LockFactory,
     runner: Runner,
 ) -> LocalBase:
-    if path.is_file():  # fast path: no lock needed to use an existing base
-        return LocalBase(path=path, format="raw", virtual_size=path.stat().st_size, created=False)
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         locks_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
         raise LocalIOError(f"cannot create {path.parent}: {exc.strerror}") from exc
-    with lock(locks_dir, path.name):
-        if path.is_file():
-            return LocalBase(path, "raw", path.stat().st_size, created=False)
-        with _temp_file(path) as tmp:
+    with safeopen.opened_dir(path.parent) as dir_fd:
+        found = _reuse(dir_fd, path, size)  # fast path: no lock needed to use a base
+        if found is not None:
+            return found
+        with lock(locks_dir, path.name):
+            found = _reuse(dir_fd, path, size)
+            if found is not None:
+                return found
+            _build(dir_fd, path, size, format_argv, runner)
             try:
-                with open(tmp, "wb") as fh:
-                    fh.truncate(size)  # sparse
+                os.fsync(dir_fd)
             except OSError as exc:
-                cls = StorageFullError if exc.errno in (28, 122) else LocalIOError
-                raise cls(f"cannot create {tmp}: {exc.strerror}", path=str(tmp)) from exc
-            runner(format_argv(tmp), timeout=300.0)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, BASE_MODE)
-            os.rename(tmp, path)
-        log.info("created base %s (%d bytes)", path, size)
-        return LocalBase(path=path, format="raw", virtual_size=size, created=True)
+                raise safeopen.io_error(exc, str(path.parent), "sync") from exc
+    log.info("created base %s (%d bytes)", path, size)
+    return LocalBase(path=path, format="raw", virtual_size=size, created=True)
 
 
 def ensure_ephemeral_base(
@@ -148,7 +198,7 @@ def ensure_ephemeral_base(
     return _ensure_base(
         base_dir / name,
         size_gb * GIB,
-        lambda tmp: mkfs_argv(fs, label, tmp),
+        lambda target: mkfs_argv(fs, label, target),
         locks_dir=locks_dir,
         lock=lock,
         runner=runner,
@@ -168,7 +218,7 @@ def ensure_swap_base(
     return _ensure_base(
         base_dir / name,
         size_mb * MIB,
-        lambda tmp: ["mkswap", str(tmp)],
+        lambda target: ["mkswap", target],
         locks_dir=locks_dir,
         lock=lock,
         runner=runner,

@@ -18,6 +18,7 @@ hypervisor is the truth about their state.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -204,7 +205,7 @@ def _claim_target(path: Path) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        if exc.errno == 22:  # EINVAL: not a symlink (planted file): ignore it
+        if exc.errno == errno.EINVAL:  # not a symlink (planted file): ignore it
             return None
         raise LocalIOError(f"cannot read name claim {path}: {exc.strerror}") from exc
     return target if is_uuid(target) else None

@@ -16,6 +16,7 @@ only ever read, never removed or rewritten here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -418,7 +419,8 @@ class Provisioner:
             if claim is not None:
                 inst.release_name(cfg.instances_path, plan.name, uuid)
             if isinstance(exc, OSError):
-                cls = StorageFullError if exc.errno in (28, 122) else LocalIOError
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                cls = StorageFullError if full else LocalIOError
                 raise cls(f"cannot create instance {plan.name}: {exc}", name=plan.name) from exc
             raise
         log.info(

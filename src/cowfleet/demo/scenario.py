@@ -71,8 +71,8 @@ class Server:
 
 @dataclass
 class State:
-    home: Path
-    temp_home: bool
+    home: Path  # a folder the demo made for itself (mkdtemp); cleanup removes just it
+    parent: Path | None  # the --home folder, when the demo created it (removed if left empty)
     run_id: str
     driver: str
     service: ImageService | None = None
@@ -181,13 +181,21 @@ class Demo:
     def _session(self) -> Iterator[State]:
         """Owns everything the demo creates; undoes it on success, error and Ctrl-C."""
         opts = self.opts
+        parent, made_parent = Path("/var/tmp"), False
         if opts.home is not None:
-            home, temp = opts.home.resolve(), False
-            home.mkdir(parents=True, exist_ok=True)
-        else:
-            home, temp = Path(tempfile.mkdtemp(prefix="cowfleet-demo-", dir="/var/tmp")), True
-            home.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the instance folders
-        st = State(home=home, temp_home=temp, run_id=secrets.token_hex(2), driver="none")
+            # DIR may hold the user's own state (its images/ is the default image-service
+            # data folder): the demo works only in a fresh folder of its own inside it.
+            parent = opts.home.resolve()
+            made_parent = not parent.exists()
+            parent.mkdir(parents=True, exist_ok=True)
+        home = Path(tempfile.mkdtemp(prefix="cowfleet-demo-", dir=parent))
+        home.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the instance folders
+        st = State(
+            home=home,
+            parent=parent if made_parent else None,
+            run_id=secrets.token_hex(2),
+            driver="none",
+        )
         previous = signal.getsignal(signal.SIGTERM)
 
         def on_term(signum: int, frame: FrameType | None) -> None:
@@ -574,15 +582,11 @@ class Demo:
         if st.service is not None:
             st.service.stop()
             t.say(f"Stopped the image service (pid {st.service.pid}).")
-        if st.temp_home:
-            shutil.rmtree(st.home, ignore_errors=True)
-            t.say(f"Removed {st.home}.")
-        else:
-            for name in ("node-a", "node-b", "images", "work"):
-                shutil.rmtree(st.home / name, ignore_errors=True)
-            for name in ("node-a.toml", "node-b.toml", "service.toml", "images-serve.log"):
-                (st.home / name).unlink(missing_ok=True)
-            t.say(f"Removed the demo's files from {st.home}.")
+        shutil.rmtree(st.home, ignore_errors=True)
+        t.say(f"Removed {st.home}.")
+        if st.parent is not None:
+            with contextlib.suppress(OSError):  # only when nothing else was put there meanwhile
+                st.parent.rmdir()
 
 
 def traversable(path: Path) -> bool:

@@ -20,6 +20,13 @@ WIDTH = 96
 CONSOLE_PREFIX = "cowfleet-guest:"
 
 
+def _wrap(text: str, width: int) -> str:
+    """``text`` refilled to ``width``; a path or URL is never split (a user copies it)."""
+    return textwrap.fill(
+        " ".join(text.split()), width, break_on_hyphens=False, break_long_words=False
+    )
+
+
 def shell_line(argv: Sequence[str]) -> str:
     """The command as a user would type it (``$ cowfleet ...``)."""
     return "$ " + " ".join(shlex.quote(a) for a in argv)
@@ -140,11 +147,11 @@ class Transcript:
 
     def say(self, text: str) -> None:
         for para in text.split("\n\n"):
-            self._write(textwrap.fill(" ".join(para.split()), WIDTH))
+            self._write(_wrap(para, WIDTH))
 
     def warn(self, text: str) -> None:
         """A loud notice (driver downgrade, generated image): boxed so nobody misses it."""
-        lines = textwrap.wrap(" ".join(text.split()), WIDTH - 4)
+        lines = _wrap(text, WIDTH - 4).splitlines()
         rule = "!" * WIDTH
         self._write(rule)
         for ln in lines:

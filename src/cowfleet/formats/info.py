@@ -132,7 +132,7 @@ def size_to_str(n: int) -> str:
 
 
 def _default_inspect(path: Path) -> Inspection:
-    return inspect_path(path)
+    return inspect_path(path, strict=False)  # a file the user names, and its chain
 
 
 def full_backing_name(image: str, backing: str) -> str:

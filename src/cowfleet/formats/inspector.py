@@ -20,6 +20,7 @@ import stat
 import struct
 from pathlib import Path
 
+from cowfleet import safeopen
 from cowfleet.errors import LocalIOError, UsageError
 from cowfleet.formats import probes
 from cowfleet.formats.inspection import Finding, Inspection
@@ -222,12 +223,31 @@ def inspect_bytes(data: bytes | bytearray | memoryview) -> Inspection:
     return insp.finish()
 
 
-def inspect_path(path: Path) -> Inspection:
-    """Inspect a file, reading only the regions the inspector needs (head, tables, tail)."""
+def inspect_path(path: Path, *, strict: bool = True) -> Inspection:
+    """Inspect a file, reading only the regions the inspector needs (head, tables, tail).
+
+    ``strict`` (files in folders others could write to, such as ``_base``): the file is
+    opened through :mod:`cowfleet.safeopen` (its name no symlink; a regular file with
+    one link owned by us or root, or a block device) and the descriptor that passed
+    those checks is the one inspected. ``strict=False`` is for a file a user names on
+    the command line: symlinks are followed and only the type is checked.
+    """
+    if strict:
+        fd = safeopen.open_path(path, allow_block=True)
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
+        return inspect_fd(fd, str(path))
+    finally:
+        os.close(fd)
+
+
+def inspect_fd(fd: int, display: str) -> Inspection:
+    """Inspect the regular file or block device open on ``fd`` (``display`` names it
+    in errors). Reads with ``pread`` only; the descriptor's offset is not used."""
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
@@ -235,7 +255,7 @@ def inspect_path(path: Path) -> Inspection:
         elif stat.S_ISBLK(st.st_mode):
             size = os.lseek(fd, 0, os.SEEK_END)
         else:
-            raise LocalIOError(f"{path} is not a regular file or block device", path=str(path))
+            raise LocalIOError(f"{display} is not a regular file or block device", path=display)
         insp = Inspector()
         for _ in range(4 * MAX_REQUESTS):
             need = insp.next_needed()
@@ -251,9 +271,7 @@ def inspect_path(path: Path) -> Inspection:
             insp.feed_at(start, os.pread(fd, size - start, start))
         return insp.finish(total_size=size)
     except OSError as exc:
-        raise LocalIOError(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
-    finally:
-        os.close(fd)
+        raise LocalIOError(f"cannot read {display}: {exc.strerror}", path=display) from exc
 
 
-__all__ = ["MAX_CAPTURE", "Inspector", "inspect_bytes", "inspect_path"]
+__all__ = ["MAX_CAPTURE", "Inspector", "inspect_bytes", "inspect_fd", "inspect_path"]

@@ -74,6 +74,13 @@ FAILURE_CODES: dict[str, str] = {
     "snapshots-past-end": "the qcow2 snapshot table lies past the end of the data",
     "table-unaligned": "a qcow2 table offset is not aligned to the cluster size",
     "backing-file-name-past-end": "the backing file name lies past the end of the data",
+    # On-disk checks of the qcow2 tables' entries (cowfleet.formats.qcow2_tables).
+    "l2-table-past-end": "a qcow2 L1 entry names an L2 table past the end of the file",
+    "refcount-block-past-end": "a qcow2 refcount table entry names a block past the file end",
+    "data-cluster-past-end": "a qcow2 L2 entry names a data cluster past the end of the file",
+    "compressed-cluster-past-end": "a qcow2 compressed cluster runs past the end of the file",
+    "table-entry-reserved-bits": "a qcow2 L1, L2 or refcount table entry sets reserved bits",
+    "metadata-overlap": "a qcow2 table or cluster lands on the header or other qcow2 metadata",
     "descriptor-past-end": "the VMDK embedded descriptor lies past the end of the data",
     "descriptor-unreadable": "the VMDK embedded descriptor could not be read",
     "vmdk-zero-capacity": "a VMDK sparse header of capacity 0 (qemu would follow its descriptor)",

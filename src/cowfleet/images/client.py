@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
 import re
 import time
 import uuid
@@ -28,15 +27,16 @@ import httpx
 from cowfleet.errors import (
     BackendUnavailableError,
     ConflictError,
-    LocalIOError,
     NotFoundError,
     RemoteError,
     TimeoutError_,
     UsageError,
     ValidationError,
 )
-from cowfleet.images.http import raise_for_status, transport_error
+from cowfleet.images.body import upload_body
+from cowfleet.images.http import raise_for_status, send, transport_error
 from cowfleet.images.models import Image
+from cowfleet.images.token_file import read_token_file
 from cowfleet.images.transfer import CHUNK_SIZE, Progress, download_to
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ __all__ = ["DownloadStream", "Image", "ImageClient", "Progress"]
 log = logging.getLogger(__name__)
 
 PATCH_MEDIA_TYPE = "application/openstack-images-v2.1-json-patch"
-UPLOAD_CHUNK = 4 * 1024 * 1024
 # Fields Glance keeps as typed attributes (everything else is a string property).
 _INT_FIELDS = frozenset({"min_disk", "min_ram"})
 _BOOL_FIELDS = frozenset({"protected", "os_hidden"})
@@ -132,18 +131,18 @@ class ImageClient:
     @classmethod
     def from_config(cls, cfg: Config) -> ImageClient:
         """Endpoint from ``cfg.endpoint``; token from ``cfg.image_token``, else the token
-        file (``cfg.token_file``) when it exists, else none (a Glance without keystone)."""
+        file (``cfg.token_file``, refused when others may read it) when it exists, else
+        none (a Glance without keystone)."""
         token = cfg.image_token
         if not token:
             path = cfg.token_file
             try:
-                token = path.read_text(encoding="utf-8").strip() or None
+                token = (
+                    read_token_file(path, allow_insecure=cfg.images_allow_insecure_token_file)
+                    or None
+                )
             except FileNotFoundError:
                 token = None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise LocalIOError(
-                    f"cannot read the image service token file {path}: {exc}"
-                ) from exc
         return cls(cfg.endpoint, token, retries=cfg.fetch_retries)
 
     # -- plumbing ------------------------------------------------------------------
@@ -161,18 +160,16 @@ class ImageClient:
     ) -> None:
         self.close()
 
-    def _request(self, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
-        try:
-            try:
-                resp = self._http.request(method, url, **kw)
-            except (httpx.ReadError, httpx.RemoteProtocolError):
-                # A pooled keep-alive connection the server had already closed: safe
-                # to send a read-only request once more on a fresh connection.
-                if method not in ("GET", "HEAD"):
-                    raise
-                resp = self._http.request(method, url, **kw)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.endpoint, what) from exc
+    def _request(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        rewind: Callable[[], bool] | None = None,
+        **kw: Any,
+    ) -> httpx.Response:
+        resp = send(self._http, method, url, what=what, endpoint=self.endpoint, rewind=rewind, **kw)
         raise_for_status(resp, what)
         return resp
 
@@ -205,16 +202,16 @@ class ImageClient:
     def upload(
         self,
         image_id: str,
-        data: IO[bytes] | Iterable[bytes],
+        data: IO[bytes] | Iterable[bytes] | bytes,
         *,
         size: int | None = None,
         progress: Progress | None = None,
     ) -> Image:
-        """``PUT /v2/images/{id}/file``: stream ``data`` (a binary file or an iterable of
-        bytes); sends ``Content-Length`` when the size is known, else chunked."""
-        if size is None and hasattr(data, "fileno"):
-            size = _remaining_size(data)  # type: ignore[arg-type]
-        body = _counting(_chunks(data), size, progress)
+        """``PUT /v2/images/{id}/file``: stream ``data`` (a binary file, bytes or an
+        iterable of bytes); sends ``Content-Length`` when the size is known, else chunked (chunks of
+        at most 512 KiB). Sent again from its start if the connection was stale (see
+        :mod:`.body`)."""
+        body, size = upload_body(data, size, progress)
         headers = {"Content-Type": "application/octet-stream"}
         if size is not None:
             headers["Content-Length"] = str(size)
@@ -226,6 +223,7 @@ class ImageClient:
             self._path(image_id, "/file"),
             what,
             content=body,
+            rewind=body.rewind,
             headers=headers,
             timeout=timeout,
         )
@@ -325,13 +323,16 @@ class ImageClient:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 60.0))
-        try:
-            req = self._http.build_request(
-                "GET", self._path(image_id, "/file"), headers=headers, timeout=timeout
-            )
-            resp = self._http.send(req, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.endpoint, what) from exc
+        resp = send(
+            self._http,
+            "GET",
+            self._path(image_id, "/file"),
+            what=what,
+            endpoint=self.endpoint,
+            stream=True,
+            headers=headers,
+            timeout=timeout,
+        )
         try:
             if resp.status_code >= 300:
                 try:
@@ -449,48 +450,3 @@ def _typed(key: str, value: str | int | bool) -> Any:
             return False
         raise ValidationError(f"{key} must be true or false, not {value!r}")
     return value if isinstance(value, str) else str(value)
-
-
-def _remaining_size(fh: IO[bytes]) -> int | None:
-    try:
-        st = os.fstat(fh.fileno())
-        pos = fh.tell()
-    except (OSError, ValueError, AttributeError):
-        return None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return max(0, st.st_size - pos)
-
-
-def _chunks(data: IO[bytes] | Iterable[bytes]) -> Iterator[bytes]:
-    if hasattr(data, "read"):
-        fh: Any = data
-        while True:
-            try:
-                block = fh.read(UPLOAD_CHUNK)
-            except OSError as exc:
-                raise LocalIOError(f"cannot read upload data: {exc}") from exc
-            if not block:
-                return
-            yield block if isinstance(block, bytes) else bytes(block)
-    else:
-        for block in data:
-            if block:
-                yield block if isinstance(block, bytes) else bytes(block)
-
-
-def _counting(
-    chunks: Iterator[bytes], size: int | None, progress: Progress | None
-) -> Iterator[bytes]:
-    done = 0
-    for block in chunks:
-        done += len(block)
-        if size is not None and done > size:
-            raise ValidationError(f"upload data is longer than the declared {size} bytes")
-        yield block
-        if progress is not None:
-            progress(done, size)
-    if size is not None and done < size:
-        raise ValidationError(f"upload data ended at {done} of the declared {size} bytes")

@@ -1,9 +1,21 @@
-"""The boundary between httpx and the cowfleet error tree (client side)."""
+"""The boundary between httpx and the cowfleet error tree (client side).
+
+:func:`send` is the one place the image client puts a request on the wire. A
+request that went out on a kept-alive connection the server had already closed
+(reset, or closed before any byte of an answer: a server's idle timeout racing
+the reuse, or uWSGI's ``http-socket`` mode, which closes after every answer
+without saying so) is sent again on another connection when that is safe
+(RFC 9112 section 9.3.1): the method is idempotent and the body can be sent
+again (bytes, or a body whose ``rewind()`` says it started over). A request
+that fails on a connection opened for it is not sent again, nor is a POST.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,6 +31,18 @@ from cowfleet.errors import (
     UsageError,
     ValidationError,
 )
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# Each retry takes the next idle pooled connection or opens one; a failure on a
+# connection opened for the request ends it. The cap also covers a transport that
+# reports no connection events (it looks like reuse every time).
+STALE_RETRIES = 3
+# What httpx raises when a connection dies before the answer's headers arrived:
+# reset (ReadError, WriteError) or closed without a byte (RemoteProtocolError,
+# "Server disconnected without sending a response").
+_DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 _TAGS = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
@@ -39,6 +63,82 @@ def transport_error(exc: httpx.HTTPError, endpoint: str, what: str) -> CowfleetE
         f"{what}: connection to image service at {endpoint} failed: {exc or type(exc).__name__}",
         endpoint=endpoint,
     )
+
+
+class _ConnectionWatch:
+    """An httpx ``trace`` extension: did this attempt open a connection of its own?"""
+
+    def __init__(self) -> None:
+        self.opened = False
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event.startswith(("connection.connect_tcp.", "connection.connect_unix_socket.")):
+            self.opened = True
+
+
+def send(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    endpoint: str,
+    stream: bool = False,
+    rewind: Callable[[], bool] | None = None,
+    **kwargs: Any,
+) -> httpx.Response:
+    """Send ``client.build_request(method, url, **kwargs)`` and return its response
+    (read, or open when ``stream``; any status); httpx errors become cowfleet errors.
+
+    A request dropped on a reused connection before its answer began is sent again
+    (see the module doc). ``rewind`` is called before a body that is not plain bytes
+    is sent again; it returns False when the body cannot start over.
+    """
+    method = method.upper()
+    attempt = 0
+    while True:
+        watch = _ConnectionWatch()
+        try:
+            request = client.build_request(method, url, extensions={"trace": watch}, **kwargs)
+            # Judged before sending: reading a body can swap it for bytes (request.read()).
+            plain = rewind is None and isinstance(request.stream, httpx.ByteStream)
+            try:
+                resp = client.send(request, stream=True)
+            except _DROPPED as exc:
+                if not _may_resend(method, plain, watch, attempt, rewind):
+                    raise
+                attempt += 1
+                log.info(
+                    "%s: %s %s dropped on a kept-alive connection before any answer (%s); "
+                    "sending it again on another connection",
+                    what,
+                    method,
+                    request.url.path,
+                    exc or type(exc).__name__,
+                )
+                continue
+            if not stream:
+                try:
+                    resp.read()
+                finally:
+                    resp.close()
+            return resp
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, endpoint, what) from exc
+
+
+def _may_resend(
+    method: str,
+    plain: bool,
+    watch: _ConnectionWatch,
+    attempt: int,
+    rewind: Callable[[], bool] | None,
+) -> bool:
+    if method not in IDEMPOTENT_METHODS or watch.opened or attempt >= STALE_RETRIES:
+        return False
+    if plain:
+        return True  # bytes (or no body): the same bytes go out again
+    return rewind is not None and rewind()
 
 
 def server_message(resp: httpx.Response) -> str:

@@ -1,12 +1,20 @@
 """Downloading an image file to disk: resume by ``Range``, retry with backoff, verify.
 
-:func:`download_to` streams into ``<dest>.part``, hashing while it writes (the
-image's ``os_hash_algo``/``os_hash_value``, else its md5 ``checksum``). After a
-dropped connection it asks for the missing bytes only; a server that answers a
-ranged request with the whole file (200) is read again from byte 0. An existing
-``.part`` from an interrupted run is re-hashed and continued. Only a complete,
-verified file is fsynced and renamed to ``dest``; a mismatch deletes the part
-file and raises :class:`IntegrityError`.
+:func:`download_to` first checks the destination (a folder, a symlink, a missing
+or unwritable folder are refused before any byte is fetched), then streams into
+``<dest>.part``, hashing while it writes (the image's ``os_hash_algo``/
+``os_hash_value``, else its md5 ``checksum``). After a dropped connection it asks for
+the missing bytes only; a server that answers a ranged request with the whole file
+(200) is read again from byte 0. An existing ``.part`` from an interrupted run is
+re-hashed and continued. Only a complete, verified file is fsynced and renamed to
+``dest``; a mismatch raises :class:`IntegrityError`.
+
+Every name is opened through :mod:`cowfleet.safeopen`, relative to the destination
+folder's descriptor: a new ``.part`` is created ``O_EXCL``, an old one is reused only
+when it is a regular file with one link that we own, and the rename replaces
+whatever is at ``dest`` without following it. A failed download removes its
+``.part``, except after a connection failure (or Ctrl-C) that left bytes worth
+resuming.
 
 Receiving and hashing/writing run in two threads (hashlib and ``write`` release
 the GIL on large buffers) joined by a small bounded queue.
@@ -19,6 +27,7 @@ import hashlib
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cowfleet import safeopen
 from cowfleet.errors import (
     BackendUnavailableError,
     ConflictError,
@@ -35,8 +45,9 @@ from cowfleet.errors import (
     RemoteError,
     StorageFullError,
     TimeoutError_,
+    UnsafeFileError,
+    UsageError,
 )
-from cowfleet.fsutil import fsync_dir
 from cowfleet.images.models import Image
 
 log = logging.getLogger(__name__)
@@ -94,6 +105,33 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
+def check_destination(dest: Path) -> None:
+    """Refuse a destination that cannot take the image, before any byte is fetched:
+    a folder, a symlink or other non-regular file, a missing or unwritable folder."""
+    with safeopen.opened_dir(dest.parent) as dir_fd:
+        _check_destination_at(dir_fd, dest)
+
+
+def _check_destination_at(dir_fd: int, dest: Path) -> None:
+    if dest.name in ("", ".", ".."):
+        raise UsageError(f"{dest} names a folder: give a file name", path=str(dest))
+    try:
+        st = os.stat(dest.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise safeopen.io_error(exc, str(dest), "look at") from exc
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{dest} is a folder: give a file name to download to", path=str(dest))
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafeFileError(f"refusing to follow symlink {dest}", path=str(dest))
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{dest} is not a regular file", path=str(dest))
+    if not os.access(".", os.W_OK, dir_fd=dir_fd):
+        raise LocalIOError(f"cannot write to folder {dest.parent}", path=str(dest.parent))
+
+
 def download_to(
     open_download: OpenDownload,
     image: Image,
@@ -106,36 +144,74 @@ def download_to(
     chunk_size: int = CHUNK_SIZE,
 ) -> None:
     """Fetch ``image`` into ``dest`` (see module doc)."""
-    if image.status != "active":
-        raise ConflictError(
-            f"image {image.id} is {image.status}, not active: it has no data to download",
-            image_id=image.id,
-        )
-    expected = Expected.for_image(image)
-    if expected.algo is None:
-        log.warning("image %s: the service gives no checksum; only the size is checked", image.id)
-    part = part_path(dest)
+    dir_fd = safeopen.open_dir(dest.parent)
     try:
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise _local_error(exc, part) from exc
-    try:
-        _fetch(
-            open_download, image, expected, fd, part, retries, progress, backoff, sleep, chunk_size
-        )
+        _check_destination_at(dir_fd, dest)
+        if image.status != "active":
+            raise ConflictError(
+                f"image {image.id} is {image.status}, not active: it has no data to download",
+                image_id=image.id,
+            )
+        expected = Expected.for_image(image)
+        if expected.algo is None:
+            log.warning(
+                "image %s: the service gives no checksum; only the size is checked", image.id
+            )
+        part = part_path(dest)
+        fd = _open_part(dir_fd, part)
         try:
-            os.fsync(fd)
-        except OSError as exc:
-            raise _local_error(exc, part) from exc
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
+            _fetch(
+                open_download,
+                image,
+                expected,
+                fd,
+                part,
+                retries,
+                progress,
+                backoff,
+                sleep,
+                chunk_size,
+            )
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise _local_error(exc, part) from exc
+            if not safeopen.same_file(dir_fd, part.name, fd):
+                raise UnsafeFileError(f"{part} was replaced during the download", path=str(part))
+            safeopen.rename(dir_fd, part.name, dir_fd, dest.name, display=dest)
+            try:
+                os.fsync(dir_fd)
+            except OSError as exc:
+                raise _local_error(exc, dest) from exc
+        except BaseException as exc:
+            if not _worth_resuming(exc, fd):
+                safeopen.unlink_if_same(dir_fd, part.name, fd)
+            raise
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _open_part(dir_fd: int, part: Path) -> int:
+    """The ``.part`` to write: an earlier run's (checked: a regular file, one link,
+    ours) to resume, else a new one (``O_EXCL``: nothing planted is written through)."""
     try:
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
-    except OSError as exc:
-        raise _local_error(exc, dest) from exc
+        return safeopen.open_existing(dir_fd, part.name, display=part, flags=os.O_RDWR)
+    except FileNotFoundError:
+        pass
+    return safeopen.create(dir_fd, part.name, display=part, mode=0o644)
+
+
+def _worth_resuming(exc: BaseException, fd: int) -> bool:
+    """Keep the ``.part`` for a later run only when it holds bytes and the failure was
+    the connection's (or an interrupt); a checksum, size or local failure removes it."""
+    if not isinstance(exc, (BackendUnavailableError, TimeoutError_, KeyboardInterrupt)):
+        return False
+    try:
+        return os.fstat(fd).st_size > 0
+    except OSError:
+        return False
 
 
 def _fetch(
@@ -223,7 +299,6 @@ def _fetch(
                 st.hasher, st.offset = expected.new_hash(), 0
                 _truncate(fd, part)
                 continue
-            _unlink(part)
             raise IntegrityError(
                 f"image {image.id}: {expected.algo} mismatch: expected {expected.digest}, "
                 f"got {actual}",
@@ -321,8 +396,6 @@ def _receive(
                 done = True
                 return
             if isinstance(item, _Failed):
-                if isinstance(item.exc, IntegrityError):
-                    _unlink(part)
                 raise item.exc
             assert isinstance(item, bytes)
             if st.hasher is not None:
@@ -366,11 +439,6 @@ def _truncate(fd: int, part: Path) -> None:
         os.ftruncate(fd, 0)
     except OSError as exc:
         raise _local_error(exc, part) from exc
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
 
 
 def _local_error(exc: OSError, path: Path) -> LocalIOError:

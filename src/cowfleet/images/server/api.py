@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -28,10 +27,17 @@ from cowfleet.images.server.errors import bad_request
 from cowfleet.images.server.patch import PATCH_MEDIA_TYPES, apply_patch
 from cowfleet.images.server.ranges import parse_range
 from cowfleet.images.server.settings import ServerSettings
+from cowfleet.images.server.slots import UploadSlots
 from cowfleet.images.server.store import FilesystemStore
-from cowfleet.images.server.upload import BlockPool, UploadPipeline, too_large
-from cowfleet.images.server.validate import check_uuid, parse_create
-from cowfleet.images.server.views import image_json
+from cowfleet.images.server.upload import BlockPool, UploadPipeline, check_qcow2_tables, too_large
+from cowfleet.images.server.validate import (
+    MAX_JSON_DEPTH,
+    check_document,
+    check_text,
+    check_uuid,
+    parse_create,
+)
+from cowfleet.images.server.views import ImageResponse, image_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +55,7 @@ class Service:
     catalog: Catalog
     store: FilesystemStore
     blocks: BlockPool  # upload buffers, reused from one upload to the next
+    slots: UploadSlots  # uploads in flight, per server and per token
     uses: UseCounts = field(default_factory=UseCounts)  # downloads per image
 
 
@@ -91,9 +98,24 @@ async def read_json(request: Request, allowed: tuple[str, ...]) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad_request(f"malformed JSON in request body: {exc}") from exc
+    except RecursionError:
+        raise bad_request(
+            f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
+    check_document(doc)
+    return doc
+
+
+def check_property_quota(count: int, quota: int) -> None:
+    """413 when an image would hold more than ``quota`` free-form properties."""
+    if count > quota:
+        raise ValidationError(
+            f"an image may hold at most {quota} properties; this request leaves {count}",
+            http_status=413,
+        )
 
 
 router = APIRouter()
@@ -158,9 +180,10 @@ _CREATE_BODY = {
     openapi_extra=_CREATE_BODY,
     tags=["images"],
 )
-async def create_image(request: Request) -> JSONResponse:
+async def create_image(request: Request) -> ImageResponse:
     svc = service(request)
     req = parse_create(await read_json(request, ("application/json",)))
+    check_property_quota(len(req.properties), svc.settings.property_quota)
     fields = dict(req.fields)
     fields.setdefault("owner", svc.settings.owner)
     image_id = req.image_id or str(uuid.uuid4())
@@ -168,7 +191,7 @@ async def create_image(request: Request) -> JSONResponse:
         svc.catalog.create, image_id, fields=fields, properties=req.properties, tags=req.tags
     )
     log.info("created image %s (%s)", rec.id, rec.name)
-    return JSONResponse(
+    return ImageResponse(
         image_json(rec), status_code=201, headers={"Location": f"/v2/images/{rec.id}"}
     )
 
@@ -191,7 +214,7 @@ def list_images(
     container_format: schemas.ContainerFormat | None = None,
     visibility: schemas.Visibility | Literal["all"] | None = None,
     owner: str | None = None,
-) -> JSONResponse:
+) -> ImageResponse:
     svc = service(request)
     st = svc.settings
     if limit is None:
@@ -208,6 +231,8 @@ def list_images(
         "owner": owner,
     }
     filters = {k: v for k, v in given.items() if v is not None and k in FILTER_KEYS}
+    for key, value in filters.items():
+        check_text(value, f"filter {key}")
     if filters.get("visibility") == "all":
         del filters["visibility"]
     if marker is not None:
@@ -226,7 +251,7 @@ def list_images(
     }
     if more and page:
         body["next"] = "/v2/images?" + urlencode({**query, "marker": page[-1].id})
-    return JSONResponse(body)
+    return ImageResponse(body)
 
 
 @router.get(
@@ -235,9 +260,9 @@ def list_images(
     responses=schemas.error_responses(401, 404),
     tags=["images"],
 )
-def show_image(request: Request, image_id: str) -> JSONResponse:
+def show_image(request: Request, image_id: str) -> ImageResponse:
     rec = service(request).catalog.get(image_id_or_404(image_id))
-    return JSONResponse(image_json(rec))
+    return ImageResponse(image_json(rec))
 
 
 _PATCH_BODY = {
@@ -259,12 +284,14 @@ _PATCH_BODY = {
     openapi_extra=_PATCH_BODY,
     tags=["images"],
 )
-async def update_image(request: Request, image_id: str) -> JSONResponse:
+async def update_image(request: Request, image_id: str) -> ImageResponse:
     svc = service(request)
     image_id = image_id_or_404(image_id)
     rec = await call(svc.catalog.get, image_id)
     body = await read_json(request, PATCH_MEDIA_TYPES)
     result = apply_patch(rec, body)
+    if len(result.properties) > len(rec.properties):
+        check_property_quota(len(result.properties), svc.settings.property_quota)
     rec = await call(
         svc.catalog.update,
         image_id,
@@ -272,7 +299,7 @@ async def update_image(request: Request, image_id: str) -> JSONResponse:
         properties=result.properties,
         tags=result.tags,
     )
-    return JSONResponse(image_json(rec))
+    return ImageResponse(image_json(rec))
 
 
 @router.delete(
@@ -301,7 +328,7 @@ _UPLOAD_BODY = {
 @router.put(
     "/v2/images/{image_id}/file",
     status_code=204,
-    responses=schemas.error_responses(400, 401, 404, 408, 409, 410, 413, 415),
+    responses=schemas.error_responses(400, 401, 404, 408, 409, 410, 413, 415, 503),
     openapi_extra=_UPLOAD_BODY,
     tags=["image data"],
 )
@@ -321,7 +348,18 @@ async def upload_image(request: Request, image_id: str) -> Response:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > st.max_image_size:
         raise too_large(int(declared), st.max_image_size, image_id)
-    await call(svc.catalog.claim_upload, image_id)
+    with svc.slots.hold(request.headers.get("x-auth-token", ""), image_id):
+        return await _receive_upload(request, svc, image_id)
+
+
+async def _receive_upload(request: Request, svc: Service, image_id: str) -> Response:
+    st = svc.settings
+    # The record as claimed: its formats cannot change from here on (see Catalog.update),
+    # so the safety check below judges the data against the values fixed now.
+    rec = await call(svc.catalog.claim_upload, image_id)
+    if rec.disk_format is None or rec.container_format is None:
+        await call(svc.catalog.release_upload, image_id)
+        raise bad_request("disk_format and container_format must be set before uploading data")
     started = time.monotonic()
     staged = svc.store.begin_write(image_id)
     pipe = UploadPipeline(staged, pool=svc.blocks, max_size=st.max_image_size)
@@ -351,6 +389,8 @@ async def upload_image(request: Request, image_id: str) -> Response:
             rec.disk_format, result.inspection, max_virtual_size=st.max_virtual_size
         )
         verdict.raise_if_unsafe(image_id=image_id)
+        if result.inspection.format == "qcow2":
+            await call(check_qcow2_tables, staged)
         received = time.monotonic()
         await call(svc.store.commit, staged)
         committed = True

@@ -19,6 +19,7 @@ from cowfleet.images.server.auth import TokenAuth
 from cowfleet.images.server.catalog import Catalog
 from cowfleet.images.server.errors import error_body, status_for
 from cowfleet.images.server.settings import ServerSettings
+from cowfleet.images.server.slots import UploadSlots
 from cowfleet.images.server.store import FilesystemStore
 from cowfleet.images.server.upload import BlockPool
 
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> FastAPI:
-    """Build the app: open (and migrate) the catalog, tidy the store after a crash."""
+    """Build the app: open (and migrate) the catalog, tidy the store after a crash (staging
+    leftovers, and image files no active image explains once ``orphan_grace`` old)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = FilesystemStore(
         settings.images_dir,
@@ -38,6 +40,7 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
     store.clean_staging()
     catalog = catalog or Catalog.open(settings.database_url)
     catalog.reset_saving()
+    store.reconcile(catalog.active_ids(), grace=settings.orphan_grace)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -54,7 +57,13 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.service = Service(settings, catalog, store, BlockPool(settings.upload_block))
+    app.state.service = Service(
+        settings,
+        catalog,
+        store,
+        BlockPool(settings.upload_block),
+        UploadSlots(settings.max_uploads, settings.max_uploads_per_token),
+    )
     app.include_router(router)
 
     @app.exception_handler(CowfleetError)

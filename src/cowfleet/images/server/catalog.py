@@ -129,6 +129,10 @@ WRITABLE = (
 )
 
 
+# What an upload's safety check depends on: fixed once data is being uploaded (Glance).
+FIXED_AFTER_QUEUED = ("disk_format", "container_format")
+
+
 def _record(row: ImageRow) -> ImageRecord:
     return ImageRecord(
         id=row.id,
@@ -227,6 +231,11 @@ class Catalog:
                 raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
             return _record(row)
 
+    def active_ids(self) -> set[str]:
+        """Ids of every active image (those whose data the store must keep)."""
+        with self._session() as s:
+            return set(s.scalars(select(ImageRow.id).where(ImageRow.status == ACTIVE)))
+
     def list_page(
         self,
         *,
@@ -316,7 +325,11 @@ class Catalog:
         properties: Mapping[str, str],
         tags: tuple[str, ...] | None = None,
     ) -> ImageRecord:
-        """Replace writable fields and the whole property map of one image."""
+        """Replace writable fields and the whole property map of one image.
+
+        :data:`FIXED_AFTER_QUEUED` fields change only while the image is queued
+        (ConflictError with ``reason="not queued"`` otherwise).
+        """
         unknown = set(fields) - set(WRITABLE)
         if unknown:
             raise UsageError(f"not writable: {', '.join(sorted(unknown))}")
@@ -325,10 +338,24 @@ class Catalog:
         if tags is not None:
             values["tags"] = list(dict.fromkeys(tags))
         values["updated_at"] = self._clock()
+        where = [ImageRow.id == image_id]
+        fixed = sorted(set(fields) & set(FIXED_AFTER_QUEUED))
+        if fixed:
+            # In the same statement as the write, so an upload claimed meanwhile wins.
+            where.append(ImageRow.status == QUEUED)
         with self._session() as s:
-            res = s.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
+            res = s.execute(update(ImageRow).where(*where).values(**values))
             if res.rowcount == 0:  # type: ignore[attr-defined]
-                raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
+                row = s.get(ImageRow, image_id)
+                if row is None:
+                    raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
+                raise ConflictError(
+                    f"image {image_id} is {row.status}: {' and '.join(fixed)} can only be "
+                    "changed while the image is queued",
+                    image_id=image_id,
+                    status=row.status,
+                    reason="not queued",
+                )
         return self.get(image_id)
 
     def claim_upload(self, image_id: str) -> ImageRecord:

@@ -40,7 +40,7 @@ def status_for(exc: CowfleetError) -> int:
     explicit = exc.context.get("http_status")
     if isinstance(explicit, int):
         return explicit
-    if isinstance(exc, ConflictError) and exc.context.get("reason") == "protected":
+    if isinstance(exc, ConflictError) and exc.context.get("reason") in ("protected", "not queued"):
         return 403
     for cls, status in _BY_CLASS:
         if isinstance(exc, cls):

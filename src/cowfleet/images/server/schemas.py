@@ -116,12 +116,13 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 _REASONS = {
     400: "malformed or invalid request",
     401: "missing or wrong X-Auth-Token",
-    403: "read-only/reserved attribute or protected image",
+    403: "read-only/reserved attribute, protected image, or a format of an image past queued",
     404: "no such image",
     408: "the client stopped sending upload data",
     409: "conflict with the image's status or properties",
     410: "the image was deleted during the upload",
-    413: "body larger than allowed",
+    413: "body larger than allowed, or more properties than the quota",
     415: "wrong content type, or the image data failed inspection",
     416: "range not satisfiable",
+    503: "too many uploads in flight (see Retry-After)",
 }

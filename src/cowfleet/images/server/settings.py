@@ -7,8 +7,14 @@ from pathlib import Path
 
 from cowfleet.config import (
     DEFAULT_CACHE_MIN_USES,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_IMAGE_SIZE,
+    DEFAULT_MAX_UPLOADS,
+    DEFAULT_MAX_UPLOADS_PER_TOKEN,
     DEFAULT_MAX_VIRTUAL_SIZE,
+    DEFAULT_ORPHAN_GRACE,
+    DEFAULT_PROPERTY_QUOTA,
     Config,
 )
 
@@ -47,6 +53,17 @@ class ServerSettings:
     cache_min_uses: int = DEFAULT_CACHE_MIN_USES
     default_page_size: int = DEFAULT_PAGE_SIZE
     max_page_size: int = MAX_PAGE_SIZE
+    # Free-form properties per image (413 above; Glance's image_property_quota).
+    property_quota: int = DEFAULT_PROPERTY_QUOTA
+    # Uploads in flight on the whole server, and per X-Auth-Token (503 above).
+    max_uploads: int = DEFAULT_MAX_UPLOADS
+    max_uploads_per_token: int = DEFAULT_MAX_UPLOADS_PER_TOKEN
+    # Request line + headers of one request (431 above), and the time to send them (s);
+    # enforced by ...server.guard around the HTTP protocol.
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    # A store file no catalog record explains is removed at start once this old (s).
+    orphan_grace: float = DEFAULT_ORPHAN_GRACE
 
     @property
     def images_dir(self) -> Path:
@@ -66,4 +83,10 @@ class ServerSettings:
             max_virtual_size=cfg.max_virtual_size,
             direct_io=cfg.images_direct_io,
             cache_min_uses=cfg.images_cache_min_uses,
+            property_quota=cfg.images_property_quota,
+            max_uploads=cfg.images_max_uploads,
+            max_uploads_per_token=cfg.images_max_uploads_per_token,
+            max_header_bytes=cfg.images_max_header_bytes,
+            header_timeout=cfg.images_header_timeout,
+            orphan_grace=cfg.images_orphan_grace,
         )

@@ -1,8 +1,11 @@
 """Image bytes: a small :class:`Store` protocol and the filesystem implementation.
 
 Files are named by image UUID only (never by a user string). An upload is written to
-``staging/<uuid>.<random>.part``, fsynced, and renamed to ``images/<uuid>`` only when
-every check passed; :meth:`FilesystemStore.clean_staging` removes leftovers at start.
+``staging/<uuid>.<random>.part`` (created ``O_EXCL``), fsynced, and renamed to
+``images/<uuid>`` only when every check passed; :meth:`FilesystemStore.clean_staging`
+removes leftovers at start. Every name is resolved relative to a descriptor on its
+folder, through :mod:`cowfleet.safeopen`: a stored file is served only when it is no
+symlink and a regular file with one link that we (or root) own.
 
 Uploads are written with ``O_DIRECT`` (setting ``images_direct_io``, on by default)
 where the filesystem allows it: the bytes go from the upload's buffers to the disk, not
@@ -29,14 +32,17 @@ import logging
 import mmap
 import os
 import secrets
+import stat
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cowfleet.errors import LocalIOError, NotFoundError, StorageFullError
-from cowfleet.fsutil import WRITEBACK_STEP, drop_cached, fsync_dir, start_writeback
+from cowfleet import safeopen
+from cowfleet.errors import LocalIOError, NotFoundError, StorageFullError, UnsafeFileError
+from cowfleet.fsutil import WRITEBACK_STEP, drop_cached, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -213,21 +219,27 @@ class FilesystemStore:
     def begin_write(self, image_id: str) -> StagedWrite:
         name = f"{_checked_id(image_id)}.{secrets.token_hex(6)}.part"
         path = self.staging_dir / name
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         direct = self.direct_io
-        try:
+        with safeopen.opened_dir(self.staging_dir) as dir_fd:
             try:
-                fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
-            except OSError as exc:
-                if not direct or exc.errno != errno.EINVAL:
+                fd = safeopen.create(
+                    dir_fd,
+                    name,
+                    display=path,
+                    mode=0o600,
+                    write_flags=os.O_WRONLY | (os.O_DIRECT if direct else 0),
+                )
+            except LocalIOError as exc:
+                cause = exc.__cause__
+                if not direct or not isinstance(cause, OSError) or cause.errno != errno.EINVAL:
                     raise
                 # The filesystem refuses O_DIRECT (the file may exist by now: it is ours).
                 log.info("%s does not support O_DIRECT; uploads are buffered", self.staging_dir)
                 self.direct_io = direct = False
-                path.unlink(missing_ok=True)
-                fd = os.open(path, flags, 0o600)
-        except OSError as exc:
-            raise LocalIOError(f"cannot create staging file {path}: {exc.strerror}") from exc
+                safeopen.unlink(dir_fd, name)
+                fd = safeopen.create(
+                    dir_fd, name, display=path, mode=0o600, write_flags=os.O_WRONLY
+                )
         return StagedWrite(image_id, path, fd, drop_behind=self.drop_behind, direct=direct)
 
     def commit(self, staged: StagedWrite) -> None:
@@ -240,8 +252,17 @@ class FilesystemStore:
                     staged.drop_cache()  # all clean now
                 os.close(staged.fd)
                 staged.fd = -1
-                os.rename(staged.path, self.path(staged.image_id))
-                fsync_dir(self.images_dir)
+                with (
+                    safeopen.opened_dir(self.staging_dir) as src_fd,
+                    safeopen.opened_dir(self.images_dir) as dst_fd,
+                ):
+                    os.rename(
+                        staged.path.name,
+                        _checked_id(staged.image_id),
+                        src_dir_fd=src_fd,
+                        dst_dir_fd=dst_fd,
+                    )
+                    os.fsync(dst_fd)
             except OSError as exc:
                 raise LocalIOError(f"cannot store image {staged.image_id}: {exc.strerror}") from exc
         except BaseException:
@@ -253,27 +274,36 @@ class FilesystemStore:
             with contextlib.suppress(OSError):
                 os.close(staged.fd)
             staged.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            staged.path.unlink()
+        with contextlib.suppress(LocalIOError), safeopen.opened_dir(self.staging_dir) as dir_fd:
+            safeopen.unlink(dir_fd, staged.path.name)
 
     def open_read(self, image_id: str) -> int:
-        try:
-            return os.open(self.path(image_id), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"no data stored for image {image_id}") from exc
-        except OSError as exc:
-            raise LocalIOError(f"cannot open image {image_id}: {exc.strerror}") from exc
+        """A descriptor on the stored file, opened relative to the store folder's
+        descriptor and checked (no symlink; a regular file with one link, ours)."""
+        name = _checked_id(image_id)
+        with safeopen.opened_dir(self.images_dir) as dir_fd:
+            try:
+                return safeopen.open_existing(dir_fd, name, display=self.images_dir / name)
+            except FileNotFoundError as exc:
+                raise NotFoundError(f"no data stored for image {image_id}") from exc
+            except UnsafeFileError as exc:
+                # The log names the path and the problem; the client learns neither.
+                log.error("image %s: %s", image_id, exc)
+                raise LocalIOError(
+                    f"the stored file of image {image_id} was refused (see the server log)"
+                ) from exc
 
     def delete(self, image_id: str) -> None:
         # An open descriptor (a download in flight) keeps reading the unlinked file.
-        with contextlib.suppress(FileNotFoundError):
-            self.path(image_id).unlink()
+        with safeopen.opened_dir(self.images_dir) as dir_fd:
+            safeopen.unlink(dir_fd, _checked_id(image_id))
 
     def size(self, image_id: str) -> int:
+        fd = self.open_read(image_id)
         try:
-            return self.path(image_id).stat().st_size
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"no data stored for image {image_id}") from exc
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def clean_staging(self) -> int:
         """Remove every staging leftover (from a crash); returns how many."""
@@ -285,3 +315,43 @@ class FilesystemStore:
         if removed:
             log.warning("removed %d staging leftover(s) from %s", removed, self.staging_dir)
         return removed
+
+    def reconcile(
+        self, keep: Collection[str], *, grace: float, now: float | None = None
+    ) -> list[str]:
+        """At start: remove each file under ``images/`` that no id in ``keep`` (the
+        active images) explains and that was last written more than ``grace`` seconds
+        ago (a kill between the catalog delete and the file delete leaves one; the grace
+        spares a file another process has just renamed into place). Returns the names
+        removed; each is logged. Folders are left alone (and logged)."""
+        entries: list[tuple[str, float]] = []
+        for entry in os.scandir(self.images_dir):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                log.warning("unexpected folder in the image store left alone: %s", entry.path)
+                continue
+            entries.append((entry.name, st.st_mtime))
+        doomed = orphans(entries, keep, grace=grace, now=time.time() if now is None else now)
+        for name in doomed:
+            path = self.images_dir / name
+            try:
+                size = path.lstat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot remove orphan store file %s: %s", path, exc.strerror)
+                continue
+            log.warning("removed %s (%d bytes): no active image has this id", path, size)
+        return doomed
+
+
+def orphans(
+    entries: Iterable[tuple[str, float]], keep: Collection[str], *, grace: float, now: float
+) -> list[str]:
+    """The plan of :meth:`FilesystemStore.reconcile`: the names (with their mtimes) in
+    ``entries`` that are not in ``keep`` and older than ``grace`` seconds at ``now``."""
+    return sorted(name for name, mtime in entries if name not in keep and now - mtime > grace)

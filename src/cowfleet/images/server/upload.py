@@ -59,6 +59,17 @@ class UploadResult:
     inspection: Inspection
 
 
+def check_qcow2_tables(staged: StagedWrite) -> None:
+    """Check the staged qcow2's table entries on disk (the stream judged only its header).
+
+    Raises :class:`~cowfleet.errors.UnsafeImageError` (415) naming the table and offset.
+    """
+    from cowfleet.formats.qcow2_tables import check_file
+
+    staged.finish()  # O_DIRECT: the buffered tail must be in the file first
+    check_file(staged.path, image_id=staged.image_id)
+
+
 def too_large(size: int, cap: int, image_id: str) -> IntegrityError:
     return IntegrityError(
         f"image {image_id}: upload of more than {cap} bytes refused (size cap)",

@@ -2,7 +2,10 @@
 
 Follows Glance v2: unknown keys are free-form string properties; server-computed
 attributes are read-only (403); ``location``, ``deleted``... and ``os_glance_*`` are
-reserved (403); wrong types or values are 400.
+reserved (403); wrong types or values are 400. Before any of that, :func:`check_document`
+refuses (400) what the catalog could store but not send back or not store on every
+backend: text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``), NUL
+characters, and JSON nested deeper than :data:`MAX_JSON_DEPTH`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ VISIBILITIES = ("public", "private", "shared", "community")
 MAX_NAME = 255
 MAX_PROPERTY_VALUE = 65535
 MAX_INT = 2**31 - 1  # min_disk / min_ram (GiB / MiB): an int32 column, like Glance
+# Deepest JSON a request body may hold (ours need 3: a patch list > operation > tags list).
+MAX_JSON_DEPTH = 8
 
 READ_ONLY = frozenset(
     {
@@ -63,6 +68,39 @@ class CreateRequest:
     fields: dict[str, Any]
     properties: dict[str, str]
     tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def check_text(value: str, what: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates) or holds NUL."""
+    if "\x00" in value:
+        raise bad_request(f"{what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(
+            f"{what} is not valid Unicode text (character {exc.start}: "
+            f"{value[exc.start]!r} is a lone surrogate)"
+        ) from None
+
+
+def check_document(doc: Any) -> None:
+    """Every string (keys too) valid text without NUL; nesting at most MAX_JSON_DEPTH."""
+    todo: list[tuple[Any, int]] = [(doc, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, str):
+            check_text(value, "a string in the request body")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check_text(key, "a member name in the request body")
+                todo.append((item, depth + 1))
+        else:
+            todo.extend((item, depth + 1) for item in value)
 
 
 def check_key(key: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
+
+from fastapi.responses import JSONResponse
 
 from cowfleet.images.server.catalog import ImageRecord
 
@@ -42,3 +45,16 @@ def image_json(rec: ImageRecord) -> dict[str, Any]:
     for key, value in rec.properties.items():
         out.setdefault(key, value)
     return out
+
+
+class ImageResponse(JSONResponse):
+    """JSON of image records. Text stored before invalid text was refused (a lone
+    surrogate cannot be encoded as UTF-8) goes out as ``\\u`` escapes, still valid
+    JSON, so that such an image can be listed, shown, fixed and deleted."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            text = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+            return text.encode("ascii")
