@@ -481,3 +481,12 @@ def test_holder_problems_are_unreadable(tmp_path: Path) -> None:
     problem = usage_mod.Problem("libvirt", "libvirt", "cannot list the domains")
     u = scan(root, usage_mod.Holders(problems=(problem,)))
     assert u.unreadable == (problem,)
+
+
+def test_held_file_naming_a_missing_base_directly_counts_by_name(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    gone = root / "_base" / ("f" * 40)
+    held = usage_mod.HeldFile("libvirt domain raw-vm", path=str(gone), chain=False)
+    u = scan(root, usage_mod.Holders(files=(held,)))
+    assert u.missing_bases == {"f" * 40}
+    assert u.holders_of(gone) == {"libvirt domain raw-vm"}

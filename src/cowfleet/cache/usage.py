@@ -259,6 +259,10 @@ class _Scanner:
         except FileNotFoundError:
             if os.path.islink(path):
                 self.unreadable.append(Problem(who, path, "symlinked disk leads nowhere"))
+            elif folder is None and os.path.basename(os.path.dirname(path)) == "_base":
+                # a domain naming a missing base directly (a raw disk, a <backingStore>)
+                name = os.path.basename(path)
+                self.labels_by_base_name.setdefault(name, set()).add(label)
             return  # a disk that is gone backs nothing
         except OSError as exc:
             self.unreadable.append(Problem(who, path, f"cannot follow the disk: {exc.strerror}"))
