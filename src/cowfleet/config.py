@@ -44,6 +44,26 @@ TOML layout (all keys optional)::
     [node]
     interval = 600.0                     # s between two passes of `node run`
 
+    [api]               # the compute API (`serve api`)
+    host = "127.0.0.1"
+    port = 8774
+    data_dir = "..."                     # default: <home>/api (its SQLite database)
+    database = "sqlite:///..."           # or postgresql+psycopg://...
+    tokens_file = "..."                  # the shared tokens file (default: <data dir>/tokens.toml)
+    cpu_allocation_ratio = 4.0
+    ram_allocation_ratio = 1.0
+    disk_allocation_ratio = 1.0
+    cache_weight = 2.0                   # weigher: the node already holds the image
+    ram_weight = 1.0                     # weigher: free RAM
+    placement = "spread"                 # or "pack"
+    build_attempts = 3                   # hosts tried before a build ends in ERROR
+    build_timeout = 3600.0               # s a node may take to build a server
+    node_timeout = 30.0                  # s for one request to a node agent
+    node_down_after = 60.0               # s without a heartbeat: the node is down
+    heartbeat_interval = 10.0            # s between heartbeats, told to nodes
+    max_body = 1048576                   # bytes of a request body (413 above)
+    build_workers = 32                   # builds dispatched at once per API process
+
     [compute]
     driver = "libvirt"                   # or "none"
     libvirt_uri = "qemu:///system"
@@ -92,6 +112,9 @@ DEFAULT_MIN_FREE_PERCENT = 5.0
 DEFAULT_VERIFY_INTERVAL = 7 * 86400.0
 DEFAULT_VERIFY_RATE = 64 * 1024 * 1024
 DEFAULT_NODE_INTERVAL = 600.0
+DEFAULT_API_HOST = "127.0.0.1"
+DEFAULT_API_PORT = 8774
+PLACEMENTS = ("spread", "pack")
 DRIVERS = ("libvirt", "none")
 VIRT_TYPES = ("kvm", "qemu")
 # The filesystems compute.ephemeral can make (its MKFS_TEMPLATES; a unit test keeps both equal).
@@ -154,6 +177,25 @@ class Config:
     virt_type: str = "kvm"
     ephemeral_fs: str = "ext4"
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
+    # compute API (serve api)
+    api_host: str = DEFAULT_API_HOST
+    api_port: int = DEFAULT_API_PORT
+    api_data_dir: Path | None = None
+    api_database: str | None = None
+    api_tokens_file: Path | None = None
+    api_cpu_allocation_ratio: float = 4.0
+    api_ram_allocation_ratio: float = 1.0
+    api_disk_allocation_ratio: float = 1.0
+    api_cache_weight: float = 2.0
+    api_ram_weight: float = 1.0
+    api_placement: str = "spread"
+    api_build_attempts: int = 3
+    api_build_timeout: float = 3600.0
+    api_node_timeout: float = 30.0
+    api_node_down_after: float = 60.0
+    api_heartbeat_interval: float = 10.0
+    api_max_body: int = 1 << 20
+    api_build_workers: int = 32
 
     # Derived locations -------------------------------------------------
     @property
@@ -173,6 +215,19 @@ class Config:
     @property
     def endpoint(self) -> str:
         return self.image_url or f"http://{self.images_host}:{self.images_port}"
+
+    @property
+    def api_dir(self) -> Path:
+        """The compute API's data folder (its SQLite database)."""
+        return self.api_data_dir or self.home / "api"
+
+    @property
+    def api_database_url(self) -> str:
+        return self.api_database or f"sqlite:///{self.api_dir / 'compute.sqlite'}"
+
+    @property
+    def api_tokens_path(self) -> Path:
+        return self.api_tokens_file or self.api_dir / "tokens.toml"
 
     @property
     def base_dir(self) -> Path:
@@ -321,6 +376,24 @@ SETTING_ROWS: tuple[Setting, ...] = (
     Setting("libvirt_uri", str),
     Setting("virt_type", str, choices=VIRT_TYPES),
     Setting("ephemeral_fs", str, choices=EPHEMERAL_FILESYSTEMS),
+    Setting("api_host", str),
+    Setting("api_port", int, at_least=1, at_most=65535),
+    Setting("api_data_dir", Path),
+    Setting("api_database", str),
+    Setting("api_tokens_file", Path),
+    Setting("api_cpu_allocation_ratio", float, above=0),
+    Setting("api_ram_allocation_ratio", float, above=0),
+    Setting("api_disk_allocation_ratio", float, above=0),
+    Setting("api_cache_weight", float, at_least=0),
+    Setting("api_ram_weight", float, at_least=0),
+    Setting("api_placement", str, choices=PLACEMENTS),
+    Setting("api_build_attempts", int, at_least=1, at_most=100),
+    Setting("api_build_timeout", float, above=0),
+    Setting("api_node_timeout", float, above=0),
+    Setting("api_node_down_after", float, above=0),
+    Setting("api_heartbeat_interval", float, above=0),
+    Setting("api_max_body", int, at_least=1024),
+    Setting("api_build_workers", int, at_least=1, at_most=1024),
 )
 _BY_NAME = {s.name: s for s in SETTING_ROWS}
 
@@ -357,6 +430,8 @@ _ENV = {
     "COWFLEET_LIBVIRT_URI": "libvirt_uri",
     "COWFLEET_VIRT_TYPE": "virt_type",
     "COWFLEET_EPHEMERAL_FS": "ephemeral_fs",
+    "COWFLEET_API_DATABASE": "api_database",
+    "COWFLEET_API_TOKENS_FILE": "api_tokens_file",
 }
 
 # TOML section/key -> field
@@ -396,6 +471,24 @@ _TOML: dict[tuple[str, ...], str] = {
     ("compute", "libvirt_uri"): "libvirt_uri",
     ("compute", "virt_type"): "virt_type",
     ("compute", "ephemeral_fs"): "ephemeral_fs",
+    ("api", "host"): "api_host",
+    ("api", "port"): "api_port",
+    ("api", "data_dir"): "api_data_dir",
+    ("api", "database"): "api_database",
+    ("api", "tokens_file"): "api_tokens_file",
+    ("api", "cpu_allocation_ratio"): "api_cpu_allocation_ratio",
+    ("api", "ram_allocation_ratio"): "api_ram_allocation_ratio",
+    ("api", "disk_allocation_ratio"): "api_disk_allocation_ratio",
+    ("api", "cache_weight"): "api_cache_weight",
+    ("api", "ram_weight"): "api_ram_weight",
+    ("api", "placement"): "api_placement",
+    ("api", "build_attempts"): "api_build_attempts",
+    ("api", "build_timeout"): "api_build_timeout",
+    ("api", "node_timeout"): "api_node_timeout",
+    ("api", "node_down_after"): "api_node_down_after",
+    ("api", "heartbeat_interval"): "api_heartbeat_interval",
+    ("api", "max_body"): "api_max_body",
+    ("api", "build_workers"): "api_build_workers",
 }
 
 
@@ -496,7 +589,7 @@ def load(
                 node = node[k]
             else:
                 values[name] = _convert(name, node, f"{origin}, key {'.'.join(keys)}")
-        for section in ("limits", "images", "cache", "node", "compute"):
+        for section in ("limits", "images", "cache", "node", "compute", "api"):
             sec = data.get(section, {})
             if not isinstance(sec, dict):
                 raise ConfigError(f"{origin}: [{section}] must be a table")

@@ -1,0 +1,64 @@
+"""Looking an image up in the image service with the caller's own token.
+
+The image service decides what the caller may see (its project, public and shared
+images), so an image another project keeps private is "not found" here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from cowfleet.api.faults import ApiFault
+
+# Image properties the scheduler reads.
+SCHEDULER_PROPS = ("hypervisor_type", "hw_architecture")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    status: str
+    min_disk: int
+    min_ram: int
+    props: dict[str, str] = field(default_factory=dict)
+
+
+def _info(doc: dict[str, Any]) -> ImageInfo:
+    props = {k: str(doc[k]) for k in SCHEDULER_PROPS if doc.get(k) not in (None, "")}
+    return ImageInfo(
+        id=str(doc.get("id", "")),
+        status=str(doc.get("status", "")),
+        min_disk=int(doc.get("min_disk") or 0),
+        min_ram=int(doc.get("min_ram") or 0),
+        props=props,
+    )
+
+
+class ImageLookup:
+    """``GET /v2/images/{id}`` on the image service, as the caller."""
+
+    def __init__(self, image_url: str, *, timeout: float = 10.0) -> None:
+        self._client = httpx.Client(base_url=image_url.rstrip("/"), timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def get(self, image_id: str, token: str) -> ImageInfo:
+        try:
+            resp = self._client.get(f"/v2/images/{image_id}", headers={"X-Auth-Token": token})
+        except httpx.HTTPError as exc:
+            raise ApiFault(503, f"The image service cannot be reached: {exc}") from exc
+        if resp.status_code in (401, 403, 404):
+            raise ApiFault(400, f"Image {image_id} could not be found.")
+        if resp.status_code != 200:
+            raise ApiFault(503, f"The image service answered HTTP {resp.status_code}.")
+        try:
+            doc = resp.json()
+        except ValueError:
+            raise ApiFault(503, "The image service answered something that is not JSON.") from None
+        if not isinstance(doc, dict):
+            raise ApiFault(503, "The image service answered an unexpected document.")
+        return _info(doc)
