@@ -177,7 +177,7 @@ class Config:
 
     @property
     def token_file(self) -> Path:
-        """Token file shared by ``images serve`` and the client."""
+        """Token file shared by ``serve images`` and the client."""
         return self.image_token_file or self.data_dir / "token"
 
     @property

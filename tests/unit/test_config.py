@@ -315,7 +315,7 @@ def test_cli_bad_setting_exits_2_naming_setting_and_source(
     assert f"fetch_retries = -1 (from {f}, key cache.fetch_retries): must be at least 0" in err
     assert "Traceback" not in err
 
-    assert main(["images", "serve", "--port", "0", *home]) == 2
+    assert main(["serve", "images", "--port", "0", *home]) == 2
     assert "images_port = 0 (from command-line flag --port): must be at least 1" in (
         capsys.readouterr().err
     )

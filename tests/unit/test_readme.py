@@ -32,8 +32,10 @@ def _leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
     out: set[str] = set()
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
+            listed = {a.dest for a in action._choices_actions}  # hidden aliases are not listed
             for name, sub in action.choices.items():
-                out |= _leaf_commands(sub, (*prefix, name))
+                if name in listed:
+                    out |= _leaf_commands(sub, (*prefix, name))
     if not out and prefix:
         out.add(" ".join(prefix))
     return out

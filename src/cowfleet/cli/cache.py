@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cowfleet.cli.common import add_command, add_instances_path, print_json, print_table
+from cowfleet.cli.common import (
+    add_command,
+    add_group,
+    add_instances_path,
+    add_setting,
+    print_json,
+    print_table,
+)
 from cowfleet.config import Config
 from cowfleet.units import human_bytes
 
@@ -21,19 +27,8 @@ VERIFY_FAILED_EXIT = 7  # same as IntegrityError
 def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
     add_instances_path(p)
     if remote:
-        p.add_argument(
-            "--image-url",
-            dest="image_url",
-            metavar="URL",
-            help="image service endpoint (env COWFLEET_IMAGE_URL)",
-        )
-        p.add_argument(
-            "--token-file",
-            dest="image_token_file",
-            type=Path,
-            metavar="FILE",
-            help="file holding the image service token",
-        )
+        add_setting(p, "image_url")
+        add_setting(p, "image_token_file")
 
 
 def _cache(cfg: Config) -> ImageCache:
@@ -204,8 +199,8 @@ def _action(action: str, done: bool, dry_run: bool) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("cache", help="the node image cache (_base)")
-    csub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    csub = add_group(sub, "cache", "the node image cache (_base)")
+    csub.required = True
     lp = add_command(csub, "list", cmd_list, "list cached bases, partial downloads and users")
     _common(lp, remote=False)
     fp = add_command(csub, "fetch", cmd_fetch, "fetch an image into the cache (pre-cache)")
@@ -229,6 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--min-age",
         type=_seconds,
         metavar="SECONDS",
-        help="remove unused bases after this many seconds (default: max_unused_age; 0: any)",
+        help="remove unused bases after this many seconds "
+        "(in seconds; default: the max_unused_age setting; 0: any)",
     )
     _common(cp, remote=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cowfleet import config as config_mod
+from cowfleet import settings_table
 from cowfleet.config import Config
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -34,33 +35,90 @@ class Parser(argparse.ArgumentParser):
         return action
 
 
+# Options every parser takes (root, group and command), so they may come before or after
+# the group: ``cowfleet -v cache list``, ``cowfleet cache -v list``, ``cowfleet cache list -v``.
+# Their defaults are SUPPRESS so a parser that does not see one leaves the value an
+# earlier one set; the latest given wins. :func:`fill_common_defaults` fills the rest.
+COMMON_DEFAULTS: dict[str, Any] = {"config": None, "home": None, "verbose": 0, "output": "human"}
+OUTPUT_CHOICES = ("human", "json")
+
+
 def common_parent(*, output: bool = True) -> argparse.ArgumentParser:
-    """Options every command takes: ``--config``, ``--home``, ``--output`` (if it prints)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("common options")
-    g.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
-    g.add_argument("--home", type=Path, metavar="DIR", help="root of all state (env COWFLEET_HOME)")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    """The common options: ``--config``, ``--home``, ``-v``, ``--output`` (if it prints)."""
+    p = Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    g = p.add_argument_group("common options (before or after the group and command)")
+    g.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (env COWFLEET_CONFIG)",
+    )
+    add_setting(g, "home")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        help="more logging: -v info, -vv debug (default: warnings)",
+    )
     if output:
         g.add_argument(
             "--output",
             "-o",
-            choices=("human", "json"),
-            default="human",
-            help="output format (default: human)",
+            choices=OUTPUT_CHOICES,
+            help="output format, one of human, json (default: human)",
         )
     return p
 
 
+def fill_common_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Give the common options their defaults where no parser set them."""
+    for name, value in COMMON_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def add_setting(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *, extra: str = ""
+) -> argparse.Action:
+    """The option for setting ``name``: its flags, type, choices and help from its row.
+
+    The option's ``dest`` is the setting's name, so :func:`build_config` passes it
+    on as a flag (and an error names the flag typed).
+    """
+    row = settings_table.BY_NAME[name]
+    kw: dict[str, Any] = {"dest": row.name, "help": settings_table.flag_help(row, extra)}
+    if row.kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        if row.kind in (int, float, Path):
+            kw["type"] = row.kind
+        if row.choices:
+            kw["choices"] = row.choices
+        if not row.choices:
+            kw["metavar"] = row.metavar or row.name.upper()
+    return p.add_argument(*row.flags, **kw)
+
+
 def add_instances_path(p: argparse.ArgumentParser) -> None:
     """``--instances-path DIR`` (the ``instances_path`` setting)."""
-    p.add_argument(
-        "--instances-path",
-        dest="instances_path",
-        type=Path,
-        metavar="DIR",
-        help="instances path: instance folders, _base/ and locks/ (env COWFLEET_INSTANCES_PATH)",
-    )
+    add_setting(p, "instances_path")
+
+
+def add_group(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    help_text: str | None,
+) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """A command group (``cowfleet cache ...``) taking the common options; its sub-commands.
+
+    ``help_text=None`` makes a hidden group: it works but ``--help`` does not list it.
+    """
+    kw: dict[str, Any] = {"parents": [common_parent()]}
+    if help_text is not None:
+        kw.update(help=help_text, description=help_text)
+    group: argparse.ArgumentParser = sub.add_parser(name, **kw)
+    return group.add_subparsers(dest="command", metavar="COMMAND")
 
 
 def add_command(

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any
 
-from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.cli.common import add_command, add_group, add_setting, print_json, print_table
 from cowfleet.config import Config
 from cowfleet.errors import LocalIOError, UsageError
 
@@ -33,8 +33,7 @@ PROGRESS_MIN = 64 * 1024 * 1024  # show a bar for transfers this large even off 
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    group = sub.add_parser("image", help="manage images in the image service (Glance v2 API)")
-    cmds = group.add_subparsers(dest="command", metavar="COMMAND")
+    cmds = add_group(sub, "image", "manage images in the image service (Glance v2 API)")
 
     p = add_command(cmds, "create", _create, "create an image record (status queued)")
     _endpoint_opts(p)
@@ -80,19 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _endpoint_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image service")
-    g.add_argument(
-        "--image-url",
-        dest="image_url",
-        metavar="URL",
-        help="image service endpoint (env COWFLEET_IMAGE_URL)",
-    )
-    g.add_argument(
-        "--token-file",
-        dest="image_token_file",
-        type=Path,
-        metavar="FILE",
-        help="file holding the X-Auth-Token (env COWFLEET_IMAGE_TOKEN for the token)",
-    )
+    add_setting(g, "image_url")
+    add_setting(g, "image_token_file", extra="(env COWFLEET_IMAGE_TOKEN: the token itself)")
 
 
 def _meta_opts(p: argparse.ArgumentParser, *, create: bool) -> None:
