@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from cowfleet.cli.common import add_command, add_group, add_setting, print_json, print_table
 from cowfleet.config import Config
-from cowfleet.errors import LocalIOError, UsageError
+from cowfleet.errors import LocalIOError, MissingFileError, UsageError
 
 # Imported lazily by handlers' callers in tests: ``client_factory`` can be replaced.
 ClientFactory = Callable[[Config], Any]
@@ -185,6 +185,8 @@ def _upload(args: argparse.Namespace, cfg: Config) -> int:
         path = Path(args.file)
         try:
             data = path.open("rb")
+        except FileNotFoundError as exc:
+            raise MissingFileError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
         except OSError as exc:
             raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
         label, size = path.name, (path.stat().st_size if path.is_file() else None)
