@@ -53,10 +53,10 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _when(ts: float | None) -> str:
+def _when(ts: float | None, *, seconds: bool = True) -> str:
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return time.strftime("%Y-%m-%d %H:%M" + (":%S" if seconds else ""), time.localtime(ts))
 
 
 def _gib(n: int | None) -> str:
@@ -66,37 +66,43 @@ def _gib(n: int | None) -> str:
 def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
     entries = _cache(cfg).list()
     if args.output == "json":
-        print_json(entries)
+        print_json(entries)  # every field, the full lists of users
         return 0
-    rows = [
-        (
-            e.image_id or "-",
-            e.image_name or "-",
-            e.format or "-",
-            e.kind,
-            _gib(e.allocated),
-            _gib(e.virtual_size),
-            ",".join(e.users) or "-",
-            _when(e.last_used),
-            e.state,
-            e.name,
-        )
-        for e in entries
-    ]
+    if args.long:
+        rows = [
+            (
+                e.image_id or "-",
+                e.image_name or "-",
+                e.format or "-",
+                e.kind,
+                _gib(e.allocated),
+                _gib(e.virtual_size),
+                ",".join(e.users) or "-",
+                _when(e.last_used),
+                e.state,
+                e.name,
+            )
+            for e in entries
+        ]
+        headers = ("Image ID", "Name", "Format", "Kind", "Allocated", "Virtual", "Users")
+        print_table((*headers, "Last used", "State", "File"), rows)
+        return 0
+    # Fits TABLE_WIDTH: users counted, not listed; long names cut; no file name.
     print_table(
-        (
-            "Image ID",
-            "Name",
-            "Format",
-            "Kind",
-            "Allocated",
-            "Virtual",
-            "Users",
-            "Last used",
-            "State",
-            "File",
-        ),
-        rows,
+        ("Image ID", "Name", "Kind", "Allocated", "Users", "Last used", "State"),
+        [
+            (
+                e.image_id or "-",
+                e.image_name or "-",
+                e.kind,
+                _gib(e.allocated),
+                len(e.users),
+                _when(e.last_used, seconds=False),
+                e.state,
+            )
+            for e in entries
+        ],
+        shrink=1,
     )
     return 0
 
@@ -202,6 +208,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     csub = add_group(sub, "cache", "the node image cache (_base)")
     csub.required = True
     lp = add_command(csub, "list", cmd_list, "list cached bases, partial downloads and users")
+    lp.add_argument(
+        "--long",
+        "-l",
+        action="store_true",
+        help="every column: format, virtual size, each user's instance folder, the file name "
+        "(wide; --output json has the same)",
+    )
     _common(lp, remote=False)
     fp = add_command(csub, "fetch", cmd_fetch, "fetch an image into the cache (pre-cache)")
     fp.add_argument("image", metavar="IMAGE", help="image id or unique name")

@@ -173,14 +173,36 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A plain table in the spirit of ``virsh list`` (stable, greppable, no colour)."""
-    rows = [["" if c is None else str(c) for c in r] for r in rows]
+TABLE_WIDTH = 120  # the widest line a default table should print (a terminal, a log line)
+_GAP = 3  # spaces between two columns
+
+
+def print_table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    shrink: int | None = None,
+    width: int = TABLE_WIDTH,
+) -> None:
+    """A plain table in the spirit of ``virsh list`` (stable, greppable, no colour).
+
+    ``shrink``: the index of a column (a name, say) whose cells are cut (ending ``...``)
+    so that the lines fit ``width``, if the other columns leave it room.
+    """
+    cells = [["" if c is None else str(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
-    for r in rows:
+    for r in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    if shrink is not None:
+        total = 2 + sum(widths) + _GAP * (len(widths) - 1)  # the rule under the headers
+        room = max(len(headers[shrink]), 8, widths[shrink] - (total - width))
+        if widths[shrink] > room:
+            for r in cells:
+                if len(r[shrink]) > room:
+                    r[shrink] = r[shrink][: room - 3] + "..."
+            widths[shrink] = room
     line = " " + "   ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line.rstrip())
     print("-" * (sum(widths) + 3 * (len(widths) - 1) + 2))
-    for r in rows:
+    for r in cells:
         print((" " + "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip())
