@@ -15,6 +15,8 @@ if [[ "${1:-}" == "--full" ]]; then
     libvirt-dev pkg-config      # to build libvirt-python from PyPI
     postgresql                  # the catalog's second backend
     busybox-static cpio         # the offline test guest
+    dmsetup                     # a device-mapper error target under a base (I/O fault tests)
+    btrfs-progs                 # ... or a btrfs checksum error where the kernel has no dm
   )
 fi
 missing=()

@@ -261,3 +261,69 @@ def test_corrupt_base_is_quarantined_and_fetched_again(node: Node, image_service
     assert q.read_bytes() != data
     assert sorted(p.name for p in qdir.iterdir()) == [q.name, q.name + ".json"]
     assert "ERROR" not in proc.stderr
+
+
+def _flip_byte(base: Path, at: int) -> None:
+    mode = stat.S_IMODE(base.stat().st_mode)
+    os.chmod(base, mode | 0o200)
+    with open(base, "r+b") as fh:
+        fh.seek(at)
+        old = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([old[0] ^ 0xFF]))
+    os.chmod(base, mode)
+
+
+def test_quarantined_base_of_a_stopped_instance_comes_back_then_image_gone(
+    node: Node, image_service: Any
+) -> None:
+    """Issue 13, item 1: a quarantined base that a stopped instance still uses is
+    fetched again and verified by the next pass while the image exists; once the
+    image is deleted, ``cache list`` and ``server show`` say the image is gone."""
+    import httpx
+
+    data = _image(4 * MIB, b"KEEP")
+    image_id = image_service.upload("stays-bootable", data)
+    remote = _remote(node, image_service)
+    inst = ["--instances-path", str(node.instances)]
+    rec = json.loads(
+        node.ok(
+            "server", "create", "--image", image_id, "--flavor", "m1.tiny", "vm1", *inst, "-o",
+            "json", env=remote,
+        ).stdout
+    )  # fmt: skip
+    base = node.instances / "_base" / Path(rec["disks"][0]["backing"]).name
+    assert base.read_bytes() == data
+    env = dict(remote, COWFLEET_VERIFY_INTERVAL="0.001", COWFLEET_VERIFY_RATE="1073741824")
+
+    _flip_byte(base, len(data) // 2)
+    proc = node.run("node", "run", "--once", *inst, "-o", "json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    [decision] = [d for d in report["clean"]["decisions"] if d["name"] == base.name]
+    assert (decision["action"], decision["done"]) == ("quarantine", True)
+    assert [(r["image_id"], r["outcome"]) for r in report["restored"]] == [(image_id, "restored")]
+    assert base.read_bytes() == data  # back under its name: the overlay's chain is whole
+    node.ok("cache", "verify", image_id, *inst)
+    show = json.loads(node.ok("server", "show", "vm1", *inst, "-o", "json").stdout)
+    assert show["base_notes"] == []
+
+    r = httpx.delete(f"{image_service.url}/v2/images/{image_id}", headers=image_service.headers)
+    assert r.status_code == 204, r.text
+    time.sleep(0.01)
+    _flip_byte(base, 100)
+    proc = node.run("node", "run", "--once", *inst, "-o", "json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [(r["image_id"], r["outcome"]) for r in report["restored"]] == [(image_id, "image gone")]
+    assert not base.exists()
+    listing = json.loads(node.ok("cache", "list", *inst, "-o", "json").stdout)
+    gone = [e for e in listing if e["kind"] == "quarantined" and e["image_id"] == image_id]
+    assert "quarantined, image gone" in {e["state"] for e in gone}, listing
+    table = node.ok("cache", "list", *inst).stdout
+    assert "quarantined, image gone" in table
+    shown = node.ok("server", "show", "vm1", *inst).stdout
+    assert "image gone" in shown and image_id in shown, shown
+    # the next pass says it again, quietly: still gone, no new ERROR line
+    proc = node.run("node", "run", "--once", *inst, "-o", "json", env=env)
+    assert proc.returncode == 0 and "ERROR" not in proc.stderr, proc.stderr

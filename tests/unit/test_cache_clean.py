@@ -24,7 +24,7 @@ from cowfleet.cache.clean import KEEP, QUARANTINE, REMOVE, Cleaner, CleanPolicy,
 from cowfleet.cache.layout import Layout, base_name
 from cowfleet.cache.listing import list_entries
 from cowfleet.cache.lock import base_lock
-from cowfleet.cache.usage import Usage
+from cowfleet.cache.usage import Holders, Usage
 from cowfleet.config import Config
 from cowfleet.formats.overlay import create_overlay
 from tests.unit._cache_fakes import FakeClient, image_for
@@ -492,8 +492,8 @@ def _provisioning_during_scan(
     with contextlib.ExitStack() as held:
         real_scan = clean_mod.scan
 
-        def scan_then_provision(instances_path: Path) -> Usage:
-            usage = real_scan(instances_path)
+        def scan_then_provision(instances_path: Path, holders: Holders | None = None) -> Usage:
+            usage = real_scan(instances_path, holders)
             held.enter_context(pins.hold(node.layout.locks_dir, [node.name(iid)]))
             made.append(node.instance(iid))
             if not still_pinned:

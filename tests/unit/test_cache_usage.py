@@ -363,3 +363,130 @@ def test_header_extensions_past_the_first_4_kib_are_read(tmp_path: Path) -> None
     u = scan(root)
     _clean(u)
     assert u.disks == 1 and dict(u.by_id) == {}
+
+
+# -- symlinked disks and folders (issue 13, item 1) ------------------------------------
+
+
+def test_symlinked_disk_is_followed_and_keeps_its_base(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    base = _raw(root / "_base" / ("a" * 40))
+    real = _overlay(tmp_path / "elsewhere" / "vm.qcow2", base)
+    (root / UUID_A).mkdir()
+    (root / UUID_A / "disk").symlink_to(real)
+    u = scan(root)
+    _clean(u)
+    assert u.users_of(base) == {UUID_A}
+    assert u.holders_of(base) == {f"disk {root / UUID_A / 'disk'}"}
+    assert u.users_of(real) == {UUID_A}  # the linked file itself is in use too
+
+
+def test_symlinked_disk_straight_to_a_base_keeps_it(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    base = _raw(root / "_base" / ("a" * 40))
+    (root / UUID_A).mkdir()
+    (root / UUID_A / "disk").symlink_to(base)  # a raw disk that is the base itself
+    (root / UUID_A / "disk.info").write_text(json.dumps({"disk": "raw"}))
+    u = scan(root)
+    _clean(u)
+    assert u.users_of(base) == {UUID_A}
+
+
+def test_relative_backing_of_a_symlinked_disk_resolves_on_both_sides(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    near = _raw(root / "_base" / ("a" * 40))  # relative to the link: ../_base/<a>
+    far = _raw(tmp_path / "_base" / ("a" * 40))  # relative to the target: ../_base/<a>
+    real = _qcow2(tmp_path / "store" / "vm.qcow2", "../_base/" + "a" * 40)
+    (root / UUID_A).mkdir()
+    (root / UUID_A / "disk").symlink_to(real)
+    u = scan(root)
+    _clean(u)
+    assert u.users_of(near) == {UUID_A} and u.users_of(far) == {UUID_A}
+
+
+def test_symlinked_instance_folder_is_followed_and_keeps_its_base(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    base = _raw(root / "_base" / ("a" * 40))
+    real = tmp_path / "moved" / UUID_A
+    _overlay(real / "disk", base)
+    (root / UUID_A).symlink_to(real, target_is_directory=True)
+    u = scan(root)
+    _clean(u)
+    assert (u.instances, u.disks) == (1, 1)
+    assert u.users_of(base) == {UUID_A}
+
+
+@pytest.mark.parametrize("what", ["disk", "folder", "loop"])
+def test_symlink_that_cannot_be_followed_is_unreadable(tmp_path: Path, what: str) -> None:
+    root = _inst(tmp_path)
+    _raw(root / "_base" / ("a" * 40))
+    if what == "disk":
+        (root / UUID_A).mkdir()
+        (root / UUID_A / "disk").symlink_to(tmp_path / "gone.qcow2")
+    elif what == "folder":
+        (root / UUID_A).symlink_to(tmp_path / "gone", target_is_directory=True)
+    else:
+        (root / UUID_A).symlink_to(root / UUID_B, target_is_directory=True)
+        (root / UUID_B).symlink_to(root / UUID_A, target_is_directory=True)
+    u = scan(root)
+    assert u.unreadable, u
+    assert {p.instance for p in u.unreadable} <= {UUID_A, UUID_B}
+
+
+def test_symlink_to_a_file_at_the_top_is_not_a_folder(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    (root / "notes").symlink_to(_raw(tmp_path / "notes.txt"))
+    u = scan(root)
+    _clean(u)
+    assert u.instances == 0
+
+
+# -- holders: uses found outside the instance folders -----------------------------------
+
+
+def test_held_disk_outside_the_instances_path_is_read_with_its_chain(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    base = _raw(root / "_base" / ("a" * 40))
+    middle = _overlay(tmp_path / "mid.qcow2", base)
+    top = _overlay(tmp_path / "vms" / "web.qcow2", middle, "qcow2")
+    raw_disk = _raw(root / "_base" / ("b" * 40))
+    held = usage_mod.Holders(
+        files=(
+            usage_mod.HeldFile("libvirt domain web", path=str(top)),
+            usage_mod.HeldFile("libvirt domain db", path=str(raw_disk), chain=False),
+            usage_mod.HeldFile("process 7 qemu", ident=_ident(base)),
+        )
+    )
+    u = scan(root, held)
+    _clean(u)
+    assert u.users_of(base) == frozenset()  # no instance folder
+    assert u.holders_of(base) == {"libvirt domain web", "process 7 qemu"}
+    assert u.holders_of(middle) == {"libvirt domain web"}
+    assert u.holders_of(raw_disk) == {"libvirt domain db"}
+
+
+def test_held_disk_whose_base_is_gone_names_it_missing(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    base = _raw(root / "_base" / ("c" * 40))
+    top = _overlay(tmp_path / "vms" / "web.qcow2", base)
+    base.unlink()
+    u = scan(root, usage_mod.Holders(files=(usage_mod.HeldFile("libvirt domain web", str(top)),)))
+    assert u.missing_bases == {"c" * 40}
+    assert u.holders_of(base) == {"libvirt domain web"}
+    assert [p.instance for p in u.broken] == ["libvirt domain web"]
+
+
+def test_holder_problems_are_unreadable(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    problem = usage_mod.Problem("libvirt", "libvirt", "cannot list the domains")
+    u = scan(root, usage_mod.Holders(problems=(problem,)))
+    assert u.unreadable == (problem,)
+
+
+def test_held_file_naming_a_missing_base_directly_counts_by_name(tmp_path: Path) -> None:
+    root = _inst(tmp_path)
+    gone = root / "_base" / ("f" * 40)
+    held = usage_mod.HeldFile("libvirt domain raw-vm", path=str(gone), chain=False)
+    u = scan(root, usage_mod.Holders(files=(held,)))
+    assert u.missing_bases == {"f" * 40}
+    assert u.holders_of(gone) == {"libvirt domain raw-vm"}

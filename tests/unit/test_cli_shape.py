@@ -179,6 +179,36 @@ def test_setting_options_help_comes_from_the_table() -> None:
 
 
 # -- tables fit a terminal -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("sources", "summary"),
+    [
+        ((), "-"),
+        (("disk /i/a/disk",), "1 disk"),
+        (
+            ("disk /i/a/disk", "disk /i/b/disk", "libvirt domain web", "pin"),
+            "2 disks, 1 domain, pin",
+        ),
+        (("process 5 qemu", "process 6 nbd"), "2 processes"),
+    ],
+)
+def test_in_use_sources_are_counted_by_kind(sources: tuple[str, ...], summary: str) -> None:
+    from cowfleet.cli.cache import in_use_summary
+
+    assert in_use_summary(sources) == summary
+
+
+def test_a_table_cuts_the_named_column_to_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    from cowfleet.cli.common import print_table
+
+    rows = [("x" * 30, "n" * 200, "y")]
+    print_table(("A", "Name", "B"), rows, shrink=1, width=80)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) == 80
+    assert lines[2].split()[1].endswith("...")
+    print_table(("A", "Name", "B"), rows)  # no shrink: nothing is cut
+    assert "n" * 200 in capsys.readouterr().out
+
+
 def _base_with_users(tmp_path: Path, users: int, name: str) -> tuple[Path, str]:
     inst = tmp_path / "inst"
     data = os.urandom(100_000)
@@ -205,17 +235,17 @@ def test_cache_list_fits_120_columns_with_10_users_and_long_lists_them(
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= 120, out
     [row] = [line for line in lines if iid in line]
-    assert " 10 " in row and "ubuntu-24.04" in row
+    assert " 10 disks " in row and "ubuntu-24.04" in row and " s ago " in row
 
     assert main(["cache", "list", "--long", *common]) == 0
     long_out = capsys.readouterr().out
     folders = sorted(p.name for p in inst.iterdir() if p.name not in ("_base", "locks"))
     folders = [f for f in folders if not f.startswith(".")]
     assert len(folders) == 10
-    assert all(f in long_out for f in folders)
+    assert all(f"{inst / f / 'disk'}" in long_out for f in folders)
     assert long_name in long_out
 
     assert main(["cache", "list", "-o", "json", *common]) == 0
     [entry] = [e for e in json.loads(capsys.readouterr().out) if e["image_id"] == iid]
-    assert len(entry["users"]) == 10
+    assert len(entry["users"]) == 10 and len(entry["in_use_by"]) == 10
     assert {"format", "virtual_size", "name", "path"} <= set(entry)

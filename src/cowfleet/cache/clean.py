@@ -16,7 +16,12 @@ Rules, in order (see docs/cache.md, "Cleaning"):
    removed after ``part_max_age``.
 6. Anything else (a file neither cowfleet nor Nova would make) is left alone.
 
-When a disk could not be read, nothing is removed: what it uses is unknown.
+"In use" comes from every instance disk's backing chain (symlinks followed),
+every disk of every libvirt domain defined on the node, and every file a
+running process holds open or mapped (:mod:`cowfleet.cache.holders`, injected as
+``sources``); each decision says where its uses were found (``in_use_by``).
+When a disk or a source could not be read, nothing is removed: what it uses is
+unknown.
 A dry run takes no lock, creates no file and changes no time stamp, so it is
 safe on a live Nova compute node's directory.
 """
@@ -29,14 +34,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cowfleet.cache import metadata as md
 from cowfleet.cache import pins
+from cowfleet.cache.holders import HolderSource, collect, node_sources
 from cowfleet.cache.layout import META_DIRNAME, SHA1_RE, Layout, is_image_id
-from cowfleet.cache.listing import BaseEntry, list_entries
+from cowfleet.cache.listing import PIN, BaseEntry, list_entries
 from cowfleet.cache.lock import base_lock, is_held, lock_path
 from cowfleet.cache.usage import Problem, scan
 from cowfleet.config import Config
@@ -89,6 +95,7 @@ class Decision:
     action: str  # keep | remove | quarantine
     done: bool  # the action was carried out (False: dry run, or kept)
     reason: str
+    in_use_by: tuple[str, ...] = ()  # "disk <path>", "libvirt domain <name>", "process ...", "pin"
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class CleanReport:
     decisions: tuple[Decision, ...]
     unreadable: tuple[Problem, ...]
     broken: tuple[Problem, ...]
+    missing_bases: tuple[str, ...] = ()  # _base names some disk needs but that are gone
 
     def count(self, action: str) -> int:
         return sum(1 for d in self.decisions if d.action == action)
@@ -140,6 +148,13 @@ def _pinnable(locks_dir: Path, name: str) -> bool:
     return True
 
 
+def _uses(e: BaseEntry) -> str:
+    """``N instances`` (disks in instance folders), then the other places it is used."""
+    others = [s for s in e.in_use_by if s != PIN and not s.startswith("disk ")]
+    parts = [f"{len(e.users)} instances"] if e.users else []
+    return ", ".join(parts + others) or "a disk"
+
+
 def _age(seconds: float) -> str:
     if seconds >= 86400:
         return f"{seconds / 86400:.1f} d"
@@ -170,8 +185,10 @@ class Cleaner:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         statvfs: Callable[[Path], os.statvfs_result] = os.statvfs,
+        sources: Sequence[HolderSource] = (),
     ) -> None:
         self.layout = layout
+        self.sources = tuple(sources)
         self.policy = policy
         self.clock = clock
         self.monotonic = monotonic
@@ -193,7 +210,7 @@ class Cleaner:
             ) from exc
         # Tokens before the scan: a pin released during the scan changes its token.
         tokens = {n: pins.token(locks, n) for n in names if _pinnable(locks, n)}
-        usage = scan(self.layout.instances_path)
+        usage = scan(self.layout.instances_path, collect(self.sources, self.layout.base_dir))
         items = [self._classify(e, now) for e in list_entries(self.layout, usage)]
         items += self._temp_files(now)
         self._protect_dependencies(items)
@@ -211,12 +228,13 @@ class Cleaner:
             disks=usage.disks,
             cache_bytes=sum(i.entry.allocated for i in items),
             freed_bytes=removed,
-            in_use_bytes=sum(i.entry.allocated for i in items if i.entry.users),
+            in_use_bytes=sum(i.entry.allocated for i in items if i.entry.used),
             budget_bytes=budget,
             over_budget_bytes=over,
             decisions=tuple(decisions),
             unreadable=usage.unreadable,
             broken=usage.broken,
+            missing_bases=tuple(sorted(usage.missing_bases)),
         )
         self._log(report)
         return report
@@ -236,18 +254,18 @@ class Cleaner:
         if e.state == md.STATE_FAILED:
             item.action = QUARANTINE
             item.reason = f"failed verification: {e.failure or 'size or digest differs'}"
-            if e.users:
-                item.reason += f" (backs {len(e.users)} instances: they keep their open file)"
+            if e.used:
+                item.reason += f" (in use by {_uses(e)}: they keep their open file)"
             return item
         item.needs = tuple(
             self.layout.paths(i).name
             for i in (e.kernel_id, e.ramdisk_id)
             if i and is_image_id(i)  # a free-text image property: may be anything
         )
-        if e.users:
-            item.reason = f"in use by {len(e.users)} instances"
+        if e.used:
+            item.reason = f"in use by {_uses(e)}"
             return item
-        if pins.is_pinned(self.layout.locks_dir, e.name):
+        if PIN in e.in_use_by:
             item.reason = "pinned by a provisioning in progress"
             return item
         last = e.last_used
@@ -388,7 +406,7 @@ class Cleaner:
             action, reason = KEEP, f"{reason}; stopping: left for the next pass"
         elif not dry_run and not stopping:
             try:
-                if action == KEEP and e.users:
+                if action == KEEP and e.used:
                     self._touch(e, now)
                 elif action == REMOVE:
                     why_not = self._remove(e, tokens.get(e.name, b""))
@@ -417,6 +435,7 @@ class Cleaner:
             action=action,
             done=done,
             reason=reason,
+            in_use_by=e.in_use_by,
         )
 
     def _touch(self, e: BaseEntry, now: float) -> None:
@@ -523,8 +542,9 @@ def clean(
 ) -> CleanReport:
     """One clean pass over ``cfg.instances_path`` with the configured limits."""
     cleaner = Cleaner(
-        Layout(cfg.instances_path), CleanPolicy.from_config(cfg, min_age=min_age), clock=clock
+        Layout(cfg.instances_path),
+        CleanPolicy.from_config(cfg, min_age=min_age),
+        clock=clock,
+        sources=node_sources(cfg),
     )
     return cleaner.run(dry_run=dry_run, stop=stop)
-
-

@@ -3,6 +3,12 @@
 Users of a base are the instance folders with a disk that has it anywhere in
 its backing chain (:mod:`cowfleet.cache.usage`: qcow2 headers read in Python,
 so this also works on a Nova node's instances path; no qemu-img, no subprocess).
+``in_use_by`` says where each use was found: ``disk <path>`` (an instance disk),
+``libvirt domain <name>``, ``process <pid> <comm>`` (:mod:`cowfleet.cache.holders`)
+and ``pin`` (a provisioning in progress, :mod:`cowfleet.cache.pins`).
+
+A quarantined base whose image is gone from the image service (the cache
+manager tried to fetch it again) is listed as ``quarantined, image gone``.
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cowfleet.cache import metadata as md
+from cowfleet.cache import pins
 from cowfleet.cache.layout import (
     CONVERTED_SUFFIX,
     META_DIRNAME,
@@ -22,7 +29,8 @@ from cowfleet.cache.layout import (
     SHA1_RE,
     Layout,
 )
-from cowfleet.cache.usage import Usage, scan
+from cowfleet.cache.usage import Holders, Usage, scan
+from cowfleet.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +53,33 @@ class BaseEntry:
     failure: str | None = None
     kernel_id: str | None = None  # image bases: the kernel/ramdisk images they boot with
     ramdisk_id: str | None = None
+    # where each use was found: "disk <path>", "libvirt domain <name>", "process <pid> <comm>",
+    # "pin"
+    in_use_by: tuple[str, ...] = ()
+
+    @property
+    def used(self) -> bool:
+        """Something uses it now (a pin alone is a use to come, not one)."""
+        return bool(self.users) or any(s != PIN for s in self.in_use_by)
 
 
-def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
-    """Every entry of ``_base``; ``usage`` is scanned when not given."""
+PIN = "pin"
+STATE_IMAGE_GONE = "quarantined, image gone"
+
+
+def list_entries(
+    layout: Layout, usage: Usage | None = None, *, holders: Holders | None = None
+) -> list[BaseEntry]:
+    """Every entry of ``_base``; ``usage`` is scanned (with ``holders``) when not given."""
     base_dir = layout.base_dir
     try:
         names = sorted(os.listdir(base_dir))
     except FileNotFoundError:
         return []
     if usage is None:
-        usage = scan(layout.instances_path)
+        usage = scan(layout.instances_path, holders)
     out: list[BaseEntry] = []
+    sources: dict[str, tuple[str, ...]] = {}
     for name in names:
         if name == META_DIRNAME:
             continue
@@ -67,6 +90,29 @@ def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
             continue
         allocated = st.st_blocks * 512
         who = tuple(sorted(usage.users_of(path, st)))
+        sources[name] = _sources(layout, name, usage.holders_of(path, st))
+        meta = md.read_meta(layout.paths_for_name(name).meta) if SHA1_RE.match(name) else None
+        if not stat.S_ISREG(st.st_mode) and meta is not None:
+            # a directory or symlink where a base was: failed, so the pass moves it aside
+            out.append(
+                BaseEntry(
+                    name,
+                    path,
+                    "base",
+                    meta.image_id,
+                    meta.name,
+                    None,
+                    meta.disk_format,
+                    allocated,
+                    st.st_size,
+                    None,
+                    who,
+                    md.last_used(layout.paths_for_name(name).meta),
+                    md.STATE_FAILED,
+                    "not a regular file (a directory or symlink where the base was)",
+                )
+            )
+            continue
         if not stat.S_ISREG(st.st_mode):
             out.append(
                 BaseEntry(
@@ -89,7 +135,6 @@ def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
             continue
         if SHA1_RE.match(name):
             paths = layout.paths_for_name(name)
-            meta = md.read_meta(paths.meta)
             if meta is None:
                 out.append(
                     BaseEntry(
@@ -184,11 +229,22 @@ def list_entries(layout: Layout, usage: Usage | None = None) -> list[BaseEntry]:
                 None if kind != "unknown" else "unknown file in _base",
             )
         )
-    out.extend(_quarantined(layout))
+    out = [replace(e, in_use_by=sources[e.name]) for e in out]
+    out.extend(_quarantined(layout, usage))
     return out
 
 
-def _quarantined(layout: Layout) -> list[BaseEntry]:
+def _sources(layout: Layout, name: str, found: frozenset[str]) -> tuple[str, ...]:
+    """The places a use of ``_base/<name>`` was found, and ``pin`` while one is held."""
+    by = sorted(found)
+    try:
+        pinned = pins.is_pinned(layout.locks_dir, name)
+    except UsageError:  # a name no pin file can have
+        pinned = False
+    return (*by, PIN) if pinned else tuple(by)
+
+
+def _quarantined(layout: Layout, usage: Usage) -> list[BaseEntry]:
     """Bases the cache manager moved aside after they failed verification."""
     qdir = layout.quarantine_dir
     try:
@@ -204,6 +260,10 @@ def _quarantined(layout: Layout) -> list[BaseEntry]:
             continue
         record = md.read_json(path.with_name(name + ".json")) or {}
         users = record.get("users")
+        # still held: processes keep their open file; disks whose base is now missing
+        held = usage.holders_of(path, st) | usage.labels_by_base_name.get(
+            str(record.get("name")), frozenset()
+        )
         out.append(
             BaseEntry(
                 f"{META_DIRNAME}/{QUARANTINE_DIRNAME}/{name}",
@@ -218,8 +278,9 @@ def _quarantined(layout: Layout) -> list[BaseEntry]:
                 None,
                 tuple(str(u) for u in users) if isinstance(users, list) else (),
                 st.st_mtime,
-                "quarantined",
+                STATE_IMAGE_GONE if record.get("image_gone_at") else "quarantined",
                 _text(record.get("reason")) or "failed verification",
+                in_use_by=tuple(sorted(held)),
             )
         )
     return out
@@ -227,3 +288,60 @@ def _quarantined(layout: Layout) -> list[BaseEntry]:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """One base the cache manager moved aside, as its ``.json`` record tells."""
+
+    file: Path  # the quarantined file
+    record: Path  # its .json record
+    name: str  # the base name it had in _base
+    image_id: str | None
+    reason: str
+    image_gone: bool
+    data: dict[str, object]
+
+
+def quarantine_records(layout: Layout) -> dict[str, list[QuarantineRecord]]:
+    """Records of every quarantined base, by the name it had in ``_base``."""
+    qdir = layout.quarantine_dir
+    try:
+        names = sorted(n for n in os.listdir(qdir) if n.endswith(".json"))
+    except OSError:
+        return {}
+    out: dict[str, list[QuarantineRecord]] = {}
+    for rec_name in names:
+        data = md.read_json(qdir / rec_name)
+        name = data.get("name") if data else None
+        if not data or not isinstance(name, str) or not SHA1_RE.match(name):
+            continue
+        out.setdefault(name, []).append(
+            QuarantineRecord(
+                file=qdir / rec_name[: -len(".json")],
+                record=qdir / rec_name,
+                name=name,
+                image_id=_text(data.get("image_id")),
+                reason=_text(data.get("reason")) or "failed verification",
+                image_gone=bool(data.get("image_gone_at")),
+                data=data,
+            )
+        )
+    return out
+
+
+def base_note(layout: Layout, base: Path) -> str | None:
+    """What an instance disk's missing base became, for ``server show``; None: nothing to say."""
+    if os.path.lexists(base) or base.parent != layout.base_dir:
+        return None
+    records = quarantine_records(layout).get(base.name)
+    if not records:
+        return f"base {base} is missing"
+    last = records[-1]
+    text = f"base {base} was quarantined ({last.reason})"
+    if last.image_gone:
+        return (
+            f"{text}; image {last.image_id} is gone from the image service "
+            "(quarantined, image gone): the server cannot boot until it is restored"
+        )
+    return f"{text}; the node's cache manager fetches image {last.image_id} again"

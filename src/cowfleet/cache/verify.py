@@ -1,4 +1,10 @@
-"""Re-verification of cached bases: re-hash and re-inspect, mark the result."""
+"""Re-verification of cached bases: re-hash and re-inspect, mark the result.
+
+A base that cannot be read (EIO from a failing disk, EACCES, a directory or a
+symlink planted in its place) fails verification like one whose digest
+differs: it is marked failed, and the next clean pass quarantines it. Nothing
+a base's bytes or its disk can do escapes as an exception to the cache manager.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import SHA1_RE, BasePaths, canonical_image_id
 from cowfleet.cache.lock import base_lock
 from cowfleet.cache.sink import new_hasher
-from cowfleet.errors import CowfleetError, LocalIOError, NotFoundError
+from cowfleet.errors import CowfleetError, LocalIOError, NotFoundError, TimeoutError_
 
 if TYPE_CHECKING:
     from cowfleet.cache.cache import ImageCache
@@ -78,7 +84,12 @@ def hash_file(path: Path, algo: str, *, limit: RateLimit | None = None) -> str:
         raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
     try:
         while True:
-            data = os.read(fd, READ_SIZE)
+            try:
+                data = os.read(fd, READ_SIZE)
+            except OSError as exc:
+                raise LocalIOError(
+                    f"cannot read {path}: {exc.strerror}", path=str(path), errno=exc.errno
+                ) from exc
             if not data:
                 break
             h.update(data)
@@ -92,7 +103,18 @@ def hash_file(path: Path, algo: str, *, limit: RateLimit | None = None) -> str:
 def _check_one(
     paths: BasePaths, meta: md.BaseMeta, max_virtual_size: int, limit: RateLimit | None = None
 ) -> str | None:
-    """The reason this base fails verification, or None."""
+    """The reason this base fails verification, or None. A base that cannot be read fails."""
+    try:
+        return _check(paths, meta, max_virtual_size, limit)
+    except LocalIOError as exc:
+        return f"read error: {exc}"
+    except OSError as exc:
+        return f"read error: {paths.base}: {exc.strerror or exc}"
+
+
+def _check(
+    paths: BasePaths, meta: md.BaseMeta, max_virtual_size: int, limit: RateLimit | None
+) -> str | None:
     from cowfleet.formats import policy
     from cowfleet.formats.inspector import inspect_path
 
@@ -156,33 +178,40 @@ def verify_bases(
             known = md.read_meta(paths.meta)
             if known is None or known.verified_at >= verified_before:
                 continue
-        with base_lock(layout.locks_dir, paths.name, timeout=cache.cfg.fetch_deadline):
-            meta = md.read_meta(paths.meta)
-            if meta is None:
-                results.append(
-                    VerifyResult(
-                        paths.name,
-                        paths.base,
-                        None,
-                        False,
-                        "unknown",
-                        "no cowfleet metadata: origin and digest unknown",
-                    )
-                )
-                continue
-            failure = _check_one(paths, meta, cache.cfg.max_virtual_size, limit)
-            now = cache.clock()
-            state = md.STATE_FAILED if failure else md.STATE_VERIFIED
-            # keep last_used (the metadata mtime) across the rewrite
-            used = md.last_used(paths.meta)
-            md.write_meta(paths.meta, replace(meta.marked(state, failure, now)))
-            if used is not None:
-                md.touch(paths.meta, used)
-            if failure:
-                log.error(
-                    "base %s (image %s) failed verification: %s", paths.base, meta.image_id, failure
-                )
-            results.append(
-                VerifyResult(paths.name, paths.base, meta.image_id, failure is None, state, failure)
-            )
+        try:
+            result = _verify_one(cache, paths, limit)
+        except TimeoutError_ as exc:
+            if image_id is not None:
+                raise
+            log.warning("base %s not re-verified this time: %s", paths.base, exc)
+            continue
+        results.append(result)
     return results
+
+
+def _verify_one(cache: ImageCache, paths: BasePaths, limit: RateLimit | None) -> VerifyResult:
+    """Re-verify one base under its lock and record the result in its metadata."""
+    with base_lock(cache.layout.locks_dir, paths.name, timeout=cache.cfg.fetch_deadline):
+        meta = md.read_meta(paths.meta)
+        if meta is None:
+            return VerifyResult(
+                paths.name,
+                paths.base,
+                None,
+                False,
+                "unknown",
+                "no cowfleet metadata: origin and digest unknown",
+            )
+        failure = _check_one(paths, meta, cache.cfg.max_virtual_size, limit)
+        now = cache.clock()
+        state = md.STATE_FAILED if failure else md.STATE_VERIFIED
+        # keep last_used (the metadata mtime) across the rewrite
+        used = md.last_used(paths.meta)
+        md.write_meta(paths.meta, replace(meta.marked(state, failure, now)))
+        if used is not None:
+            md.touch(paths.meta, used)
+        if failure:
+            log.error(
+                "base %s (image %s) failed verification: %s", paths.base, meta.image_id, failure
+            )
+        return VerifyResult(paths.name, paths.base, meta.image_id, failure is None, state, failure)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cowfleet.cli.common import (
@@ -53,10 +55,46 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _when(ts: float | None, *, seconds: bool = True) -> str:
+def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M" + (":%S" if seconds else ""), time.localtime(ts))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _age(ts: float | None, now: float) -> str:
+    """``40 s ago``, ``5 min ago``, ``3 h ago``, ``12 d ago`` (``-``: never)."""
+    if ts is None:
+        return "-"
+    age = max(0.0, now - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if age >= size:
+            return f"{int(age // size)} {unit} ago"
+    return f"{int(age)} s ago"
+
+
+# How the first word of an in_use_by source is counted in the short table.
+_SOURCE_KINDS = {"disk": "disk", "libvirt": "domain", "process": "process"}
+
+
+def in_use_summary(sources: Sequence[str]) -> str:
+    """``10 disks, 2 domains, pin``: the sources of use counted by kind (``-``: none)."""
+    counts: dict[str, int] = {}
+    pinned = False
+    for source in sources:
+        word = source.split(" ", 1)[0]
+        if word == "pin":
+            pinned = True
+            continue
+        kind = _SOURCE_KINDS.get(word, word)
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = [f"{n} {_plural(kind, n)}" for kind, n in counts.items()]
+    return ", ".join([*parts, *(["pin"] if pinned else [])]) or "-"
+
+
+def _plural(word: str, n: int) -> str:
+    if n == 1:
+        return word
+    return word + ("es" if word.endswith("s") else "s")
 
 
 def _gib(n: int | None) -> str:
@@ -64,7 +102,15 @@ def _gib(n: int | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
-    entries = _cache(cfg).list()
+    from cowfleet.cache.holders import collect, node_sources
+    from cowfleet.cache.layout import Layout
+    from cowfleet.cache.listing import list_entries
+
+    layout = Layout(cfg.instances_path)
+    holders = collect(node_sources(cfg), layout.base_dir)
+    for p in holders.problems:
+        print(f"cowfleet: warning: in-use check incomplete: {p.path}: {p.reason}", file=sys.stderr)
+    entries = list_entries(layout, holders=holders)
     if args.output == "json":
         print_json(entries)  # every field, the full lists of users
         return 0
@@ -77,27 +123,28 @@ def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
                 e.kind,
                 _gib(e.allocated),
                 _gib(e.virtual_size),
-                ",".join(e.users) or "-",
+                "; ".join(e.in_use_by) or "-",
                 _when(e.last_used),
                 e.state,
                 e.name,
             )
             for e in entries
         ]
-        headers = ("Image ID", "Name", "Format", "Kind", "Allocated", "Virtual", "Users")
+        headers = ("Image ID", "Name", "Format", "Kind", "Allocated", "Virtual", "In use by")
         print_table((*headers, "Last used", "State", "File"), rows)
         return 0
-    # Fits TABLE_WIDTH: users counted, not listed; long names cut; no file name.
+    # Fits TABLE_WIDTH: uses counted by source, long names cut, ages instead of dates.
+    now = time.time()
     print_table(
-        ("Image ID", "Name", "Kind", "Allocated", "Users", "Last used", "State"),
+        ("Image ID", "Name", "Kind", "Allocated", "In use by", "Last used", "State"),
         [
             (
                 e.image_id or "-",
                 e.image_name or "-",
                 e.kind,
                 _gib(e.allocated),
-                len(e.users),
-                _when(e.last_used, seconds=False),
+                in_use_summary(e.in_use_by),
+                _age(e.last_used, now),
                 e.state,
             )
             for e in entries
@@ -180,7 +227,7 @@ def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
             d.image_name or "-",
             d.kind,
             _gib(d.allocated),
-            str(len(d.users)),
+            "; ".join(d.in_use_by) or "-",
             _when(d.last_used),
             _action(d.action, d.done, report.dry_run),
             d.reason,
@@ -189,7 +236,17 @@ def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
         for d in report.decisions
     ]
     print_table(
-        ("Image ID", "Name", "Kind", "Allocated", "Users", "Last used", "Action", "Why", "File"),
+        (
+            "Image ID",
+            "Name",
+            "Kind",
+            "Allocated",
+            "In use by",
+            "Last used",
+            "Action",
+            "Why",
+            "File",
+        ),
         rows,
     )
     # Unreadable disks, broken chains and quarantines are also logged (stderr) by the pass.

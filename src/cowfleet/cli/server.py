@@ -102,6 +102,8 @@ def _show(args: argparse.Namespace, cfg: Config) -> int:
             fields.append((f"Disk {d.target}", f"{d.file} -> {d.backing} ({d.backing_format})"))
     if row.problem:
         fields.append(("Problem", row.problem))
+    for note in detail.base_notes:
+        fields.append(("Base", note))
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         print(f"{k + ':':<{width + 1}} {v}")

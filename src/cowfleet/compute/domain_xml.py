@@ -185,6 +185,38 @@ def parse_disks(xml: str) -> list[DiskTarget]:
     return rows
 
 
+@dataclass(frozen=True)
+class DomainFile:
+    """A file a domain reads: a disk, a file of its ``<backingStore>``, the kernel, the initrd."""
+
+    path: str
+    format: str | None  # "qcow2", "raw"... as the XML tells libvirt; None: not said
+
+
+def parse_files(xml: str) -> list[DomainFile]:
+    """Every local file a domain's disks and direct kernel boot read, in document order."""
+    root = _parse(xml)
+    out: list[DomainFile] = []
+    for disk in root.findall("./devices/disk"):
+        driver = disk.find("driver")
+        fmt = driver.get("type") if driver is not None else None
+        src = disk.find("source")
+        path = (src.get("file") or src.get("dev")) if src is not None else None
+        if path:
+            out.append(DomainFile(path, fmt))
+        for store in disk.iter("backingStore"):
+            bsrc = store.find("source")
+            bfmt = store.find("format")
+            bpath = (bsrc.get("file") or bsrc.get("dev")) if bsrc is not None else None
+            if bpath:
+                out.append(DomainFile(bpath, bfmt.get("type") if bfmt is not None else None))
+    for tag in ("kernel", "initrd"):
+        el = root.find(f"./os/{tag}")
+        if el is not None and el.text and el.text.strip():
+            out.append(DomainFile(el.text.strip(), "raw"))
+    return out
+
+
 def parse_metadata(xml: str) -> DomainMetadata | None:
     """cowfleet's ``<metadata>`` entry, or None for a domain cowfleet did not define."""
     root = _parse(xml)

@@ -37,12 +37,15 @@ class ServerDetail:
     folder: Path | None
     record: inst.InstanceRecord | None
     disks: list[DiskTarget]
+    # bases the instance needs that are missing: quarantined, being fetched again, image gone
+    base_notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = self.row.to_dict()
         out["folder"] = str(self.folder) if self.folder else None
         out["disks"] = [{"target": d.target, "source": d.source} for d in self.disks]
         out["record"] = self.record.to_dict() if self.record else None
+        out["base_notes"] = list(self.base_notes)
         return out
 
 
@@ -118,12 +121,24 @@ class ServerManager:
 
     def show(self, ref: str) -> ServerDetail:
         row, entry = self._row(ref)
+        record = entry.record if entry else None
         return ServerDetail(
             row=row,
             folder=entry.path if entry else None,
-            record=entry.record if entry else None,
+            record=record,
             disks=self._disks(row, entry),
+            base_notes=self._base_notes(record) if record else (),
         )
+
+    def _base_notes(self, rec: inst.InstanceRecord) -> tuple[str, ...]:
+        from cowfleet.cache.layout import Layout
+        from cowfleet.cache.listing import base_note
+
+        layout = Layout(self.cfg.instances_path)
+        bases = [d.backing for d in rec.disks]
+        bases += [b for b in (rec.kernel_base, rec.ramdisk_base) if b]
+        notes = (base_note(layout, Path(b)) for b in dict.fromkeys(bases))
+        return tuple(n for n in notes if n)
 
     def _disks(self, row: ServerRow, entry: inst.FolderEntry | None) -> list[DiskTarget]:
         if row.driver == "libvirt" and row.state != MISSING_DOMAIN:

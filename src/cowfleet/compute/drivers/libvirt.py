@@ -13,13 +13,14 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cowfleet.compute.domain_xml import (
     DiskTarget,
     DomainSpec,
     build_domain_xml,
     parse_disks,
+    parse_files,
     parse_metadata,
 )
 from cowfleet.compute.drivers.base import STATE_NAMES, DomainInfo
@@ -31,6 +32,9 @@ from cowfleet.errors import (
     NotFoundError,
     ValidationError,
 )
+
+if TYPE_CHECKING:
+    from cowfleet.cache.holders import DomainDisk
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ _CONFIG_UNSUPPORTED = 67
 _AUTH_UNAVAILABLE = 94
 _UNAVAILABLE = {_NO_CONNECT, _SYSTEM_ERROR, _RPC, _AUTH_FAILED, _AUTH_UNAVAILABLE}
 _STATE_SHUTOFF = 5
+_XML_INACTIVE = 2  # VIR_DOMAIN_XML_INACTIVE: the persistent definition of a running domain
 
 Opener = Callable[[str], Any]
 
@@ -249,3 +254,33 @@ class LibvirtDriver:
         with self._translate("read domain XML", uuid):
             xml = dom.XMLDesc(0)
         return parse_disks(xml)
+
+    def domain_disks(self) -> list[DomainDisk]:
+        """Every file the disks (and kernel/initrd) of every defined domain read.
+
+        Running or not: a running domain's live XML and its persistent
+        definition are both read (a disk swapped live may differ from the one
+        it boots with next time). The cache's in-use check asks this.
+        """
+        from cowfleet.cache.holders import DomainDisk
+
+        conn = self._connection()
+        with self._translate("list domains"):
+            domains = conn.listAllDomains(0)
+        out: list[DomainDisk] = []
+        for dom in domains:
+            try:
+                with self._translate("read domain XML"):
+                    name = dom.name()
+                    xmls = [dom.XMLDesc(0)]
+                    if dom.isActive():
+                        xmls.append(dom.XMLDesc(_XML_INACTIVE))
+            except NotFoundError:  # undefined since the listing: uses nothing
+                continue
+            seen: set[tuple[str, str | None]] = set()
+            for xml in xmls:
+                for f in parse_files(xml):
+                    if (f.path, f.format) not in seen:
+                        seen.add((f.path, f.format))
+                        out.append(DomainDisk(name, f.path, f.format))
+        return out
