@@ -87,16 +87,17 @@ def add_setting(
     on as a flag (and an error names the flag typed).
     """
     row = settings_table.BY_NAME[name]
+    if not row.flags:
+        raise ValueError(f"setting {name} has no command-line flag in its row")
     kw: dict[str, Any] = {"dest": row.name, "help": settings_table.flag_help(row, extra)}
     if row.kind is bool:
         kw["action"] = argparse.BooleanOptionalAction
+    elif row.choices:
+        kw["choices"] = row.choices
     else:
-        if row.kind in (int, float, Path):
-            kw["type"] = row.kind
-        if row.choices:
-            kw["choices"] = row.choices
-        if not row.choices:
-            kw["metavar"] = row.metavar or row.name.upper()
+        kw["metavar"] = row.metavar or row.name.upper()
+    if row.kind in (int, float, Path):
+        kw["type"] = row.kind
     return p.add_argument(*row.flags, **kw)
 
 
