@@ -53,6 +53,21 @@ def test_serve_images_is_listed_and_images_serve_is_a_hidden_alias() -> None:
         assert "--port PORT" in done.stdout and "--data-dir DIR" in done.stdout
 
 
+def test_group_help_is_the_same_whether_or_not_the_group_is_imported() -> None:
+    from cowfleet.cli.common import GROUP_HELP
+
+    lazy = build_parser(["disk"]).format_help()  # every other group listed, not imported
+    full = build_parser([]).format_help()
+    assert lazy == full
+    for name, text in GROUP_HELP.items():
+        assert text.split()[0] in full, name
+
+
+def test_a_group_without_its_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve"]) == 2
+    assert "GROUP" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["serve", "images"], ["images", "serve"]])
 def test_both_spellings_run_the_image_service(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -262,7 +262,7 @@ def _action(action: str, done: bool, dry_run: bool) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    csub = add_group(sub, "cache", "the node image cache (_base)")
+    csub = add_group(sub, "cache")
     csub.required = True
     lp = add_command(csub, "list", cmd_list, "list cached bases, partial downloads and users")
     lp.add_argument(

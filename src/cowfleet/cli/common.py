@@ -106,15 +106,31 @@ def add_instances_path(p: argparse.ArgumentParser) -> None:
     add_setting(p, "instances_path")
 
 
+# The one-line help of each top-level group (``cowfleet --help`` lists them whether or
+# not their module is imported). A group with no entry is a hidden alias.
+GROUP_HELP: dict[str, str] = {
+    "disk": "inspect disks, check image safety, create overlays",
+    "image": "manage images in the image service (Glance v2 API; embedded or real Glance)",
+    "serve": "server processes: the image service (serve images)",
+    "cache": "the node image cache (_base)",
+    "server": "instances: create, list, disks, start, stop, delete",
+    "flavor": "instance sizes",
+    "node": "the long-running node process (cache manager)",
+    "demo": "start an image service, upload a test guest, boot 3 instances on each of 2 "
+    "nodes and narrate what happens (cleans up unless --keep)",
+}
+
+
 def add_group(
     sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     name: str,
-    help_text: str | None,
 ) -> argparse._SubParsersAction:  # type: ignore[type-arg]
     """A command group (``cowfleet cache ...``) taking the common options; its sub-commands.
 
-    ``help_text=None`` makes a hidden group: it works but ``--help`` does not list it.
+    Its help is ``GROUP_HELP[name]``; a name not there is a hidden group: it works but
+    ``--help`` does not list it.
     """
+    help_text = GROUP_HELP.get(name)
     kw: dict[str, Any] = {"parents": [common_parent()]}
     if help_text is not None:
         kw.update(help=help_text, description=help_text)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cowfleet.cli.common import add_command, add_setting
+from cowfleet.cli.common import GROUP_HELP, add_command, add_setting
 from cowfleet.config import DRIVERS, Config
 
 
@@ -25,11 +25,7 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    text = (
-        "start an image service, upload a test guest, boot 3 instances on each of 2 "
-        "nodes and narrate what happens (cleans up unless --keep)"
-    )
-    p = add_command(sub, "demo", _demo, text, output=False)
+    p = add_command(sub, "demo", _demo, GROUP_HELP["demo"], output=False)
     p.add_argument(
         "--keep", action="store_true", help="leave everything running and print how to remove it"
     )

@@ -9,7 +9,7 @@ from cowfleet.cli.common import add_group
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    dsub = add_group(sub, "disk", "inspect disks, check image safety, create overlays")
+    dsub = add_group(sub, "disk")
     dsub.required = True
     disk_info.register(dsub)  # info, overlay
     disk_inspect.register(dsub)  # inspect

@@ -22,6 +22,6 @@ def _list(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    fsub = add_group(sub, "flavor", "instance sizes")
+    fsub = add_group(sub, "flavor")
     fsub.required = True
     add_command(fsub, "list", _list, "list flavors (built-in m1.* and those in the config file)")

@@ -34,7 +34,7 @@ PROGRESS_MIN = 64 * 1024 * 1024  # show a bar for transfers this large even off 
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    cmds = add_group(sub, "image", "manage images in the image service (Glance v2 API)")
+    cmds = add_group(sub, "image")
 
     p = add_command(cmds, "create", _create, "create an image record (status queued)")
     _endpoint_opts(p)

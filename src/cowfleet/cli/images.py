@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """The old spelling ``cowfleet images serve``: a hidden alias of ``serve images``."""
-    cmds = add_group(sub, "images", None)
+    cmds = add_group(sub, "images")
     add_serve_images(cmds, "serve")
 
 

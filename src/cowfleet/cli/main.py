@@ -16,22 +16,29 @@ import sys
 from collections.abc import Sequence
 
 from cowfleet import __version__
-from cowfleet.cli.common import Parser, build_config, common_parent, fill_common_defaults
+from cowfleet.cli.common import (
+    GROUP_HELP,
+    Parser,
+    build_config,
+    common_parent,
+    fill_common_defaults,
+)
 from cowfleet.errors import CowfleetError
 
 log = logging.getLogger("cowfleet")
 
-# group name -> (module providing ``register(subparsers)``, one-line help; None: hidden alias)
-GROUPS: dict[str, tuple[str, str | None]] = {
-    "disk": ("cowfleet.cli.disk", "inspect disks, check image safety, create overlays"),
-    "image": ("cowfleet.cli.image", "images in the image service (embedded or Glance)"),
-    "serve": ("cowfleet.cli.serve", "server processes: the image service (serve images)"),
-    "images": ("cowfleet.cli.images", None),  # hidden: `images serve`, the old `serve images`
-    "cache": ("cowfleet.cli.cache", "the node image cache (_base)"),
-    "server": ("cowfleet.cli.server", "instances: create, list, disks, start, stop, delete"),
-    "flavor": ("cowfleet.cli.flavor", "instance sizes"),
-    "node": ("cowfleet.cli.node", "the long-running node process (cache manager)"),
-    "demo": ("cowfleet.cli.demo", "a narrated tour: image service, 2 nodes, 6 instances"),
+# group name -> module providing ``register(subparsers)``, in --help order (the one-line
+# help of each is GROUP_HELP's; a group without one is a hidden alias)
+GROUPS: dict[str, str] = {
+    "disk": "cowfleet.cli.disk",
+    "image": "cowfleet.cli.image",
+    "serve": "cowfleet.cli.serve",
+    "images": "cowfleet.cli.images",  # hidden: `images serve`, the old `serve images`
+    "cache": "cowfleet.cli.cache",
+    "server": "cowfleet.cli.server",
+    "flavor": "cowfleet.cli.flavor",
+    "node": "cowfleet.cli.node",
+    "demo": "cowfleet.cli.demo",
 }
 
 
@@ -61,7 +68,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cowfleet {__version__}")
     sub = parser.add_subparsers(dest="group", metavar="GROUP")
     first = group_in(argv or ())
-    for name, (modname, help_text) in GROUPS.items():
+    for name, modname in GROUPS.items():
+        help_text = GROUP_HELP.get(name)
         if first is None or first not in GROUPS or name == first:
             _register(sub, modname)
         elif help_text is not None:

@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    nsub = add_group(sub, "node", "the long-running node process")
+    nsub = add_group(sub, "node")
     nsub.required = True
     rp = add_command(
         nsub,

@@ -12,5 +12,5 @@ from cowfleet.cli.images import add_serve_images
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    cmds = add_group(sub, "serve", "server processes: the image service (serve images)")
+    cmds = add_group(sub, "serve")
     add_serve_images(cmds, "images")

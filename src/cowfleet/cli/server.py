@@ -156,7 +156,7 @@ def _console(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    ssub = add_group(sub, "server", "instances: create, list, disks, start, stop, delete")
+    ssub = add_group(sub, "server")
     ssub.required = True
 
     c = add_command(ssub, "create", _create, "create (and boot) a server from an image")
