@@ -65,6 +65,9 @@ def test_group_help_is_the_same_whether_or_not_the_group_is_imported() -> None:
 
 def test_a_group_without_its_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: cowfleet serve") and "images" in err
+    assert main([]) == 2
     assert "GROUP" in capsys.readouterr().err
 
 

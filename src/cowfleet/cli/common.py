@@ -135,6 +135,7 @@ def add_group(
     if help_text is not None:
         kw.update(help=help_text, description=help_text)
     group: argparse.ArgumentParser = sub.add_parser(name, **kw)
+    group.set_defaults(help_parser=group)  # `cowfleet cache` alone prints the group's help
     return group.add_subparsers(dest="command", metavar="COMMAND")
 
 

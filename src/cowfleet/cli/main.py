@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = fill_common_defaults(parser.parse_args(argv))
     if getattr(args, "handler", None) is None:
-        parser.print_help(sys.stderr)
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
         return 2
     _setup_logging(getattr(args, "verbose", 0))
     return dispatch(args)
