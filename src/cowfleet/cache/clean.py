@@ -71,7 +71,7 @@ class Cleaner:
         self.clock = clock
         self.monotonic = monotonic
         self.statvfs = statvfs
-        self.in_use = in_use or SourcesCheck(self.sources, layout.base_dir)
+        self.in_use = in_use  # None: ask the sources again
 
     def snapshot(self) -> Snapshot:
         """The node now (read-only)."""
@@ -85,7 +85,8 @@ class Cleaner:
         if dry_run:
             decisions = decided.decisions()
         else:
-            decisions = Executor(self.layout, in_use=self.in_use).run(decided, snap.at, stop=stop)
+            in_use = self.in_use or SourcesCheck(self.sources, self.layout.base_dir)
+            decisions = Executor(self.layout, in_use=in_use).run(decided, snap.at, stop=stop)
         result = report(
             snap, decided, decisions, dry_run=dry_run, seconds=self.monotonic() - started
         )
