@@ -7,12 +7,11 @@ runs (:class:`Microversions`), seeds the flavors, and runs the periodic sweep.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -124,8 +123,15 @@ def create_app(
     db: Database | None = None,
     flavors_extra: tuple[Flavor, ...] = (),
     sweep: bool = True,
+    images: ImageLookup | None = None,
+    nodes: NodesClient | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The application; opens (and migrates) the database unless ``db`` is given."""
+    """The application; opens (and migrates) the database unless ``db`` is given.
+
+    ``images`` and ``nodes`` (the image service lookup and the node agents' client)
+    and ``clock`` may be passed in (tests); by default they are built from ``settings``.
+    """
     node_token = tokens.first("node")
     if node_token is None:
         raise ConfigError(
@@ -190,7 +196,3 @@ def create_app(
     app.include_router(internal.router)
     app.add_middleware(Microversions, max_body=settings.max_body)
     return app
-
-
-def dumps(doc: Any) -> bytes:
-    return json.dumps(doc).encode()
