@@ -143,8 +143,9 @@ def create_app(
     fleet = Fleet(
         database,
         settings,
-        ImageLookup(settings.image_url),
-        NodesClient(node_token, timeout=settings.node_timeout),
+        images or ImageLookup(settings.image_url),
+        nodes or NodesClient(node_token, timeout=settings.node_timeout),
+        clock=clock,
     )
     stop = threading.Event()
 
