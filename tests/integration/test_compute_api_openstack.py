@@ -1,0 +1,238 @@
+"""Unmodified OpenStack clients against the real compute API on loopback.
+
+``openstack`` (python-openstackclient 10.5, pinned in the ``test`` extra) and
+openstacksdk drive ``cowfleet serve api`` with a static token (clouds.yaml as in
+docs/compute-api.md). The real image service answers the clients' image lookups.
+The node agents here are :mod:`tests.integration._node_stub` (real HTTP servers on
+127.0.0.2 and 127.0.0.3 speaking docs/fleet-protocol.md), not ``cowfleet serve node``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import require_program
+from tests.fixtures.compute_api import NODE_TOKEN, OTHER_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.images import ImageService
+from tests.integration._node_stub import StubNode
+
+pytestmark = pytest.mark.integration
+
+RAW = b"\0" * (1 << 20)
+
+
+class Fleet:
+    def __init__(self, root: Path, images: ImageService) -> None:
+        self.root = root
+        self.images = images
+        self.token = images.token  # the admin token also works at the image service
+        self.image_id = images.upload("cirros", RAW)
+        tokens = write_tokens(root / "tokens.toml", self.token)
+        self.api = ComputeApi(
+            root / "api",
+            images.url,
+            tokens,
+            settings={"COWFLEET_API_HEARTBEAT_INTERVAL": "1", "COWFLEET_API_NODE_TIMEOUT": "3"},
+        )
+        self.api.start()
+        self.nodes: list[StubNode] = []
+        self.clouds = root / "clouds.yaml"
+        self.clouds.write_text(
+            "clouds:\n"
+            "  cowfleet:\n"
+            "    auth_type: admin_token\n"
+            f'    auth: {{endpoint: "{self.api.endpoint}", token: "{self.token}"}}\n'
+            f'    compute_endpoint_override: "{self.api.endpoint}"\n'
+            f'    image_endpoint_override: "{images.url}"\n'
+            f'    identity_endpoint_override: "{self.api.endpoint}"\n'
+            "    identity_api_version: 3\n"
+            '    compute_api_version: "2.81"\n'
+        )
+
+    def node(self, hostname: str, address: str, **kw: Any) -> StubNode:
+        node = StubNode(hostname, address, self.api.url, NODE_TOKEN, **kw).start()
+        self.nodes.append(node)
+        return node
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "COWFLEET_"))}
+        env.update(OS_CLIENT_CONFIG_FILE=str(self.clouds), OS_CLOUD="cowfleet", HOME=str(self.root))
+        return env
+
+    def osc(self, *args: str, timeout: float = 120) -> str:
+        run = subprocess.run(
+            [require_program("openstack"), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+        )
+        assert run.returncode == 0, f"openstack {' '.join(args)}: {run.stderr}"
+        return run.stdout
+
+    def osc_json(self, *args: str) -> Any:
+        return json.loads(self.osc(*args, "-f", "json"))
+
+    def get(self, path: str, token: str | None = None) -> httpx.Response:
+        return httpx.get(
+            f"{self.api.endpoint}{path}",
+            timeout=10,
+            headers={"X-Auth-Token": token or self.token, "OpenStack-API-Version": "compute 2.81"},
+        )
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.api.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, image_service: ImageService) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, image_service)
+    yield f
+    f.close()
+
+
+def wait(check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+def test_openstack_cli_runs_the_whole_life_cycle(fleet: Fleet) -> None:
+    fleet.node("node-a", "127.0.0.2")
+    fleet.node("node-b", "127.0.0.3")
+    flavors = fleet.osc_json("flavor", "list")
+    assert {"m1.tiny", "m1.small"} <= {f["Name"] for f in flavors}
+    hypervisors = fleet.osc_json("hypervisor", "list")
+    assert sorted(h["Hypervisor Hostname"] for h in hypervisors) == ["node-a", "node-b"]
+    assert {h["Host IP"] for h in hypervisors} == {"127.0.0.2", "127.0.0.3"}
+    agg = fleet.osc_json("aggregate", "create", "rack1")
+    assert agg["name"] == "rack1"
+    added = fleet.osc_json("aggregate", "add", "host", "rack1", "node-a")
+    assert added["hosts"] == ["node-a"]
+
+    created = fleet.osc_json(
+        "server",
+        "create",
+        "--image",
+        "cirros",
+        "--flavor",
+        "m1.tiny",
+        "--nic",
+        "none",
+        "--wait",
+        "vm1",
+    )
+    assert created["status"] == "ACTIVE"
+    listing = fleet.osc_json("server", "list", "--long")
+    (row,) = listing
+    assert (row["Name"], row["Status"], row["Flavor"]) == ("vm1", "ACTIVE", "m1.tiny")
+    assert (row["Power State"], row["Host Status"]) == (1, "UP")
+    assert row["Host"] in ("node-a", "node-b") and row["Image Name"] == "cirros"
+    shown = fleet.osc_json("server", "show", "vm1")
+    assert shown["OS-EXT-SRV-ATTR:host"] == row["Host"]
+    assert shown["OS-EXT-STS:vm_state"] == "active"
+    placement = fleet.get(f"/servers/{shown['id']}").json()["server"]["cowfleet:placement"]
+    assert placement["host"] == row["Host"] and placement["hosts_considered"] == 2
+
+    fleet.osc("server", "stop", "vm1")
+    wait(lambda: fleet.osc_json("server", "show", "vm1")["status"] == "SHUTOFF")
+    fleet.osc("server", "start", "vm1")
+    wait(lambda: fleet.osc_json("server", "show", "vm1")["status"] == "ACTIVE")
+    fleet.osc("server", "reboot", "--hard", "--wait", "vm1")
+    assert fleet.osc_json("server", "show", "vm1")["status"] == "ACTIVE"
+    fleet.osc("server", "delete", "--wait", "vm1")
+    assert fleet.osc_json("server", "list") == []
+    assert all(not n.instances for n in fleet.nodes)
+
+
+def test_openstacksdk_runs_the_same(fleet: Fleet) -> None:
+    import openstack
+
+    fleet.node("node-a", "127.0.0.2")
+    conn = openstack.connect(
+        auth_type="admin_token",
+        auth={"endpoint": fleet.api.endpoint, "token": fleet.token},
+        compute_endpoint_override=fleet.api.endpoint,
+        image_endpoint_override=fleet.images.url,
+        identity_endpoint_override=fleet.api.endpoint,
+        identity_api_version="3",
+    )
+    flavor = conn.compute.find_flavor("m1.tiny")
+    server = conn.compute.create_server(
+        name="sdk1", image_id=fleet.image_id, flavor_id=flavor.id, networks="none"
+    )
+    server = conn.compute.wait_for_server(server, wait=60)
+    assert server.status == "ACTIVE" and server.compute_host == "node-a"
+    conn.compute.stop_server(server)
+    conn.compute.wait_for_server(server, status="SHUTOFF", wait=60)
+    conn.compute.start_server(server)
+    conn.compute.wait_for_server(server, status="ACTIVE", wait=60)
+    conn.compute.reboot_server(server, "SOFT")
+    conn.compute.wait_for_server(server, status="ACTIVE", wait=60)
+    assert [h.name for h in conn.compute.hypervisors()] == ["node-a"]
+    agg = conn.compute.create_aggregate(name="sdk-agg")
+    conn.compute.add_host_to_aggregate(agg, "node-a")
+    assert conn.compute.get_aggregate(agg).hosts == ["node-a"]
+    conn.compute.delete_server(server)
+    conn.compute.wait_for_delete(server, wait=60)
+    assert list(conn.compute.servers()) == []
+
+
+def test_a_node_answering_garbage_or_hanging_is_passed_over(fleet: Fleet) -> None:
+    bad = fleet.node("node-bad", "127.0.0.2", ram_mb=16384, mode="garbage")
+    slow = fleet.node("node-slow", "127.0.0.3", ram_mb=12288, mode="hang")
+    fleet.node("node-good", "127.0.0.4", ram_mb=4096)
+    created = fleet.osc_json(
+        "server",
+        "create",
+        "--image",
+        "cirros",
+        "--flavor",
+        "m1.tiny",
+        "--nic",
+        "none",
+        "--wait",
+        "vm-retry",
+    )
+    assert created["status"] == "ACTIVE"
+    shown = fleet.get(f"/servers/{created['id']}").json()["server"]
+    assert shown["OS-EXT-SRV-ATTR:host"] == "node-good"
+    assert shown["cowfleet:placement"]["attempt"] == 3
+    assert bad.builds and slow.builds
+
+
+def test_a_member_cannot_see_another_projects_server(fleet: Fleet) -> None:
+    fleet.node("node-a", "127.0.0.2")
+    created = fleet.osc_json(
+        "server",
+        "create",
+        "--image",
+        "cirros",
+        "--flavor",
+        "m1.tiny",
+        "--nic",
+        "none",
+        "--wait",
+        "private",
+    )
+    other = fleet.get(f"/servers/{created['id']}", token=OTHER_TOKEN)
+    assert other.status_code == 404
+    assert other.json()["itemNotFound"]["message"] == (
+        f"Instance {created['id']} could not be found."
+    )
+    assert fleet.get("/servers", token="wrong-token-000000000").status_code == 401
