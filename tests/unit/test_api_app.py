@@ -408,3 +408,22 @@ def test_aggregates(client: TestClient) -> None:
     client.post(f"{path}/action", json={"remove_host": {"host": "node-1"}}, headers=headers())
     assert client.delete(path, headers=headers()).status_code == 200
     assert client.get("/v2.1/os-aggregates", headers=headers()).json() == {"aggregates": []}
+
+
+def test_a_stale_copy_on_another_node_is_deleted_there(tmp_path: Path) -> None:
+    with api(tmp_path) as (client, nodes, _):
+        register(client, "node-1")
+        register(client, "node-2", ram_mb=4096)
+        sid = create(client).json()["server"]["id"]
+        wait_for(lambda: status_of(client, sid) == "ACTIVE")
+        # node-2 still holds a copy from a build the API moved to node-1.
+        register(
+            client,
+            "node-2",
+            ram_mb=4096,
+            instances=[{"uuid": sid, "state": "ERROR", "power_state": 0, "fault": "x"}],
+        )
+        assert wait_for(lambda: nodes.deletes) == [("http://node-2.test:8775", sid)]
+        assert status_of(client, sid) == "ACTIVE"
+        hv = client.get("/v2.1/os-hypervisors/detail", headers=headers()).json()["hypervisors"]
+        assert all(h["cowfleet:unknown_instances"] == [] for h in hv)

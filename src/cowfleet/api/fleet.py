@@ -386,7 +386,8 @@ class Fleet:
             instance = self.nodes.build(url, spec)
         except NodeError as exc:
             log.warning("build of %s on %s failed: %s", server_id, cand.hostname, exc)
-            return self.reschedule(server_id, cand.hostname, str(exc), delete_on_node=False)
+            # The node may have started it before failing: deleting is harmless if not.
+            return self.reschedule(server_id, cand.hostname, str(exc), delete_on_node=True)
         state = instance.get("state")
         if state == "ERROR":
             cause = str(instance.get("fault") or f"the build failed on {cand.hostname}")

@@ -198,6 +198,9 @@ def reconcile(
         ]
         # Servers the node has but that the API placed elsewhere are not this node's.
         elsewhere = {r.id for r in rows if not r.deleted and r.host != hostname}
+    # A copy of a server the API moved to another host (a build retried elsewhere) is
+    # stale here: the API knows the server, so this is no unknown instance to spare.
+    stale = [r.uuid for r in reported if r.uuid in elsewhere and r.state != "DELETING"]
     reported = tuple(r for r in reported if r.uuid not in elsewhere)
     steps = plan(
         hostname,
@@ -218,7 +221,7 @@ def reconcile(
         )
     for r in steps.reschedules:
         fleet.reschedule(r.id, hostname, r.cause, delete_on_node=r.delete_on_node, queue=True)
-    for uuid in steps.deletes:
+    for uuid in (*steps.deletes, *stale):
         fleet.submit(fleet._delete_on_node, uuid, hostname)
     if steps.forgets:
         from cowfleet.scheduler.claims import release
