@@ -427,3 +427,25 @@ def test_a_stale_copy_on_another_node_is_deleted_there(tmp_path: Path) -> None:
         assert status_of(client, sid) == "ACTIVE"
         hv = client.get("/v2.1/os-hypervisors/detail", headers=headers()).json()["hypervisors"]
         assert all(h["cowfleet:unknown_instances"] == [] for h in hv)
+
+
+def test_a_deleted_event_releases_the_claim(tmp_path: Path) -> None:
+    with api(tmp_path) as (client, nodes, _):
+        register(client, "node-1")
+        sid = create(client).json()["server"]["id"]
+        wait_for(lambda: status_of(client, sid) == "ACTIVE")
+        nodes.delete = lambda url, uuid: False  # type: ignore[method-assign]  # 202: later
+        client.delete(f"/v2.1/servers/{sid}", headers=headers())
+
+        def used() -> int:
+            hv = client.get("/v2.1/os-hypervisors/detail", headers=headers()).json()
+            return int(hv["hypervisors"][0]["memory_mb_used"])
+
+        assert used() == 512
+        resp = client.post(
+            "/internal/nodes/node-1/events",
+            headers={"X-Auth-Token": NODE},
+            json={"uuid": sid, "state": "DELETED", "power_state": 0},
+        )
+        assert resp.status_code == 204
+        assert used() == 0

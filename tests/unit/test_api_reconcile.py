@@ -129,3 +129,22 @@ def test_an_instance_that_vanished_from_its_node_is_an_error() -> None:
     assert [(u.vm_state, u.fault) for u in p.updates] == [
         ("error", "the instance is no longer on n")
     ]
+
+
+def test_a_deleted_event_releases_at_once_and_is_never_unknown() -> None:
+    gone = [Reported("a", "DELETED")]
+    p = plan("n", gone, [known("a", "active", deleted=True)], NOW, complete=False, absent_grace=30)
+    assert p.forgets == ("a",) and p.unknown == ()
+    lost = plan(
+        "n",
+        gone,
+        [known("a", "active", updated=NOW, power=1)],
+        NOW,
+        complete=False,
+        absent_grace=30,
+    )
+    assert [u.vm_state for u in lost.updates] == ["error"]
+    assert (
+        plan("n", [Reported("x", "DELETED")], [], NOW, complete=False, absent_grace=30).unknown
+        == ()
+    )

@@ -192,7 +192,10 @@ class Fleet:
             return
         if gone:
             with self.db.write() as s:
-                release(s, server_id)
+                row = s.scalars(select(ServerRow).where(ServerRow.id == server_id)).one_or_none()
+                # Only a deleted server's claim, or a claim left on a host it moved from.
+                if row is not None and (row.deleted or row.host != host):
+                    release(s, server_id, only_on=host)
 
     def _node_url(self, host: str) -> str | None:
         with self.db.read() as s:

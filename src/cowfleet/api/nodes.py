@@ -55,8 +55,10 @@ def parse_instance(item: Any) -> Reported:
         uuidlib.UUID(str(uuid))
     except ValueError:
         raise ApiFault(400, f"instance uuid {uuid!r} is not a UUID") from None
-    if state not in NODE_STATES:
-        raise ApiFault(400, f"instance state {state!r} is not one of {', '.join(NODE_STATES)}")
+    if state not in (*NODE_STATES, "DELETED"):
+        raise ApiFault(
+            400, f"instance state {state!r} is not one of {', '.join(NODE_STATES)}, DELETED"
+        )
     power = item.get("power_state", 0)
     fault = item.get("fault")
     return Reported(
@@ -228,7 +230,7 @@ def reconcile(
 
         with fleet.db.write() as s:
             for server_id in steps.forgets:
-                release(s, server_id)
+                release(s, server_id, only_on=hostname)
     return steps
 
 

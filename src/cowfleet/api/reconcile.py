@@ -79,7 +79,10 @@ def plan(
     ``complete`` is True for a heartbeat (the node's whole list: an absence means
     something) and False for one event.
     """
-    on_node = {r.uuid: r for r in reported}
+    reported = list(reported)
+    # "DELETED" (an event after a delete finished) says for sure the node no longer has it.
+    gone = {r.uuid for r in reported if r.state == "DELETED"}
+    on_node = {r.uuid: r for r in reported if r.state != "DELETED"}
     updates: list[Update] = []
     reschedules: list[Reschedule] = []
     deletes: list[str] = []
@@ -90,13 +93,13 @@ def plan(
         r = on_node.get(k.id)
         if k.deleted:
             if r is None:
-                if complete:
+                if complete or k.id in gone:
                     forgets.append(k.id)
             elif r.state != "DELETING":
                 deletes.append(k.id)
             continue
         if r is None:
-            if complete and now - k.updated_at > absent_grace:
+            if (complete and now - k.updated_at > absent_grace) or k.id in gone:
                 if k.vm_state == states.BUILDING:
                     reschedules.append(
                         Reschedule(k.id, f"the build vanished from {hostname}", False)

@@ -84,10 +84,15 @@ def try_claim(db: Database, server_id: str, hostname: str, need: Need, ratios: R
         return False
 
 
-def release(session: Session, server_id: str) -> str | None:
-    """Give back the server's claim, once; the host it was on, or None if it held none."""
+def release(session: Session, server_id: str, *, only_on: str | None = None) -> str | None:
+    """Give back the server's claim, once; the host it was on, or None if it held none.
+
+    With ``only_on``, only a claim on that host is given back.
+    """
     server = session.scalars(select(ServerRow).where(ServerRow.id == server_id)).one_or_none()
     if server is None or server.claim_host is None:
+        return None
+    if only_on is not None and server.claim_host != only_on:
         return None
     host = server.claim_host
     freed = session.execute(
