@@ -28,6 +28,7 @@ TOML layout (all keys optional)::
     header_timeout = 30.0                # server: s to send a request's headers
     orphan_grace = 3600.0                # server: s before a file no record explains goes
     allow_insecure_token_file = false    # client & server: accept a token file others can read
+    tokens_file = "..."                  # server: the shared tokens file (projects and roles)
 
     [cache]
     force_raw = false
@@ -135,6 +136,7 @@ class Config:
     images_header_timeout: float = DEFAULT_HEADER_TIMEOUT
     images_orphan_grace: float = DEFAULT_ORPHAN_GRACE
     images_allow_insecure_token_file: bool = False
+    images_tokens_file: Path | None = None
     # node cache
     force_raw: bool = False
     fetch_concurrency: int = 4
@@ -306,6 +308,7 @@ SETTING_ROWS: tuple[Setting, ...] = (
     Setting("images_header_timeout", float, above=0),
     Setting("images_orphan_grace", float, at_least=0),
     Setting("images_allow_insecure_token_file", bool),
+    Setting("images_tokens_file", Path),
     Setting("force_raw", bool),
     Setting("fetch_concurrency", int, at_least=1),
     Setting("fetch_deadline", float, above=0),
@@ -345,6 +348,7 @@ _ENV = {
     "COWFLEET_IMAGES_HEADER_TIMEOUT": "images_header_timeout",
     "COWFLEET_IMAGES_ORPHAN_GRACE": "images_orphan_grace",
     "COWFLEET_IMAGES_ALLOW_INSECURE_TOKEN_FILE": "images_allow_insecure_token_file",
+    "COWFLEET_IMAGES_TOKENS_FILE": "images_tokens_file",
     "COWFLEET_FORCE_RAW": "force_raw",
     "COWFLEET_FETCH_CONCURRENCY": "fetch_concurrency",
     "COWFLEET_MAX_UNUSED_AGE": "max_unused_age",
@@ -381,6 +385,7 @@ _TOML: dict[tuple[str, ...], str] = {
     ("images", "header_timeout"): "images_header_timeout",
     ("images", "orphan_grace"): "images_orphan_grace",
     ("images", "allow_insecure_token_file"): "images_allow_insecure_token_file",
+    ("images", "tokens_file"): "images_tokens_file",
     ("cache", "force_raw"): "force_raw",
     ("cache", "fetch_concurrency"): "fetch_concurrency",
     ("cache", "fetch_deadline"): "fetch_deadline",

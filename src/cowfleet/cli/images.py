@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="FILE",
         help="file holding the X-Auth-Token (created 0600 when missing; default: <data dir>/token)",
     )
+    p.add_argument(
+        "--tokens-file",
+        dest="images_tokens_file",
+        type=Path,
+        metavar="FILE",
+        help="the shared tokens file ([[token]] token/project/role): accept its tokens instead "
+        "of the token file's, with image visibility by project",
+    )
 
 
 def serve(args: argparse.Namespace, cfg: Config) -> int:
@@ -63,11 +71,17 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     from cowfleet.images.server import ServerSettings, create_app
     from cowfleet.images.server.guard import guarded
     from cowfleet.images.server.token import load_or_create_token
+    from cowfleet.tokens import load_tokens
 
-    token = load_or_create_token(
-        cfg.token_file, allow_insecure=cfg.images_allow_insecure_token_file
-    )
-    settings = ServerSettings.from_config(cfg, token)
+    insecure = cfg.images_allow_insecure_token_file
+    if cfg.images_tokens_file is not None:
+        tokens = load_tokens(cfg.images_tokens_file, allow_insecure=insecure)
+        settings = ServerSettings.from_config(cfg, None, tokens)
+        auth = f"tokens file {cfg.images_tokens_file} ({len(tokens.entries)} tokens)"
+    else:
+        token = load_or_create_token(cfg.token_file, allow_insecure=insecure)
+        settings = ServerSettings.from_config(cfg, token)
+        auth = f"token file {cfg.token_file}"
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -90,11 +104,11 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     server = _server_class()(config)
     host = f"[{cfg.images_host}]" if ":" in cfg.images_host else cfg.images_host
     logging.getLogger("cowfleet").warning(
-        "image service on http://%s:%d (data %s, token file %s)",
+        "image service on http://%s:%d (data %s, %s)",
         host,
         cfg.images_port,
         cfg.data_dir,
-        cfg.token_file,
+        auth,
     )
     server.run()
     logging.getLogger("cowfleet").info("image service stopped")
