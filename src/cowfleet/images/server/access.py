@@ -127,13 +127,12 @@ def owner_for_new_image(caller: Caller, fields: Mapping[str, Any], default: str 
     return caller.project if caller.project is not None else default
 
 
-def check_fields(caller: Caller, fields: Mapping[str, Any], *, current_owner: Any = None) -> None:
-    """Field values only an admin may set: ``visibility`` public (Glance's
-    ``publicize_image``) and, on an existing image, a new ``owner``."""
+def check_fields(caller: Caller, fields: Mapping[str, Any]) -> None:
+    """403 for a value only an admin may set: ``visibility`` public (Glance's
+    ``publicize_image``). (A new ``owner`` is checked at create by
+    :func:`owner_for_new_image`; a PATCH of ``owner`` is open to admins only.)"""
     if fields.get("visibility") == PUBLIC and not caller.is_admin:
         raise forbidden("only an admin may make an image public")
-    if "owner" in fields and fields["owner"] != current_owner and not caller.is_admin:
-        raise forbidden("only an admin may change an image's owner")
 
 
 def list_scope(caller: Caller, visibility: str | None, member_status: str | None) -> ListScope:

@@ -342,7 +342,7 @@ async def update_image(request: Request, image_id: str) -> ImageResponse:
     rec = await call(changeable, svc, who, image_id)
     body = await read_json(request, PATCH_MEDIA_TYPES)
     result = apply_patch(rec, body, owner_writable=who.is_admin)
-    check_fields(who, result.fields, current_owner=rec.owner)
+    check_fields(who, result.fields)
     if len(result.properties) > len(rec.properties):
         check_property_quota(len(result.properties), svc.settings.property_quota)
     rec = await call(
