@@ -4,6 +4,7 @@ of a bad tokens file at start."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cowfleet.cli.main import main
 from cowfleet.images.client import ImageClient
 from tests.conftest import require_env
 from tests.fixtures.images import ImageService
@@ -110,6 +112,46 @@ def test_projects_over_http(
         assert beta.get(f"/v2/images/{shared.id}").status_code == 404
         for image_id in (private.id, shared.id):
             assert alpha.delete(f"/v2/images/{image_id}").status_code == 204
+
+
+def test_image_member_commands(
+    image_service_factory: Callable[..., ImageService],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    svc = image_service_factory(tokens_file=write_tokens(tmp_path / "tokens.toml"))
+    monkeypatch.setenv("COWFLEET_HOME", str(tmp_path / "cli-home"))
+    monkeypatch.setenv("COWFLEET_IMAGE_URL", svc.url)
+
+    def run(who: str, *argv: str) -> str:
+        monkeypatch.setenv("COWFLEET_IMAGE_TOKEN", TOKENS[who])
+        capsys.readouterr()
+        assert main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    image = json.loads(
+        run(
+            "alpha", "image", "create", "--name", "cli-shared", "--disk-format", "raw", "-o", "json"
+        )
+    )
+    added = json.loads(run("alpha", "image", "member", "add", "cli-shared", "beta", "-o", "json"))
+    assert [(m["member_id"], m["status"]) for m in added] == [("beta", "pending")]
+    assert "cli-shared" not in run("beta", "image", "list")
+    run("beta", "image", "member", "set", image["id"], "beta", "accepted")
+    assert "cli-shared" in run("beta", "image", "list")
+    listed_members = json.loads(run("alpha", "image", "member", "list", image["id"], "-o", "json"))
+    assert [(m["member_id"], m["status"]) for m in listed_members] == [("beta", "accepted")]
+    assert "accepted" in run("alpha", "image", "member", "list", image["id"])  # the table
+    run("alpha", "image", "member", "remove", image["id"], "beta")
+    assert "cli-shared" not in run("beta", "image", "list")
+    # beta may not share alpha's image further: 403, exit 2.
+    monkeypatch.setenv("COWFLEET_IMAGE_TOKEN", TOKENS["alpha"])
+    run("alpha", "image", "member", "add", image["id"], "beta")
+    monkeypatch.setenv("COWFLEET_IMAGE_TOKEN", TOKENS["beta"])
+    rc = main(["image", "member", "add", image["id"], "gamma"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "HTTP 403" in err and "only its owner may change it" in err, err
 
 
 def test_single_token_mode_still_one_admin_token(image_service: ImageService) -> None:
