@@ -1,4 +1,4 @@
-"""The real ``cowfleet images serve --tokens-file`` on loopback: projects, visibility and
+"""The real ``cowfleet serve images --tokens-file`` on loopback: projects, visibility and
 image members over HTTP, on SQLite and PostgreSQL, across a restart; and the refusals
 of a bad tokens file at start."""
 
@@ -170,8 +170,8 @@ def _serve(tmp_path: Path, tokens: Path) -> subprocess.CompletedProcess[str]:
         sys.executable,
         "-m",
         "cowfleet",
-        "images",
         "serve",
+        "images",
         "--port",
         "1",
         "--data-dir",

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.cli.common import add_command, common_parent, print_json, print_table
 from cowfleet.config import Config
 from cowfleet.images.models import Member
 
@@ -20,7 +20,11 @@ STATUSES = ("accepted", "rejected", "pending")
 def register(cmds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from cowfleet.cli.image import _endpoint_opts
 
-    group = cmds.add_parser("member", help="share images with other projects (image members)")
+    help_text = "share images with other projects (image members)"
+    group = cmds.add_parser(
+        "member", help=help_text, description=help_text, parents=[common_parent()]
+    )
+    group.set_defaults(help_parser=group)  # `cowfleet image member` alone: this help
     sub = group.add_subparsers(dest="member_command", metavar="COMMAND")
 
     p = add_command(sub, "add", _add, "share IMAGE with PROJECT (status pending)")
