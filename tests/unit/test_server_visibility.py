@@ -365,6 +365,16 @@ def test_member_bodies_are_checked(client: TestClient) -> None:
     assert r.status_code == 415
 
 
+@pytest.mark.parametrize("member", ["%00", "x" * 300, "%ED%A0%80"])
+def test_member_ids_no_project_can_have_are_404(client: TestClient, member: str) -> None:
+    image_id = create(client, "alpha").json()["id"]
+    url = f"/v2/images/{image_id}/members/{member}"
+    assert client.get(url, headers=h("alpha")).status_code == 404
+    assert client.delete(url, headers=h("alpha")).status_code == 404
+    r = client.put(url, json={"status": "accepted"}, headers=h("admin"))
+    assert r.status_code == 404
+
+
 def test_deleting_an_image_removes_its_members(client: TestClient, tmp_path: Path) -> None:
     image_id = create(client, "alpha").json()["id"]
     assert add_member(client, "alpha", image_id, "beta").status_code == 200

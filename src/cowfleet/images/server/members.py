@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from cowfleet.errors import NotFoundError
+from cowfleet.errors import NotFoundError, ValidationError
 from cowfleet.images.server import schemas
 from cowfleet.images.server.access import MEMBER_STATUSES, SHARED, Caller
 from cowfleet.images.server.api import (
@@ -28,6 +28,7 @@ from cowfleet.images.server.api import (
 )
 from cowfleet.images.server.catalog import ImageRecord, MemberRecord
 from cowfleet.images.server.errors import bad_request, forbidden
+from cowfleet.images.server.validate import check_text
 from cowfleet.images.server.views import isotime
 
 MEMBER_SCHEMA = "/v2/schemas/member"
@@ -58,6 +59,18 @@ def _only_shared(rec: ImageRecord) -> None:
 
 def _sees_every_member(who: Caller, rec: ImageRecord) -> bool:
     return who.reads_all or who.owns(rec.owner)
+
+
+def _member_id(image_id: str, member_id: str) -> str:
+    """A project id from the path; one no member can have (too long, NUL, not valid
+    text, which PostgreSQL would refuse to compare) is simply no member: 404."""
+    try:
+        check_text(member_id, "member")
+    except ValidationError:
+        member_id = ""
+    if not 1 <= len(member_id) <= MAX_MEMBER:
+        raise NotFoundError(f"no such member of image {image_id}", image_id=image_id)
+    return member_id
 
 
 def _member_field(body: Any, key: str) -> str:
@@ -141,6 +154,7 @@ def show_member(request: Request, image_id: str, member_id: str) -> dict[str, An
     svc, who = service(request), caller(request)
     rec = readable(svc, who, image_id_or_404(image_id))
     _only_shared(rec)
+    member_id = _member_id(rec.id, member_id)
     if not _sees_every_member(who, rec) and member_id != who.project:
         raise NotFoundError(
             f"project {member_id[:80]} is not a member of image {rec.id}", image_id=rec.id
@@ -159,6 +173,7 @@ async def update_member(request: Request, image_id: str, member_id: str) -> dict
     svc, who = service(request), caller(request)
     rec = await call(readable, svc, who, image_id_or_404(image_id))
     _only_shared(rec)
+    member_id = _member_id(rec.id, member_id)
     if member_id != who.project and not who.is_admin:
         raise forbidden(
             f"only project {member_id[:80]} may accept or reject its membership of image {rec.id}",
@@ -180,5 +195,5 @@ def remove_member(request: Request, image_id: str, member_id: str) -> Response:
     svc = service(request)
     rec = changeable(svc, caller(request), image_id_or_404(image_id))
     _only_shared(rec)
-    svc.catalog.remove_member(rec.id, member_id)
+    svc.catalog.remove_member(rec.id, _member_id(rec.id, member_id))
     return Response(status_code=204)
