@@ -85,6 +85,8 @@ def test_projects_over_http(
             r = alpha.post(f"/v2/images/{shared.id}/members", json={"member": "beta"})
             assert r.status_code == 200 and r.json()["status"] == "pending", r.text
             assert beta.get(f"/v2/images/{shared.id}/file").content == DATA
+            # A member id no project can have is no member (not a database error).
+            assert alpha.get(f"/v2/images/{shared.id}/members/%00").status_code == 404
             assert shared.id not in listed(beta, name=f"shared-{tag}")
             r = beta.put(f"/v2/images/{shared.id}/members/beta", json={"status": "accepted"})
             assert r.status_code == 200, r.text
