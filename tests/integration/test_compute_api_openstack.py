@@ -2,7 +2,8 @@
 
 ``openstack`` (python-openstackclient 10.5, pinned in the ``test`` extra) and
 openstacksdk drive ``cowfleet serve api`` with a static token (clouds.yaml as in
-docs/compute-api.md). The real image service answers the clients' image lookups.
+docs/compute-api.md). The real image service (``serve images --tokens-file``, the same
+tokens file) answers the clients' image lookups, so one token works for both.
 The node agents here are :mod:`tests.integration._node_stub` (real HTTP servers on
 127.0.0.2 and 127.0.0.3 speaking docs/fleet-protocol.md), not ``cowfleet serve node``.
 """
@@ -21,7 +22,13 @@ import httpx
 import pytest
 
 from tests.conftest import require_program
-from tests.fixtures.compute_api import NODE_TOKEN, OTHER_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.compute_api import (
+    MEMBER_TOKEN,
+    NODE_TOKEN,
+    OTHER_TOKEN,
+    ComputeApi,
+    write_tokens,
+)
 from tests.fixtures.images import ImageService
 from tests.integration._node_stub import StubNode
 
@@ -30,13 +37,18 @@ pytestmark = pytest.mark.integration
 RAW = b"\0" * (1 << 20)
 
 
+ADMIN_TOKEN = "admin-token-" + "a" * 16
+
+
 class Fleet:
-    def __init__(self, root: Path, images: ImageService) -> None:
+    """Image service and compute API sharing one tokens file, and stub node agents."""
+
+    def __init__(self, root: Path, factory: Callable[..., ImageService]) -> None:
         self.root = root
-        self.images = images
-        self.token = images.token  # the admin token also works at the image service
-        self.image_id = images.upload("cirros", RAW)
-        tokens = write_tokens(root / "tokens.toml", self.token)
+        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
+        self.images = images = factory(tokens_file=tokens)
+        images.token = self.token = ADMIN_TOKEN  # one token for both services
+        self.image_id = images.upload("cirros", RAW, visibility="public")
         self.api = ComputeApi(
             root / "api",
             images.url,
@@ -96,8 +108,8 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, image_service: ImageService) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, image_service)
+def fleet(tmp_path: Path, image_service_factory: Callable[..., ImageService]) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, image_service_factory)
     yield f
     f.close()
 
@@ -236,3 +248,36 @@ def test_a_member_cannot_see_another_projects_server(fleet: Fleet) -> None:
         f"Instance {created['id']} could not be found."
     )
     assert fleet.get("/servers", token="wrong-token-000000000").status_code == 401
+
+
+def test_image_visibility_follows_the_project_through_the_api(fleet: Fleet) -> None:
+    """One tokens file: a member's private image boots for its project only."""
+    from cowfleet.images.client import ImageClient
+
+    fleet.node("node-a", "127.0.0.2")
+    with ImageClient(fleet.images.url, MEMBER_TOKEN) as client:
+        image = client.create(name="alpha-only", disk_format="raw", container_format="bare")
+        client.upload(image.id, iter([RAW]), size=len(RAW))
+
+    def create(token: str) -> httpx.Response:
+        body = {
+            "server": {"name": "p", "imageRef": str(image.id), "flavorRef": "1", "networks": "none"}
+        }
+        return httpx.post(
+            f"{fleet.api.endpoint}/servers",
+            json=body,
+            timeout=30,
+            headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.81"},
+        )
+
+    refused = create(OTHER_TOKEN)
+    assert refused.status_code == 400
+    assert refused.json()["badRequest"]["message"] == f"Image {image.id} could not be found."
+    accepted = create(MEMBER_TOKEN)
+    assert accepted.status_code == 202
+    sid = accepted.json()["server"]["id"]
+    wait(
+        lambda: (
+            fleet.get(f"/servers/{sid}", token=MEMBER_TOKEN).json()["server"]["status"] == "ACTIVE"
+        )
+    )
