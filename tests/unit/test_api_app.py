@@ -373,6 +373,13 @@ def test_hypervisor_ids_follow_the_microversion(client: TestClient) -> None:
     old = client.get("/v2.1/os-hypervisors/detail", headers=headers(version="2.52")).json()
     assert isinstance(old["hypervisors"][0]["id"], int)
     assert client.get("/v2.1/os-hypervisors", headers=headers(MEMBER_A)).status_code == 403
+    shown = client.get(f"/v2.1/os-hypervisors/{node_id}", headers=headers(version="2.53"))
+    assert shown.json()["hypervisor"]["hypervisor_hostname"] == "node-1"
+    # osc's "hypervisor show" asks for the uptime below 2.88 and takes 501 as "none".
+    uptime = client.get(f"/v2.1/os-hypervisors/{node_id}/uptime", headers=headers())
+    assert fault(uptime)[:2] == ("notImplemented", 501)
+    missing = client.get(f"/v2.1/os-hypervisors/{uuid.uuid4()}/uptime", headers=headers())
+    assert fault(missing)[:2] == ("itemNotFound", 404)
 
 
 def test_aggregates(client: TestClient) -> None:

@@ -63,3 +63,10 @@ def list_detail(request: Request, ctx: AdminCtx) -> dict[str, Any]:
 @router.get("/os-hypervisors/{hypervisor_id}")
 def show(hypervisor_id: str, request: Request, ctx: AdminCtx) -> dict[str, Any]:
     return {"hypervisor": _nodes(request, ctx, detail=True, ident=hypervisor_id)[0]}
+
+
+@router.get("/os-hypervisors/{hypervisor_id}/uptime")
+def uptime(hypervisor_id: str, request: Request, ctx: AdminCtx) -> dict[str, Any]:
+    """Node agents do not report the host's uptime: 501, which clients take as "none"."""
+    _nodes(request, ctx, detail=False, ident=hypervisor_id)  # 404 for an unknown one
+    raise ApiFault(501, "The node agents do not report their host's uptime.")
