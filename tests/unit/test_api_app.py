@@ -370,8 +370,11 @@ def test_hypervisor_ids_follow_the_microversion(client: TestClient) -> None:
     new = client.get("/v2.1/os-hypervisors/detail", headers=headers(version="2.53")).json()
     assert new["hypervisors"][0]["id"] == node_id
     assert new["hypervisors"][0]["host_ip"] == "node-1.test"  # the host of its URL
+    assert new["hypervisors"][0]["cpu_info"] == {}  # an object from 2.28 (osc needs it)
     old = client.get("/v2.1/os-hypervisors/detail", headers=headers(version="2.52")).json()
     assert isinstance(old["hypervisors"][0]["id"], int)
+    old_cpu = client.get("/v2.1/os-hypervisors/detail", headers=headers(version="2.27")).json()
+    assert old_cpu["hypervisors"][0]["cpu_info"] == "{}"
     assert client.get("/v2.1/os-hypervisors", headers=headers(MEMBER_A)).status_code == 403
     shown = client.get(f"/v2.1/os-hypervisors/{node_id}", headers=headers(version="2.53"))
     assert shown.json()["hypervisor"]["hypervisor_hostname"] == "node-1"

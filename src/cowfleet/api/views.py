@@ -154,6 +154,7 @@ def hypervisor(
     }
     if not detail:
         return doc
+    cpu = {"arch": node.arch} if node.arch else {}
     doc.update(
         {
             "hypervisor_type": node.hypervisor_type,
@@ -175,7 +176,8 @@ def hypervisor(
             "disk_available_least": node.disk_free_gb,
             "running_vms": running,
             "current_workload": 0,
-            "cpu_info": json.dumps({"arch": node.arch} if node.arch else {}),
+            # A JSON object from 2.28, a string holding one before.
+            "cpu_info": cpu if ctx.at_least("2.28") else json.dumps(cpu),
             "cowfleet:cache": list(node.cache or ()),
             "cowfleet:unknown_instances": list(node.unknown or ()),
             "cowfleet:last_heartbeat": iso(node.last_heartbeat),
