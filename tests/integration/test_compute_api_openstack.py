@@ -132,6 +132,8 @@ def test_openstack_cli_runs_the_whole_life_cycle(fleet: Fleet) -> None:
     hypervisors = fleet.osc_json("hypervisor", "list")
     assert sorted(h["Hypervisor Hostname"] for h in hypervisors) == ["node-a", "node-b"]
     assert {h["Host IP"] for h in hypervisors} == {"127.0.0.2", "127.0.0.3"}
+    shown_hv = fleet.osc_json("hypervisor", "show", "node-a")
+    assert (shown_hv["hypervisor_hostname"], shown_hv["state"]) == ("node-a", "up")
     agg = fleet.osc_json("aggregate", "create", "rack1")
     assert agg["name"] == "rack1"
     added = fleet.osc_json("aggregate", "add", "host", "rack1", "node-a")
