@@ -43,6 +43,15 @@ TOML layout (all keys optional)::
 
     [node]
     interval = 600.0                     # s between two passes of `node run`
+    api_url = "http://127.0.0.1:8774"    # serve node: the compute API it registers with
+    token_file = "..."                   # serve node: file holding the node token (0600)
+    host = "127.0.0.1"                   # serve node: address of its HTTP API
+    port = 8775
+    hostname = "node-1"                  # serve node: its name in the fleet (default: host's)
+    vcpus = 0                            # serve node: capacity offered (0: the host's)
+    ram_mb = 0
+    disk_gb = 0
+    build_workers = 8                    # serve node: builds run at once
 
     [compute]
     driver = "libvirt"                   # or "none"
@@ -92,6 +101,9 @@ DEFAULT_MIN_FREE_PERCENT = 5.0
 DEFAULT_VERIFY_INTERVAL = 7 * 86400.0
 DEFAULT_VERIFY_RATE = 64 * 1024 * 1024
 DEFAULT_NODE_INTERVAL = 600.0
+DEFAULT_NODE_HOST = "127.0.0.1"
+DEFAULT_NODE_PORT = 8775
+DEFAULT_NODE_BUILD_WORKERS = 8
 DRIVERS = ("libvirt", "none")
 VIRT_TYPES = ("kvm", "qemu")
 # The filesystems compute.ephemeral can make (its MKFS_TEMPLATES; a unit test keeps both equal).
@@ -148,6 +160,16 @@ class Config:
     verify_interval: float = DEFAULT_VERIFY_INTERVAL
     verify_rate: int = DEFAULT_VERIFY_RATE
     node_interval: float = DEFAULT_NODE_INTERVAL
+    # node agent (serve node)
+    node_api_url: str | None = None
+    node_token_file: Path | None = None
+    node_host: str = DEFAULT_NODE_HOST
+    node_port: int = DEFAULT_NODE_PORT
+    node_hostname: str | None = None
+    node_vcpus: int = 0
+    node_ram_mb: int = 0
+    node_disk_gb: int = 0
+    node_build_workers: int = DEFAULT_NODE_BUILD_WORKERS
     # compute
     driver: str = "libvirt"
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
@@ -317,6 +339,15 @@ SETTING_ROWS: tuple[Setting, ...] = (
     Setting("verify_interval", float, at_least=0),
     Setting("verify_rate", int, at_least=1),
     Setting("node_interval", float, above=0),
+    Setting("node_api_url", str),
+    Setting("node_token_file", Path),
+    Setting("node_host", str),
+    Setting("node_port", int, at_least=1, at_most=65535),
+    Setting("node_hostname", str),
+    Setting("node_vcpus", int, at_least=0),
+    Setting("node_ram_mb", int, at_least=0),
+    Setting("node_disk_gb", int, at_least=0),
+    Setting("node_build_workers", int, at_least=1, at_most=256),
     Setting("driver", str, choices=DRIVERS),
     Setting("libvirt_uri", str),
     Setting("virt_type", str, choices=VIRT_TYPES),
@@ -353,6 +384,15 @@ _ENV = {
     "COWFLEET_VERIFY_INTERVAL": "verify_interval",
     "COWFLEET_VERIFY_RATE": "verify_rate",
     "COWFLEET_NODE_INTERVAL": "node_interval",
+    "COWFLEET_NODE_API_URL": "node_api_url",
+    "COWFLEET_NODE_TOKEN_FILE": "node_token_file",
+    "COWFLEET_NODE_HOST": "node_host",
+    "COWFLEET_NODE_PORT": "node_port",
+    "COWFLEET_NODE_HOSTNAME": "node_hostname",
+    "COWFLEET_NODE_VCPUS": "node_vcpus",
+    "COWFLEET_NODE_RAM_MB": "node_ram_mb",
+    "COWFLEET_NODE_DISK_GB": "node_disk_gb",
+    "COWFLEET_NODE_BUILD_WORKERS": "node_build_workers",
     "COWFLEET_DRIVER": "driver",
     "COWFLEET_LIBVIRT_URI": "libvirt_uri",
     "COWFLEET_VIRT_TYPE": "virt_type",
@@ -392,6 +432,15 @@ _TOML: dict[tuple[str, ...], str] = {
     ("cache", "verify_interval"): "verify_interval",
     ("cache", "verify_rate"): "verify_rate",
     ("node", "interval"): "node_interval",
+    ("node", "api_url"): "node_api_url",
+    ("node", "token_file"): "node_token_file",
+    ("node", "host"): "node_host",
+    ("node", "port"): "node_port",
+    ("node", "hostname"): "node_hostname",
+    ("node", "vcpus"): "node_vcpus",
+    ("node", "ram_mb"): "node_ram_mb",
+    ("node", "disk_gb"): "node_disk_gb",
+    ("node", "build_workers"): "node_build_workers",
     ("compute", "driver"): "driver",
     ("compute", "libvirt_uri"): "libvirt_uri",
     ("compute", "virt_type"): "virt_type",

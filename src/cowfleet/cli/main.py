@@ -28,6 +28,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "server": ("cowfleet.cli.server", "instances: create, list, disks, start, stop, delete"),
     "flavor": ("cowfleet.cli.flavor", "instance sizes"),
     "node": ("cowfleet.cli.node", "the long-running node process (cache manager)"),
+    "serve": ("cowfleet.cli.serve", "long-running services: node"),
     "demo": ("cowfleet.cli.demo", "a narrated tour: image service, 2 nodes, 6 instances"),
 }
 
