@@ -176,9 +176,7 @@ class Provisioner:
         """Validate a request; ``flavor_ref`` is a flavor name or a whole flavor (a
         controller's build spec carries the flavor itself)."""
         inst.validate_name(name)
-        flavor = (
-            flavor_ref if isinstance(flavor_ref, Flavor) else get_flavor(self.cfg, flavor_ref)
-        )
+        flavor = flavor_ref if isinstance(flavor_ref, Flavor) else get_flavor(self.cfg, flavor_ref)
         image = self.images.find(image_ref)
         self._check_active(image, "image")
         if image.disk_format in ("aki", "ari"):
