@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from cowfleet.cli.common import add_command, add_instances_path
-from cowfleet.config import DRIVERS, Config
+from cowfleet.config import DRIVERS, VIRT_TYPES, Config
 
 
 def serve_node(args: argparse.Namespace, cfg: Config) -> int:
@@ -42,6 +42,7 @@ def add_serve_node(cmds: argparse._SubParsersAction, name: str) -> None:  # type
     add_instances_path(p)
     p.add_argument("--driver", dest="driver", choices=DRIVERS, help="hypervisor driver")
     p.add_argument("--libvirt-uri", dest="libvirt_uri", metavar="URI", help="libvirt URI")
+    p.add_argument("--virt-type", dest="virt_type", choices=VIRT_TYPES, help="domain type")
     p.add_argument(
         "--hostname", dest="node_hostname", metavar="NAME", help="node name (default: host's)"
     )
