@@ -1,4 +1,4 @@
-"""Reading the image service token file, shared by ``images serve`` and the client.
+"""Reading the image service token file, shared by ``serve images`` and the client.
 
 The token is the only credential of the service, so a token file that others may read
 (or replace) is refused with a :class:`~cowfleet.errors.ConfigError` (exit 2) naming
