@@ -467,3 +467,37 @@ def test_api_routes(client: TestClient, node: Node) -> None:
     assert client.get("/v1/nothing").json()["error"]["code"] == 404
     assert node.folders() == []
     assert not os.path.exists(node.cfg.instances_path / s.uuid)
+
+
+# -- the command ---------------------------------------------------------------------
+def _run_cli(tmp_path: Path, *args: str) -> int:
+    from cowfleet.cli.main import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if k.startswith("COWFLEET_")]:
+            mp.delenv(k)
+        mp.setenv("COWFLEET_HOME", str(tmp_path / "home"))
+        return main(["serve", "node", *args])
+
+
+def test_serve_node_needs_its_urls_and_a_private_token_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    token.chmod(0o600)
+    urls = ("--api-url", "http://127.0.0.1:1", "--image-url", "http://127.0.0.1:2")
+    assert _run_cli(tmp_path, "--token-file", str(token)) == 2
+    err = capsys.readouterr().err
+    assert "--api-url" in err and "--image-url" in err
+    token.chmod(0o644)
+    assert _run_cli(tmp_path, *urls, "--token-file", str(token)) == 2
+    assert "chmod 600" in capsys.readouterr().err
+    assert _run_cli(tmp_path, *urls, "--token-file", str(tmp_path / "none")) == 2
+    assert "not found" in capsys.readouterr().err
+    token.chmod(0o600)
+    bad = ("--token-file", str(token), "--hostname", "no spaces allowed")
+    assert _run_cli(tmp_path, *urls, *bad) == 2
+    assert "hostname" in capsys.readouterr().err
+    assert _run_cli(tmp_path, *urls, "--token-file", str(token), "--port", "0") == 2
+    assert "--port" in capsys.readouterr().err

@@ -138,7 +138,8 @@ class Heartbeat:
             self.failures += 1
             delay = min(self.max_backoff, BACKOFF_START * float(2 ** min(self.failures - 1, 30)))
             expected = isinstance(exc, CowfleetError)
-            if self.failures == 1 or not expected:
+            # the first failure, then every tenth: a lasting outage stays visible, not noisy
+            if self.failures % 10 == 1 or not expected:
                 log.log(
                     logging.WARNING if expected else logging.ERROR,
                     "heartbeat failed (%d in a row), next try in %.0fs: %s: %s",
