@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import platform
 import signal
 import subprocess
 import time
@@ -96,6 +97,7 @@ def test_registers_and_heartbeats_capacity_and_cache(fleet: Fleet) -> None:
         50,
     )
     assert isinstance(hb["disk_free_gb"], int) and hb["cache"] == [] and hb["instances"] == []
+    assert hb["arch"] == platform.machine().lower()
     iid = fleet.service.upload("cirros", _image(4 * MIB, 1))
     spec = _spec(iid)
     assert fleet.agent.request("PUT", f"/v1/servers/{spec['uuid']}", json=spec).status_code == 202

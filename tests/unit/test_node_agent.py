@@ -292,6 +292,13 @@ def test_capacity_from_the_host_or_the_settings(tmp_path: Path) -> None:
     assert inventory.disk_free_gb(tmp_path / "not" / "yet", statvfs=statvfs) == 40
 
 
+def test_host_arch_uses_image_names() -> None:
+    assert inventory.host_arch(lambda: "AMD64") == "x86_64"
+    assert inventory.host_arch(lambda: "arm64") == "aarch64"
+    assert inventory.host_arch(lambda: "x86_64") == "x86_64"
+    assert inventory.host_arch(lambda: "") is None
+
+
 def test_cache_inventory_skips_what_is_not_an_image_base(node: Node) -> None:
     assert inventory.cache_inventory(node.cfg.instances_path) == []
     s = spec()

@@ -10,6 +10,7 @@ after a restart the node reports exactly what exists.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,16 @@ class Capacity:
     vcpus: int
     ram_mb: int
     disk_gb: int
+
+
+# platform.machine() spellings -> the names Glance's hw_architecture uses
+_ARCH_NAMES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+def host_arch(machine: Callable[[], str] = platform.machine) -> str | None:
+    """The host's CPU architecture as images name it (``x86_64``, ``aarch64`` ...)."""
+    name = machine().strip().lower()
+    return _ARCH_NAMES.get(name, name) or None
 
 
 def _existing(path: Path) -> Path:

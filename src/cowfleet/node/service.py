@@ -110,6 +110,7 @@ class NodeService:
                 f"cannot create the instances path {cfg.instances_path}: {exc.strerror}"
             ) from exc
         self.capacity = inventory.capacity(cfg)
+        self.arch = inventory.host_arch()
         self.images = ImageClient(s.image_url, self.token)
         self.cache = ImageCache(cfg, self.images)
         self.driver = make_driver(cfg.driver, cfg)
@@ -153,6 +154,7 @@ class NodeService:
             "hostname": s.hostname,
             "url": s.url,
             "hypervisor_type": HYPERVISOR_TYPES.get(cfg.driver, cfg.driver),
+            "arch": self.arch,
             "vcpus": self.capacity.vcpus,
             "ram_mb": self.capacity.ram_mb,
             "disk_gb": self.capacity.disk_gb,
