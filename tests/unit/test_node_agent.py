@@ -330,6 +330,24 @@ def test_libvirt_states_map_to_node_states(libvirt_state: str, state: str, power
     assert (view.fault is not None) == (state == "ERROR")
 
 
+def test_one_instance_is_read_alone(node: Node) -> None:
+    path = node.cfg.instances_path
+    s = spec()
+    node.builds.put(s)
+    node.wait(s.uuid, "ACTIVE")
+    assert inventory.instance_view(path, s.uuid, None) == node.builds.get(s.uuid)
+    half = str(uuid_mod.uuid4())
+    (path / f".{half}.tmp").mkdir()
+    broken = str(uuid_mod.uuid4())
+    (path / broken).mkdir()
+    (path / broken / "instance.json").write_text("{not json")
+    for uuid, word in ((half, "interrupted"), (broken, "broken")):
+        view = node.builds.get(uuid)
+        assert view.state == "ERROR" and word in (view.fault or "")
+        assert view == {v.uuid: v for v in node.builds.list()}[uuid]
+    assert inventory.instance_view(path, str(uuid_mod.uuid4()), None) is None
+
+
 def test_orphan_domains_are_reported(tmp_path: Path) -> None:
     from cowfleet.compute.domain_xml import DomainMetadata
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -72,6 +72,44 @@ class _TooLarge(CowfleetError):
     pass
 
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class TokenGate:
+    """Pure ASGI middleware: the node token (constant-time compare), then a body-size cap.
+
+    (Starlette's ``BaseHTTPMiddleware`` costs a task and a queue per request; a build
+    burst from the controller should not pay that.)
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: bytes):
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        length = b""
+        for name, value in scope["headers"]:
+            if name == b"x-auth-token":
+                given = value
+            elif name == b"content-length":
+                length = value
+        if not hmac.compare_digest(given, self.token):
+            response = error(401, "missing or wrong X-Auth-Token (the node token)")
+        elif length.isdigit() and int(length) > MAX_BODY:
+            response = error(413, f"request body larger than {MAX_BODY} bytes")
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+
 def create_app(builds: Builds, status: Callable[[], dict[str, Any]], token: str) -> FastAPI:
     """The node API over ``builds``; ``status`` gives the heartbeat body."""
     if not token:
@@ -79,17 +117,7 @@ def create_app(builds: Builds, status: Callable[[], dict[str, Any]], token: str)
     expected = token.encode()
     app = FastAPI(title="cowfleet node", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def authenticate(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        given = request.headers.get("x-auth-token", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return error(401, "missing or wrong X-Auth-Token (the node token)")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY:
-            return error(413, f"request body larger than {MAX_BODY} bytes")
-        return await call_next(request)
+    app.add_middleware(TokenGate, token=expected)
 
     @app.exception_handler(CowfleetError)
     async def cowfleet_error(_request: Request, exc: CowfleetError) -> JSONResponse:

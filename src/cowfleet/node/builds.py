@@ -43,7 +43,7 @@ from cowfleet.errors import (
     NotFoundError,
     ValidationError,
 )
-from cowfleet.node.inventory import POWER_FILE, POWER_OFF, instance_views
+from cowfleet.node.inventory import POWER_FILE, POWER_OFF, instance_view, instance_views
 from cowfleet.node.spec import (
     ACTIVE,
     BUILDING,
@@ -124,10 +124,19 @@ class Builds:
         return sorted(views.values(), key=lambda v: v.uuid)
 
     def get(self, uuid: str) -> InstanceView:
-        for view in self.list():
-            if view.uuid == uuid:
-                return view
-        raise NotFoundError(f"server {uuid} is not on this node", server=uuid)
+        """One instance (its folder and domain only: no scan of the others)."""
+        with self._lock:
+            task = self._tasks.get(uuid)
+            in_flight = task.view if task is not None else None
+        if in_flight is not None and in_flight.state in (BUILDING, DELETING, ERROR):
+            return in_flight
+        domain = self.driver.info(uuid) if self.driver.can_run else None
+        view = instance_view(self.instances_path, uuid, domain)
+        if view is None:
+            view = in_flight
+        if view is None:
+            raise NotFoundError(f"server {uuid} is not on this node", server=uuid)
+        return view
 
     def _exists(self, uuid: str) -> bool:
         path = self.instances_path

@@ -20,6 +20,7 @@ from cowfleet.compute import instance as inst
 from cowfleet.compute.drivers.base import NO_HYPERVISOR, DomainInfo
 from cowfleet.compute.state import BROKEN_FOLDER, INCOMPLETE, MISSING_DOMAIN, ServerRow, reconcile
 from cowfleet.config import Config
+from cowfleet.errors import CowfleetError
 from cowfleet.node.spec import (
     ACTIVE,
     CRASHED,
@@ -164,3 +165,26 @@ def instance_views(
     doms = domains if isinstance(domains, Mapping) else {d.uuid: d for d in domains}
     rows = reconcile(entries, doms, instances_path)
     return {r.uuid: view_of(r, by_uuid.get(r.uuid)) for r in rows}
+
+
+def instance_view(
+    instances_path: Path, uuid: str, domain: DomainInfo | None
+) -> InstanceView | None:
+    """One instance, read from its folder and its domain alone (no scan of the others)."""
+    folder = instances_path / uuid
+    tmp = instances_path / f".{uuid}.tmp"
+    entries: list[inst.FolderEntry] = []
+    if folder.is_dir():
+        try:
+            entries.append(inst.FolderEntry(uuid, folder, inst.read_record(folder)))
+        except (CowfleetError, OSError) as exc:
+            entries.append(inst.FolderEntry(uuid, folder, None, problem=str(exc)))
+    elif tmp.is_dir():
+        entries.append(
+            inst.FolderEntry(uuid, tmp, None, problem="unfinished creation", incomplete=True)
+        )
+    doms = {uuid: domain} if domain is not None else {}
+    for row in reconcile(entries, doms, instances_path):
+        if row.uuid == uuid:
+            return view_of(row, entries[0] if entries else None)
+    return None
