@@ -526,3 +526,35 @@ def test_serve_node_needs_its_urls_and_a_private_token_file(
     assert "hostname" in capsys.readouterr().err
     assert _run_cli(tmp_path, *urls, "--token-file", str(token), "--port", "0") == 2
     assert "--port" in capsys.readouterr().err
+
+
+# -- shared image lookups ------------------------------------------------------------
+def test_concurrent_lookups_of_one_image_share_one_request() -> None:
+    from cowfleet.node.lookup import SharedLookups
+
+    gate = threading.Event()
+    calls: list[str] = []
+
+    class Slow(FakeImages):
+        def find(self, name_or_id: str) -> FakeImage:
+            calls.append(name_or_id)
+            assert gate.wait(5)
+            return super().find(name_or_id)
+
+    shared = SharedLookups(Slow(FakeImage(IMAGE_ID)))
+    results: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(shared.find(IMAGE_ID))) for _ in range(10)
+    ]
+    for t in threads:
+        t.start()
+    threading.Event().wait(0.2)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert len(results) == 10 and {r.id for r in results} == {IMAGE_ID}
+    assert calls == [IMAGE_ID]
+    shared.find(IMAGE_ID)  # nothing is kept once the request returned
+    assert calls == [IMAGE_ID, IMAGE_ID]
+    with pytest.raises(NotFoundError):  # errors reach every waiter, and are not kept
+        shared.get("6f1c0b7e-4a53-4e0c-9d3e-0a4d1f1d2bff")

@@ -99,6 +99,7 @@ class NodeService:
         from cowfleet.images.client import ImageClient
         from cowfleet.node.agent import ControllerClient, EventSender, Heartbeat
         from cowfleet.node.builds import Builds
+        from cowfleet.node.lookup import SharedLookups
 
         self.cfg = cfg
         self.settings = s = NodeSettings.from_config(cfg)
@@ -120,7 +121,7 @@ class NodeService:
 
         self.manager = ServerManager(cfg, drivers=drivers)
         self.provisioner = Provisioner(
-            cfg, images=self.images, cache=self.cache, driver=self.driver
+            cfg, images=SharedLookups(self.images), cache=self.cache, driver=self.driver
         )
         self.controller = ControllerClient(s.api_url, self.token, s.hostname)
         self.events = EventSender(self.controller)
