@@ -1,7 +1,9 @@
 """``cowfleet serve node`` as a real process (``none`` driver, bound to 127.0.0.2) against a
 small real HTTP controller written here and the real embedded image service.
 
-The node token is, for now, the image service's token (the node fetches images with it).
+Tokens come from one shared tokens file: a member of project ``demo`` uploads the images
+(private to its project), and the node, with its ``role = "node"`` token, reads them:
+the same token the controller sends it and it sends the controller.
 """
 
 from __future__ import annotations
@@ -45,16 +47,44 @@ def _spec(image_id: str, name: str = "vm", uuid: str | None = None, **kw: Any) -
     }
 
 
+MEMBER_TOKEN = "member-token-of-demo-0123"
+NODE_TOKEN = "node-token-of-the-fleet-4567"
+TOKENS = f"""
+[[token]]
+token = "{MEMBER_TOKEN}"
+project = "demo"
+role = "member"
+
+[[token]]
+token = "{NODE_TOKEN}"
+project = "service"
+role = "node"
+"""
+
+
+def _private(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def fleet_image_service(tmp_path: Path, factory: Any) -> Any:
+    """The image service on the shared tokens file; uploads as the member."""
+    svc = factory(tokens_file=_private(tmp_path / "tokens.toml", TOKENS))
+    svc.token = MEMBER_TOKEN
+    return svc
+
+
 class Fleet:
     def __init__(self, tmp_path: Path, image_service: Any) -> None:
         self.service = image_service
         self.proxy = CountingProxy(image_service.url)
-        self.controller = FakeController(image_service.token)
+        self.controller = FakeController(NODE_TOKEN)
         self.agent = NodeAgent(
             tmp_path / "node-a",
             api_url=self.controller.url,
             image_url=self.proxy.url,
-            token_file=image_service.token_file,
+            token_file=_private(tmp_path / "node-token", NODE_TOKEN + "\n"),
         )
 
     def close(self) -> None:
@@ -64,8 +94,8 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, image_service: Any) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, image_service)
+def fleet(tmp_path: Path, image_service_factory: Any) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, fleet_image_service(tmp_path, image_service_factory))
     f.agent.start()
     yield f
     f.close()
@@ -98,7 +128,8 @@ def test_registers_and_heartbeats_capacity_and_cache(fleet: Fleet) -> None:
     )
     assert isinstance(hb["disk_free_gb"], int) and hb["cache"] == [] and hb["instances"] == []
     assert hb["arch"] == platform.machine().lower()
-    iid = fleet.service.upload("cirros", _image(4 * MIB, 1))
+    # private to project demo: the node's token reads it anyway (a node token reads all)
+    iid = fleet.service.upload("cirros", _image(4 * MIB, 1), visibility="private")
     spec = _spec(iid)
     assert fleet.agent.request("PUT", f"/v1/servers/{spec['uuid']}", json=spec).status_code == 202
     fleet.agent.wait_state(spec["uuid"], "ACTIVE")
@@ -260,22 +291,24 @@ def test_bad_or_missing_token_is_401(fleet: Fleet) -> None:
         ("DELETE", f"/v1/servers/{uuid}"),
         ("POST", f"/v1/servers/{uuid}/action"),
     ):
-        for token in ("wrong", ""):
+        for token in ("wrong", "", MEMBER_TOKEN):  # a user's token is no node token
             resp = agent.request(method, path, token=token, json=_spec("x", uuid=uuid))
             assert resp.status_code == 401, (method, path, token)
             assert resp.json()["error"]["code"] == 401
     assert _folders(agent.instances) == []
 
 
-def test_api_down_then_up_the_agent_keeps_trying(tmp_path: Path, image_service: Any) -> None:
-    f = Fleet(tmp_path, image_service)
+def test_api_down_then_up_the_agent_keeps_trying(
+    tmp_path: Path, image_service_factory: Any
+) -> None:
+    f = Fleet(tmp_path, fleet_image_service(tmp_path, image_service_factory))
     f.controller.close()  # nobody listens at the API URL yet
     f.agent.start()
     try:
         time.sleep(1.5)
         assert f.agent.proc is not None and f.agent.proc.poll() is None
         port = int(f.agent.api_url.rsplit(":", 1)[1])
-        ctl = FakeController(image_service.token, port=port)
+        ctl = FakeController(NODE_TOKEN, port=port)
         try:
             hb = ctl.wait_heartbeat(timeout=30)
             assert hb["hostname"] == "node-a"
