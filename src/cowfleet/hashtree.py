@@ -39,6 +39,10 @@ MIN_LEAF_SIZE = 64 * 1024
 MAX_LEAF_SIZE = 1024 * 1024 * 1024
 DEFAULT_LEAF_SIZE = 4 * 1024 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# The image properties through which the image service publishes an image's tree (its
+# leaf list is served at ``GET /v2/images/{id}/tree``). Glance properties are strings.
+ROOT_PROPERTY = "cowfleet_tree_sha256"
+LEAF_SIZE_PROPERTY = "cowfleet_tree_leaf_size"
 
 Buffer = bytes | bytearray | memoryview
 # Called with (digest, offset, size) as each leaf completes.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cowfleet.formats.inspection import GLANCE_DISK_FORMATS
+from cowfleet.hashtree import LEAF_SIZE_PROPERTY, ROOT_PROPERTY
 from cowfleet.images.server.errors import bad_request, forbidden
 
 DISK_FORMATS = tuple(GLANCE_DISK_FORMATS)
@@ -44,6 +45,9 @@ READ_ONLY = frozenset(
         "locations",
         "stores",
         "os_hidden",
+        # The hash tree (root and leaf size) the server computed at upload.
+        ROOT_PROPERTY,
+        LEAF_SIZE_PROPERTY,
     }
 )
 RESERVED = frozenset({"location", "deleted", "deleted_at"})
