@@ -21,6 +21,20 @@ does not hash to the root, then checks leaves one at a time (:meth:`~TreeVerifie
 or a stream (:meth:`~TreeVerifier.update` / :meth:`~TreeVerifier.finish`). Failures are
 :class:`~cowfleet.errors.IntegrityError` naming the image, the leaf and its byte offset.
 Nothing here opens a file or a socket.
+
+Use in a fetch (the tree from :meth:`cowfleet.images.client.ImageClient.get_tree`, which
+has already checked the leaf list against the published root)::
+
+    verifier = TreeVerifier.from_tree(tree, image_id=image.id)
+    verifier.resume_at(offset)      # optional: continue a part file at a leaf boundary
+    for chunk in stream:
+        verifier.update(chunk)      # raises at the first bad leaf
+        sink.write(chunk)
+    verifier.finish()               # the short last leaf; refuses a short stream
+
+or, for pieces that arrive out of order (a peer's leaves, ranges):
+``verifier.check_leaf(index, data)`` with :meth:`Tree.span` giving each leaf's offset
+and size.
 """
 
 from __future__ import annotations
@@ -271,6 +285,21 @@ class TreeVerifier:
         if not hmac.compare_digest(digest, self.tree.digest(index)):
             raise self._mismatch(index, offset, "sha256 does not match the hash tree")
         self._index += 1
+
+    def resume_at(self, offset: int) -> None:
+        """Continue the stream at ``offset`` (a leaf boundary, or the length): the bytes
+        before it are taken as checked (e.g. a part file whose leaves passed
+        :meth:`check_leaf`). Only before the stream has started."""
+        if self._stream.length or self._index:
+            raise UsageError("resume_at() must come before the first update()")
+        if offset % self.tree.leaf_size and offset != self.tree.length:
+            raise UsageError(
+                f"resume offset {offset} is not a multiple of the leaf size {self.tree.leaf_size}"
+            )
+        if not 0 <= offset <= self.tree.length:
+            raise UsageError(f"resume offset {offset} is outside 0..{self.tree.length}")
+        self._index = leaf_count(offset, self.tree.leaf_size)
+        self._stream.length = offset
 
     def update(self, buf: Buffer) -> None:
         """The next bytes of the image, in order; raises at the first bad leaf, or when

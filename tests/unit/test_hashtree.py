@@ -205,3 +205,36 @@ def test_builder_takes_read_only_memoryviews() -> None:
     builder = TreeBuilder(LEAF)
     builder.update(data)
     assert builder.finish() == tree_of(bytes(data), LEAF)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=datas, at=st.integers(0), flip=st.booleans())
+def test_resume_at_a_leaf_boundary_checks_only_what_follows(
+    data: bytes, at: int, flip: bool
+) -> None:
+    tree = tree_of(data, LEAF)
+    offset = min((at % (tree.count + 1)) * LEAF, len(data))
+    v = TreeVerifier.from_tree(tree)
+    v.resume_at(offset)
+    rest = bytearray(data[offset:])
+    if flip and rest:
+        rest[-1] ^= 0xFF
+        with pytest.raises(IntegrityError, match=f"leaf {tree.count - 1} "):
+            v.update(rest)
+            v.finish()
+    else:
+        v.update(rest)
+        v.finish()
+        assert v.verified == len(data)
+
+
+def test_resume_at_refuses_offsets_inside_a_leaf_or_after_the_start() -> None:
+    tree = tree_of(_pattern(2 * LEAF + 9), LEAF)
+    v = TreeVerifier.from_tree(tree)
+    with pytest.raises(UsageError, match="multiple of the leaf size"):
+        v.resume_at(LEAF + 1)
+    with pytest.raises(UsageError, match="outside"):
+        v.resume_at(4 * LEAF)
+    v.update(b"x")
+    with pytest.raises(UsageError, match="before the first update"):
+        v.resume_at(LEAF)
