@@ -3,6 +3,7 @@ published as read-only properties, served at /tree; the client's get_tree checks
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sqlite3
@@ -163,7 +164,7 @@ def test_failed_commit_leaves_no_leaf_list(tmp_path: Path, monkeypatch: pytest.M
     def fsync(fd: int) -> None:
         calls.append(fd)
         if len(calls) == 2:  # the leaf list's fsync passes, the image's fails
-            raise OSError(5, "Input/output error")
+            raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
