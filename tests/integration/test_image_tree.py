@@ -84,6 +84,22 @@ def test_delete_removes_the_leaf_file(image_service: ImageService) -> None:
     assert not (image_service.data_dir / "images" / iid).exists()
 
 
+def test_client_refuses_a_leaf_list_that_does_not_hash_to_the_root(
+    image_service: ImageService,
+) -> None:
+    iid = image_service.upload("tampered", DATA)
+    leaf_file = image_service.data_dir / "images" / f"{iid}.tree"
+    leaves = bytearray(leaf_file.read_bytes())
+    leaves[40] ^= 0x01  # leaf 1's digest, changed in place on the server
+    leaf_file.write_bytes(leaves)
+    with ImageClient(image_service.url, image_service.token) as client:
+        with pytest.raises(IntegrityError, match=f"image {iid}.*does not match its root"):
+            client.get_tree(client.get(iid))
+        leaf_file.write_bytes(bytes(leaves[:-32]))  # a leaf short
+        with pytest.raises(IntegrityError, match=f"image {iid}"):
+            client.get_tree(client.get(iid))
+
+
 def test_image_from_before_trees_has_none(image_service: ImageService) -> None:
     """An image whose catalog row and store predate trees: no properties, get_tree None,
     /tree 404; a restart migrates the catalog in place and keeps the image."""
