@@ -49,6 +49,7 @@ def test_format_is_as_documented() -> None:
     d0 = hashlib.sha256(data[:LEAF]).digest()
     d1 = hashlib.sha256(data[LEAF:]).digest()
     assert tree.leaves == d0 + d1
+    assert PREFIX == b"cowfleet sha256 tree v1\x00" and len(PREFIX) == 24  # as documented
     head = PREFIX + LEAF.to_bytes(8, "big") + (LEAF + 10).to_bytes(8, "big")
     assert tree.root == hashlib.sha256(head + d0 + d1).hexdigest()
     assert (tree.length, tree.leaf_size, tree.count) == (LEAF + 10, LEAF, 2)
