@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cowfleet.errors import IntegrityError, UsageError
 from cowfleet.hashtree import (
+    DEFAULT_LEAF_SIZE,
     MIN_LEAF_SIZE,
     PREFIX,
     Tree,
@@ -239,3 +240,15 @@ def test_resume_at_refuses_offsets_inside_a_leaf_or_after_the_start() -> None:
     v.update(b"x")
     with pytest.raises(UsageError, match="before the first update"):
         v.resume_at(LEAF)
+
+
+@pytest.mark.parametrize(
+    ("data", "root"),
+    [
+        (b"", "3268b0f23673784c508665eef79ae6f7bbdb7151a08c11f8a3e7cd754cda6412"),
+        (b"abc", "4b696b13caa2a1dbb1c507f99a9dcb65601975accebaf1582d923c4435a65831"),
+        (bytes(5 << 20), "aac37c33381ed14682cce8c8bf46b054d59db2dc21072e80ebd5180d0f78aaf9"),
+    ],
+)
+def test_vectors_in_the_docs(data: bytes, root: str) -> None:
+    assert tree_of(data, DEFAULT_LEAF_SIZE).root == root
