@@ -33,8 +33,10 @@ def make_engine(url: str) -> Engine:
             engine = create_engine(
                 url,
                 connect_args={"check_same_thread": False, "timeout": 60},
+                # Request threads, dispatch threads and the sweep all hold one at times;
+                # a SQLite connection costs little.
                 pool_size=20,
-                max_overflow=40,
+                max_overflow=100,
             )
 
             @event.listens_for(engine, "connect")
