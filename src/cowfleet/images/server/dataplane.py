@@ -135,10 +135,12 @@ class DataPlane:
         """Drop the next response head uvicorn writes (this response was written here)."""
         self._swallow = bytearray()
 
-    def filter_write(self, data: bytes | bytearray | memoryview) -> bytes | None:
+    def filter_write(
+        self, data: bytes | bytearray | memoryview
+    ) -> bytes | bytearray | memoryview | None:
         """What of uvicorn's ``data`` goes to the socket (None: nothing)."""
         if self._swallow is None:
-            return bytes(data)
+            return data
         self._swallow += data
         end = self._swallow.find(b"\r\n\r\n")
         if end < 0:
