@@ -213,6 +213,24 @@ def test_downloads_are_sent_by_the_data_plane_and_keep_the_connection(
         assert buf == b""
 
 
+def test_a_download_to_an_http_1_0_client_is_sent_whole_and_closes(
+    image_service: ImageService, http: httpx.Client
+) -> None:
+    data = os.urandom(3 * MIB + 5)
+    iid = create(http)
+    assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+    auth = f"Host: x\r\nX-Auth-Token: {image_service.token}\r\n"
+    with socket.create_connection(("127.0.0.1", image_service.port), timeout=30) as s:
+        s.sendall(f"GET /v2/images/{iid}/file HTTP/1.0\r\n{auth}\r\n".encode())
+        reply = b""
+        while chunk := s.recv(1 << 20):  # the server closes after the one response
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"x-cowfleet-data-plane: sendfile" in head
+    assert b"connection: close" in head.lower()
+    assert body == data
+
+
 # What stays in the page cache ---------------------------------------------------------
 
 
