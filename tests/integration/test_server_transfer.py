@@ -231,6 +231,24 @@ def test_a_download_to_an_http_1_0_client_is_sent_whole_and_closes(
     assert body == data
 
 
+def test_a_client_gone_during_a_sendfile_download_leaves_the_server_serving(
+    image_service: ImageService, http: httpx.Client
+) -> None:
+    data = os.urandom(64 * MIB)
+    iid = create(http)
+    assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+    auth = f"Host: x\r\nX-Auth-Token: {image_service.token}\r\n"
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", image_service.port), timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(f"GET /v2/images/{iid}/file HTTP/1.1\r\n{auth}\r\n".encode())
+        assert b"x-cowfleet-data-plane: sendfile" in s.recv(65536)
+        s.close()  # with most of the body not yet read: a reset for the server
+    with http.stream("GET", f"/v2/images/{iid}/file") as r:
+        assert r.headers["x-cowfleet-data-plane"] == "sendfile"
+        assert r.read() == data
+
+
 # What stays in the page cache ---------------------------------------------------------
 
 
