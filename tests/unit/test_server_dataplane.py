@@ -60,6 +60,8 @@ def test_the_body_is_handed_over_only_once_the_application_has_every_byte_passed
 
         theirs.sendall(HEAD + b"a" * 1000)
         await settle(proto, len(HEAD) + 1000)
+        assert plane.take_body(received=1000) is None  # the application has no request yet
+        plane.requests += 1  # as the middleware counts the request it is called for
         assert plane.take_body(received=600) is None  # uvicorn holds 400 bytes unread
         fd = plane.take_body(received=1000)
         assert fd is not None
@@ -98,9 +100,36 @@ def test_no_handover_outside_a_body_or_after_a_parse_error() -> None:
             theirs.sendall(sent)
             await settle(proto, len(sent))
             plane = proto.inner.kwargs["app_state"][STATE_KEY]
+            plane.requests = 1
             assert plane.take_body(received=received) is None, sent
             transport.close()
             theirs.close()
+
+    asyncio.run(run())
+
+
+def test_no_handover_while_our_parser_is_on_a_later_pipelined_request() -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        cls = guarded(Inner, max_header_bytes=8192, header_timeout=60)
+        ours, theirs = socket.socketpair()
+        transport, proto = await loop.create_connection(
+            lambda: cls(config=None, app_state={}), sock=ours
+        )
+        # The application is still on the first request (it has had 500 of its 1000
+        # bytes) when the rest of it and 500 bytes of a second one have been passed on.
+        first = b"PUT /a HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + b"a" * 1000
+        theirs.sendall(first + HEAD + b"b" * 500)
+        await settle(proto, len(first) + len(HEAD) + 500)
+        plane = proto.inner.kwargs["app_state"][STATE_KEY]
+        plane.requests = 1
+        assert plane.take_body(received=500) is None
+        plane.requests = 2  # on the second request, with every byte passed on received
+        fd = plane.take_body(received=500)
+        assert fd is not None
+        os.close(fd)
+        transport.close()
+        theirs.close()
 
     asyncio.run(run())
 

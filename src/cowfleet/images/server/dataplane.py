@@ -67,6 +67,7 @@ class BodyProgress:
     """What the guard's own parser knows about the request being received."""
 
     def __init__(self) -> None:
+        self.messages = 0  # requests begun on this connection
         self.in_body = False  # headers complete, message not complete
         self.body_passed = 0  # body bytes of this request passed on to uvicorn
         self.broken = False  # our parser gave up on this connection
@@ -79,6 +80,9 @@ class DataPlane:
         self.progress = progress
         self.transport: asyncio.Transport = _NO_TRANSPORT
         self.body_taken = False  # the application reads the socket: close after this response
+        # Requests the application was called for. uvicorn calls it for one request of a
+        # connection at a time, in order, so this is the number of the one being served.
+        self.requests = 0
         self._swallow: bytearray | None = None  # a head uvicorn writes that is not sent
 
     def attach(self, transport: asyncio.Transport) -> None:
@@ -92,12 +96,14 @@ class DataPlane:
 
         ``received``: body bytes the application has had through ASGI ``receive``. None
         when that is not every byte passed on to uvicorn (read more through ASGI first),
-        or when the connection cannot be handed over (TLS, no socket, a parser error).
+        when our parser is already on a later (pipelined) request, or when the connection
+        cannot be handed over (TLS, no socket, a parser error).
         """
         progress = self.progress
         if (
             self.body_taken
             or progress.broken
+            or progress.messages != self.requests
             or not progress.in_body
             or progress.body_passed != received
             or self.transport.is_closing()
@@ -248,6 +254,7 @@ class DataPlaneMiddleware:
         if plane is None:
             await self.app(scope, receive, send)
             return
+        plane.requests += 1
         if scope.get("method") == "GET":
             scope = {**scope, "extensions": {**(scope.get("extensions") or {}), ZEROCOPY: {}}}
         await self.app(scope, receive, _Sender(plane, scope, send))

@@ -88,6 +88,7 @@ class _Boundaries:
         self.in_headers = True
         self.began = True
         self.size = REQUEST_LINE_EXTRA
+        self.progress.messages += 1
         self.progress.in_body = False
         self.progress.body_passed = 0
 
