@@ -30,7 +30,7 @@ def _nodes(
             select(ServerRow.host, func.count())
             .where(ServerRow.deleted.is_(False), ServerRow.host.is_not(None))
             .group_by(ServerRow.host)
-        ).tuples()
+        )
         running = {host: count for host, count in counts if host is not None}
     if ident is not None:
         nodes = [n for n in nodes if ident in (n.id, str(n.seq))]
