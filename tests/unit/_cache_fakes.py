@@ -100,7 +100,9 @@ class FakeClient:
         return self.images[image_id][0]
 
     @contextlib.contextmanager
-    def open_download(self, image_id: str, *, offset: int = 0) -> Iterator[FakeStream]:
+    def open_download(
+        self, image_id: str, *, offset: int = 0, buffers: object = None
+    ) -> Iterator[FakeStream]:
         _image, data = self.images[image_id]
         b = self.behaviour[image_id]
         with self.lock:

@@ -35,7 +35,7 @@ def _setup(tmp_path: Path, data: bytes, behaviour: Behaviour | None = None, **kw
     iid = str(uuid.uuid4())
     client.add(image_for(iid, data, **kw), data, behaviour)
     sleeps: list[float] = []
-    cache = ImageCache(_cfg(tmp_path), client, sleep=sleeps.append)  # type: ignore[arg-type]
+    cache = ImageCache(_cfg(tmp_path), client, sleep=sleeps.append, rand=lambda: 0.0)  # type: ignore[arg-type]
     return cache, client, iid, sleeps
 
 
