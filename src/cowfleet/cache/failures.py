@@ -3,8 +3,8 @@
 The callers of one image wait on its base lock; when the fetch of the one that held it
 failed, the others raise the same error instead of each fetching again. The failure is
 recorded in ``<sha1>.failed`` (:class:`~cowfleet.cache.metadata.FailureRecord`) and
-raised again as the same class of the error tree: the classes a fetch can raise are
-listed here by name (:data:`SHAREABLE`), anything else comes back as
+raised again as the same class of the error tree (:func:`shareable`, the subclasses of
+:class:`~cowfleet.errors.CowfleetError`); a name outside the tree comes back as
 :class:`~cowfleet.errors.CowfleetError`.
 """
 
@@ -14,43 +14,22 @@ import logging
 
 from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import BasePaths
-from cowfleet.errors import (
-    BackendUnavailableError,
-    ConflictError,
-    CowfleetError,
-    ImageFormatError,
-    IntegrityError,
-    LocalIOError,
-    NotFoundError,
-    RemoteError,
-    StorageFullError,
-    TimeoutError_,
-    UnsafeFileError,
-    UnsafeImageError,
-    UsageError,
-    ValidationError,
-)
+from cowfleet.errors import CowfleetError
 
 log = logging.getLogger(__name__)
 
-SHAREABLE: dict[str, type[CowfleetError]] = {
-    cls.__name__: cls
-    for cls in (
-        BackendUnavailableError,
-        ConflictError,
-        ImageFormatError,
-        IntegrityError,
-        LocalIOError,
-        NotFoundError,
-        RemoteError,
-        StorageFullError,
-        TimeoutError_,
-        UnsafeFileError,
-        UnsafeImageError,
-        UsageError,
-        ValidationError,
-    )
-}
+
+def _tree(root: type[CowfleetError]) -> dict[str, type[CowfleetError]]:
+    found = {root.__name__: root}
+    for sub in root.__subclasses__():
+        found.update(_tree(sub))
+    return found
+
+
+def shareable() -> dict[str, type[CowfleetError]]:
+    """Every class of the error tree by name (read when needed: subclasses defined in
+    modules imported later, such as the fetch engine's, are included)."""
+    return _tree(CowfleetError)
 
 
 def record(paths: BasePaths, image_id: str, exc: CowfleetError, now: float) -> None:
@@ -67,7 +46,7 @@ def raise_if_failed_since(paths: BasePaths, image_id: str, since: float) -> None
     rec = md.read_failure(paths.failed)
     if rec is None or rec.image_id != image_id or rec.at < since:
         return
-    cls = SHAREABLE.get(rec.error, CowfleetError)
+    cls = shareable().get(rec.error, CowfleetError)
     raise cls(f"{rec.message} (fetched by another caller while this one waited)", image_id=image_id)
 
 
