@@ -37,16 +37,20 @@ def _data(size: int) -> bytes:
     return os.urandom(third) + bytes(third) + os.urandom(size - 2 * third)
 
 
-def test_base_sink_resumes_after_a_drop_mid_body(rogue: RogueServer, tmp_path: Path) -> None:
-    data = _data(8 * MiB)
-    img = rogue.add(RogueImage(str(uuid.uuid4()), data, mode="dropfirst"))
-    cfg = Config(
+def _cfg(tmp_path: Path, url: str) -> Config:
+    return Config(
         home=tmp_path / "home",
         instances_path=tmp_path / "inst",
-        image_url=rogue.url,
+        image_url=url,
         fetch_retries=2,
         fetch_deadline=60.0,
     )
+
+
+def test_base_sink_resumes_after_a_drop_mid_body(rogue: RogueServer, tmp_path: Path) -> None:
+    data = _data(8 * MiB)
+    img = rogue.add(RogueImage(str(uuid.uuid4()), data, mode="dropfirst"))
+    cfg = _cfg(tmp_path, rogue.url)
     with ImageClient(rogue.url, None, timeout=10) as client:
         base = ImageCache(cfg, client, backoff=0.01).ensure_cached(img.id)
     assert base.fetched
@@ -91,13 +95,7 @@ def test_base_sink_refetches_once_when_kept_bytes_do_not_verify(
 
     data = os.urandom(4 * MiB)
     img = rogue.add(RogueImage(str(uuid.uuid4()), data))
-    cfg = Config(
-        home=tmp_path / "home",
-        instances_path=tmp_path / "inst",
-        image_url=rogue.url,
-        fetch_retries=2,
-        fetch_deadline=60.0,
-    )
+    cfg = _cfg(tmp_path, rogue.url)
     with ImageClient(rogue.url, None, timeout=10) as client:
         cache = ImageCache(cfg, client, backoff=0.01)
         cache.layout.ensure_dirs()
