@@ -41,7 +41,7 @@ SERVE_FROM_MEMORY = {
 
 @contextlib.contextmanager
 def image_service(workdir: Path) -> Iterator[Service]:
-    """``cowfleet images serve`` on a free loopback port (a real subprocess).
+    """``cowfleet serve images`` on a free loopback port (a real subprocess).
 
     These benchmarks measure the node: the server keeps every image in memory (uploads
     through the page cache, cached from the first download), so each run fetches from
@@ -55,8 +55,8 @@ def image_service(workdir: Path) -> Iterator[Service]:
         sys.executable,
         "-m",
         "cowfleet",
-        "images",
         "serve",
+        "images",
         "--host",
         "127.0.0.1",
         "--port",

@@ -1,6 +1,6 @@
 """Benchmark: cold fetch of a 1 GiB image into the node cache vs two baselines.
 
-Same run, same image, same embedded image service (``cowfleet images serve``):
+Same run, same image, same embedded image service (``cowfleet serve images``):
 
 * ``curl -o FILE``: the plain download, no verification (the throughput ceiling);
 * Nova's order: download to a file (Python, httpx streaming), then sha512 of the file,

@@ -3,7 +3,7 @@
     python3 bench/image_server_curl.py [--size-mib 1024] [--file PATH] [--buffered]
         [--cache-min-uses N]
 
-Starts a real ``cowfleet images serve`` (SQLite, own temp data dir), then:
+Starts a real ``cowfleet serve images`` (SQLite, own temp data dir), then:
 - upload: ``curl -T`` of a random raw image (md5 + sha512 + inspection + fsync on the
   server) vs. the same curl upload into a plain socket sink (the client-side ceiling);
 - download: ``curl -o /dev/null`` of the image (first, right after the upload, and the
@@ -141,8 +141,8 @@ def main() -> int:
                 sys.executable,
                 "-m",
                 "cowfleet",
-                "images",
                 "serve",
+                "images",
                 "--port",
                 str(port),
                 "--data-dir",

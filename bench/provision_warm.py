@@ -15,7 +15,7 @@ Same run, same directory, same bases. Per instance:
 Also prints the whole ``Provisioner.create``: once with the image records looked up
 over HTTP, and once with them served from memory (validation, base pins when the
 provisioner takes them, ensure_cached, build: the whole in-process warm path).
-The image comes from a real ``cowfleet images serve`` on loopback.
+The image comes from a real ``cowfleet serve images`` on loopback.
 Prints ``uptime`` before and after, and a filesystem probe (bare create, flush-only
 fdatasync): on this shared VM both vary several-fold from minute to minute.
 
@@ -65,7 +65,7 @@ def _free_port() -> int:
 
 @contextmanager
 def image_service(work: Path) -> Iterator[tuple[str, str]]:
-    """A real ``cowfleet images serve`` on loopback; yields (url, token)."""
+    """A real ``cowfleet serve images`` on loopback; yields (url, token)."""
     port = _free_port()
     data = work / "service"
     token_file = data / "token"
@@ -77,8 +77,8 @@ def image_service(work: Path) -> Iterator[tuple[str, str]]:
         sys.executable,
         "-m",
         "cowfleet",
-        "images",
         "serve",
+        "images",
         "--host",
         "127.0.0.1",
         "--port",

@@ -1,7 +1,7 @@
 """Benchmark: the on-disk qcow2 table check vs a cold fetch of the same 1 GiB image.
 
 Same run, same image: a fully allocated qcow2 (``qemu-img convert`` from 1 GiB of random
-bytes), uploaded to the embedded image service (``cowfleet images serve``, serving from
+bytes), uploaded to the embedded image service (``cowfleet serve images``, serving from
 memory). Timed:
 
 * ``cowfleet cache fetch`` of it in a fresh process (stream, sha512, inspection, sparse

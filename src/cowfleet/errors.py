@@ -11,6 +11,7 @@ documented exit code (see ``docs/exit-codes.md`` and :data:`EXIT_CODES`).
     ├── UsageError                     exit 2   bad arguments, bad configuration
     │   └── ConfigError                exit 2
     ├── LocalIOError                   exit 2   a local file could not be read/written
+    │   ├── MissingFileError           exit 2   a local file (or a backing file) is missing
     │   ├── StorageFullError           exit 2   ENOSPC / EDQUOT while writing
     │   └── UnsafeFileError            exit 2   a symlink, hard link, non-regular file or
     │                                           someone else's file where ours must be
@@ -61,6 +62,15 @@ class LocalIOError(CowfleetError):
     """A local file could not be opened, read or written."""
 
     exit_code = 2
+
+
+class MissingFileError(LocalIOError):
+    """A local file the caller named (or a backing file a disk records) does not exist.
+
+    Every command exits 2 for it, whether it reads the file (``disk info``,
+    ``disk inspect``, ``image upload``) or uses it as a backing file (``disk overlay``).
+    Unknown images, bases, flavors and servers are :class:`NotFoundError` (exit 4).
+    """
 
 
 class StorageFullError(LocalIOError):
@@ -157,6 +167,7 @@ EXIT_CODES: dict[str, int] = {
     "ok": 0,
     "error": CowfleetError.exit_code,
     "usage": UsageError.exit_code,
+    "local-io": LocalIOError.exit_code,
     "unsafe-or-bad-image": ImageFormatError.exit_code,
     "not-found": NotFoundError.exit_code,
     "conflict": ConflictError.exit_code,

@@ -18,8 +18,9 @@ The worker code is in ``_clean_race_worker.py``.
 
 Checked to fail: with ``Provisioner.pin_bases`` made a no-op, 200 boots gave 142
 failures (bases removed between ``ensure_cached`` and the folder rename); with the
-release-token check of ``Cleaner._remove`` disabled, 27 (bases removed under live
-instances whose folder the scan had missed, caught by the checks before delete).
+release-token check (``Executor._remove``, then ``Cleaner._remove``) disabled, 27
+(bases removed under live instances whose folder the scan had missed, caught by the
+checks before delete).
 """
 
 from __future__ import annotations

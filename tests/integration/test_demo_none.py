@@ -80,7 +80,7 @@ def test_ctrl_c_stops_the_service_and_removes_everything(tmp_path: Path) -> None
 
 @dataclass
 class _ServiceAtHome(ImageService):
-    """``images serve`` with only ``COWFLEET_HOME`` set: its data in the default ``HOME/images``."""
+    """``serve images`` with only ``COWFLEET_HOME`` set: its data in the default ``HOME/images``."""
 
     @property
     def home(self) -> Path:
@@ -91,7 +91,7 @@ class _ServiceAtHome(ImageService):
         return self.home / "images"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "cowfleet", "images", "serve", "--port", str(self.port)]
+        return [sys.executable, "-m", "cowfleet", "serve", "images", "--port", str(self.port)]
 
 
 def _user_home(tmp_path: Path) -> Path:

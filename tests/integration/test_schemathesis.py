@@ -1,4 +1,4 @@
-"""Schemathesis against the OpenAPI schema served by a real ``cowfleet images serve``.
+"""Schemathesis against the OpenAPI schema served by a real ``cowfleet serve images``.
 
 No 5xx and no response that violates the schema (status codes, content types, headers,
 bodies). Bounded: a few examples per operation, well under two minutes.

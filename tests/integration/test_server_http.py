@@ -1,4 +1,4 @@
-"""The real image server (``cowfleet images serve`` subprocess) over loopback HTTP."""
+"""The real image server (``cowfleet serve images`` subprocess) over loopback HTTP."""
 
 from __future__ import annotations
 

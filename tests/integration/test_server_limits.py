@@ -1,4 +1,4 @@
-"""The real ``cowfleet images serve`` refuses what Glance refuses and never stores what it
+"""The real ``cowfleet serve images`` refuses what Glance refuses and never stores what it
 cannot send back: invalid text (SQLite and PostgreSQL), oversized or slow request headers
 (raw sockets), store files no record explains (removed at start), and token files that
 others may read."""

@@ -19,11 +19,14 @@ import pytest
 from cowfleet.cache import clean as clean_mod
 from cowfleet.cache import metadata as md
 from cowfleet.cache import pins
+from cowfleet.cache import snapshot as snapshot_mod
 from cowfleet.cache.cache import CachedBase, ImageCache
 from cowfleet.cache.clean import KEEP, QUARANTINE, REMOVE, Cleaner, CleanPolicy, CleanReport
 from cowfleet.cache.layout import Layout, base_name
 from cowfleet.cache.listing import list_entries
 from cowfleet.cache.lock import base_lock
+from cowfleet.cache.plan import Plan
+from cowfleet.cache.snapshot import Snapshot
 from cowfleet.cache.usage import Holders, Usage
 from cowfleet.config import Config
 from cowfleet.formats.overlay import create_overlay
@@ -490,7 +493,7 @@ def _provisioning_during_scan(
     """
     made: list[Path] = []
     with contextlib.ExitStack() as held:
-        real_scan = clean_mod.scan
+        real_scan = snapshot_mod.scan
 
         def scan_then_provision(instances_path: Path, holders: Holders | None = None) -> Usage:
             usage = real_scan(instances_path, holders)
@@ -500,7 +503,7 @@ def _provisioning_during_scan(
                 held.close()
             return usage
 
-        monkeypatch.setattr(clean_mod, "scan", scan_then_provision)
+        monkeypatch.setattr(snapshot_mod, "scan", scan_then_provision)
         yield made
 
 
@@ -548,15 +551,15 @@ def test_pin_taken_after_the_decision_blocks_the_removal(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     iid = node.base(last_used=node.clock.t - 10 * MAX_AGE)
-    real = Cleaner._apply_budget
+    real = clean_mod.plan
     with contextlib.ExitStack() as held:
 
-        def decide_then_pin(self: Cleaner, items: list):  # type: ignore[no-untyped-def]
-            out = real(self, items)  # every decision is made: now a boot pins it
+        def decide_then_pin(snap: Snapshot, policy: CleanPolicy) -> Plan:
+            out = real(snap, policy)  # every decision is made: now a boot pins it
             held.enter_context(pins.hold(node.layout.locks_dir, [node.name(iid)]))
             return out
 
-        monkeypatch.setattr(Cleaner, "_apply_budget", decide_then_pin)
+        monkeypatch.setattr(clean_mod, "plan", decide_then_pin)
         d = _by_name(node.cleaner().run())[node.name(iid)]
     assert d.action == KEEP and "started during this pass" in d.reason
     assert node.path(iid).exists()

@@ -185,7 +185,7 @@ def test_overlay_refusals_exit_codes(
     assert (
         main(["disk", "overlay", "--backing", str(base), "--backing-format", "qed", str(out)]) == 2
     )
-    # missing backing: NotFoundError -> 4
+    # missing backing: MissingFileError -> 2 (the same code as every missing file)
     assert (
         main(
             [
@@ -198,7 +198,7 @@ def test_overlay_refusals_exit_codes(
                 str(out),
             ]
         )
-        == 4
+        == 2
     )
     # a backing file that is not what it claims: the policy refuses -> 3
     assert (
@@ -249,7 +249,7 @@ def test_overlay_on_backing_with_its_own_backing_is_refused(
 
 
 def test_info_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["disk", "info", str(tmp_path / "nope")]) == 4
+    assert main(["disk", "info", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

@@ -231,6 +231,69 @@ def test_every_setting_has_one_row_and_its_default_is_in_range(tmp_path: Path) -
             assert row.parse(default) == default, row.name
 
 
+def test_config_fields_are_the_rows_with_their_types_and_defaults(tmp_path: Path) -> None:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config.Config)
+    fields = {f.name: f for f in dataclasses.fields(config.Config) if f.name != "flavors"}
+    assert list(fields) == [row.name for row in config.SETTING_ROWS]
+    for row in config.SETTING_ROWS:
+        assert row.kind in typing.get_args(hints[row.name]) or hints[row.name] is row.kind
+        if row.name not in ("home", "instances_path"):
+            assert fields[row.name].default == row.default, row.name
+        if row.default is None:
+            assert row.derived, f"{row.name}: no default and no word on how it is derived"
+        assert row.help and row.toml
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "attr", "expected"),
+    [
+        ("COWFLEET_FETCH_DEADLINE", "90", "fetch_deadline", 90.0),
+        ("COWFLEET_FETCH_RETRIES", "0", "fetch_retries", 0),
+        ("COWFLEET_PART_MAX_AGE", "60.5", "part_max_age", 60.5),
+        ("COWFLEET_IMAGES_HOST", "0.0.0.0", "images_host", "0.0.0.0"),
+        ("COWFLEET_IMAGES_PORT", "9393", "images_port", 9393),
+    ],
+)
+def test_settings_that_had_no_environment_variable_have_one(
+    var: str, value: str, attr: str, expected: object
+) -> None:
+    assert getattr(config.load(None, env={var: value}), attr) == expected
+
+
+def test_new_environment_variables_are_checked_and_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, env={"COWFLEET_IMAGES_PORT": "70000"})
+    assert str(info.value) == (
+        "invalid setting images_port = '70000' (from environment variable "
+        "COWFLEET_IMAGES_PORT): must be at most 65535"
+    )
+
+
+def test_every_setting_has_an_environment_variable_named_after_it() -> None:
+    for row in config.SETTING_ROWS:
+        assert row.env == f"COWFLEET_{row.name.upper()}"
+
+
+def test_toml_keys_come_from_the_table(tmp_path: Path) -> None:
+    lines = []
+    for row in config.SETTING_ROWS:
+        if isinstance(row.default, (int, float, str)) and not isinstance(row.default, bool):
+            section, _, key = row.toml.rpartition(".")
+            lines.append((section, f"{key} = {row.default!r}"))
+    text = ""
+    for section in dict.fromkeys(s for s, _ in lines):
+        text += (f"[{section}]\n" if section else "") + "".join(
+            f"{kv}\n" for s, kv in lines if s == section
+        )
+    cfg = config.load(write(tmp_path, text.replace("'", '"')), env={})
+    for row in config.SETTING_ROWS:
+        if isinstance(row.default, (int, float, str)) and not isinstance(row.default, bool):
+            assert getattr(cfg, row.name) == row.default
+
+
 def test_ephemeral_filesystems_are_the_ones_mkfs_is_known_for() -> None:
     from cowfleet.compute.ephemeral import MKFS_TEMPLATES
 
@@ -252,7 +315,7 @@ def test_cli_bad_setting_exits_2_naming_setting_and_source(
     assert f"fetch_retries = -1 (from {f}, key cache.fetch_retries): must be at least 0" in err
     assert "Traceback" not in err
 
-    assert main(["images", "serve", "--port", "0", *home]) == 2
+    assert main(["serve", "images", "--port", "0", *home]) == 2
     assert "images_port = 0 (from command-line flag --port): must be at least 1" in (
         capsys.readouterr().err
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfleet.errors import ImageFormatError, NotFoundError
+from cowfleet.errors import ImageFormatError, MissingFileError
 from cowfleet.formats import info
 from cowfleet.formats.info import backing_chain, disk_info, full_backing_name, size_to_str
 from cowfleet.formats.overlay import create_overlay
@@ -118,7 +118,7 @@ def test_raw_virtual_size_rounds_to_sector(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="not found"):
+    with pytest.raises(MissingFileError, match="not found"):
         disk_info(tmp_path / "nope")
 
 
@@ -184,7 +184,7 @@ def test_chain_missing_backing(tmp_path: Path) -> None:
     create_overlay(top, base, "raw", backing_virtual_size=8 * MiB)
     base.unlink()
     assert disk_info(top).backing_filename == str(base)  # the top alone is still readable
-    with pytest.raises(NotFoundError, match=f"backing file {base} of {top} not found"):
+    with pytest.raises(MissingFileError, match=f"backing file {base} of {top} not found"):
         backing_chain(top)
 
 

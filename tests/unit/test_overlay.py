@@ -11,7 +11,7 @@ import pytest
 from cowfleet.errors import (
     ConflictError,
     LocalIOError,
-    NotFoundError,
+    MissingFileError,
     UnsafeImageError,
     UsageError,
     ValidationError,
@@ -206,7 +206,7 @@ def test_refuses_nul_in_names(tmp_path: Path, backing: Path) -> None:
 
 
 def test_refuses_missing_backing(tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="not found"):
+    with pytest.raises(MissingFileError, match="not found"):
         create_overlay(tmp_path / "d", tmp_path / "nope", "raw", backing_virtual_size=GiB)
 
 

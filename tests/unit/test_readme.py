@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-from cowfleet import config
+from cowfleet import config, settings_table
 from cowfleet.cli.main import build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -30,8 +32,10 @@ def _leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
     out: set[str] = set()
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
+            listed = {a.dest for a in action._choices_actions}  # hidden aliases are not listed
             for name, sub in action.choices.items():
-                out |= _leaf_commands(sub, (*prefix, name))
+                if name in listed:
+                    out |= _leaf_commands(sub, (*prefix, name))
     if not out and prefix:
         out.add(" ".join(prefix))
     return out
@@ -56,6 +60,28 @@ def test_every_setting_is_in_the_configuration_table() -> None:
     assert rows, "no settings table"
     assert set(config.SETTINGS) - rows == set(), "settings missing from the README table"
     assert rows - set(config.SETTINGS) == set(), "README lists settings the code does not have"
+
+
+def test_the_settings_table_is_the_generated_one() -> None:
+    """The README's table is ``python3 -m cowfleet.config --markdown``, byte for byte."""
+    section = _section(_readme(), "Configuration")
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    generated = settings_table.markdown_table().splitlines()
+    assert lines == generated, (
+        "README settings table differs from the settings table in the code; "
+        "paste the output of `python3 -m cowfleet.config --markdown`"
+    )
+
+
+def test_config_module_prints_the_markdown_table() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cowfleet.config", "--markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == settings_table.markdown_table()
+    assert "| `fetch_retries` | integer | >= 0 | `5` |" in out
 
 
 def test_every_command_is_in_the_command_table() -> None:

@@ -357,6 +357,9 @@ class _Scanner:
                 continue
             self.folder(entry.name, entry.path)
         self.held(holders)
+        return self.usage()
+
+    def usage(self) -> Usage:
         return Usage(
             instances_path=Path(self.root),
             instances=self.instances,
@@ -406,3 +409,10 @@ def scan(instances_path: Path, holders: Holders | None = None) -> Usage:
     processes); their disks' chains are read here too.
     """
     return _Scanner(instances_path).run(holders or Holders())
+
+
+def scan_holders(holders: Holders) -> Usage:
+    """Only the uses found outside the instance folders: held files and domain disks' chains."""
+    scanner = _Scanner(Path())
+    scanner.held(holders)
+    return scanner.usage()

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from cowfleet.cli.common import add_command, add_instances_path, print_json, print_table
+from cowfleet.cli.common import (
+    add_command,
+    add_group,
+    add_instances_path,
+    add_setting,
+    print_json,
+    print_table,
+)
 from cowfleet.config import Config
 from cowfleet.units import human_bytes
 
@@ -22,19 +29,8 @@ VERIFY_FAILED_EXIT = 7  # same as IntegrityError
 def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
     add_instances_path(p)
     if remote:
-        p.add_argument(
-            "--image-url",
-            dest="image_url",
-            metavar="URL",
-            help="image service endpoint (env COWFLEET_IMAGE_URL)",
-        )
-        p.add_argument(
-            "--token-file",
-            dest="image_token_file",
-            type=Path,
-            metavar="FILE",
-            help="file holding the image service token",
-        )
+        add_setting(p, "image_url")
+        add_setting(p, "image_token_file")
 
 
 def _cache(cfg: Config) -> ImageCache:
@@ -65,6 +61,42 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _age(ts: float | None, now: float) -> str:
+    """``40 s ago``, ``5 min ago``, ``3 h ago``, ``12 d ago`` (``-``: never)."""
+    if ts is None:
+        return "-"
+    age = max(0.0, now - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if age >= size:
+            return f"{int(age // size)} {unit} ago"
+    return f"{int(age)} s ago"
+
+
+# How the first word of an in_use_by source is counted in the short table.
+_SOURCE_KINDS = {"disk": "disk", "libvirt": "domain", "process": "process"}
+
+
+def in_use_summary(sources: Sequence[str]) -> str:
+    """``10 disks, 2 domains, pin``: the sources of use counted by kind (``-``: none)."""
+    counts: dict[str, int] = {}
+    pinned = False
+    for source in sources:
+        word = source.split(" ", 1)[0]
+        if word == "pin":
+            pinned = True
+            continue
+        kind = _SOURCE_KINDS.get(word, word)
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = [f"{n} {_plural(kind, n)}" for kind, n in counts.items()]
+    return ", ".join([*parts, *(["pin"] if pinned else [])]) or "-"
+
+
+def _plural(word: str, n: int) -> str:
+    if n == 1:
+        return word
+    return word + ("es" if word.endswith("s") else "s")
+
+
 def _gib(n: int | None) -> str:
     return "-" if n is None else human_bytes(n)
 
@@ -80,37 +112,44 @@ def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
         print(f"cowfleet: warning: in-use check incomplete: {p.path}: {p.reason}", file=sys.stderr)
     entries = list_entries(layout, holders=holders)
     if args.output == "json":
-        print_json(entries)
+        print_json(entries)  # every field, the full lists of users
         return 0
-    rows = [
-        (
-            e.image_id or "-",
-            e.image_name or "-",
-            e.format or "-",
-            e.kind,
-            _gib(e.allocated),
-            _gib(e.virtual_size),
-            "; ".join(e.in_use_by) or "-",
-            _when(e.last_used),
-            e.state,
-            e.name,
-        )
-        for e in entries
-    ]
+    if args.long:
+        rows = [
+            (
+                e.image_id or "-",
+                e.image_name or "-",
+                e.format or "-",
+                e.kind,
+                _gib(e.allocated),
+                _gib(e.virtual_size),
+                "; ".join(e.in_use_by) or "-",
+                _when(e.last_used),
+                e.state,
+                e.name,
+            )
+            for e in entries
+        ]
+        headers = ("Image ID", "Name", "Format", "Kind", "Allocated", "Virtual", "In use by")
+        print_table((*headers, "Last used", "State", "File"), rows)
+        return 0
+    # Fits TABLE_WIDTH: uses counted by source, long names cut, ages instead of dates.
+    now = time.time()
     print_table(
-        (
-            "Image ID",
-            "Name",
-            "Format",
-            "Kind",
-            "Allocated",
-            "Virtual",
-            "In use by",
-            "Last used",
-            "State",
-            "File",
-        ),
-        rows,
+        ("Image ID", "Name", "Kind", "Allocated", "In use by", "Last used", "State"),
+        [
+            (
+                e.image_id or "-",
+                e.image_name or "-",
+                e.kind,
+                _gib(e.allocated),
+                in_use_summary(e.in_use_by),
+                _age(e.last_used, now),
+                e.state,
+            )
+            for e in entries
+        ],
+        shrink=1,
     )
     return 0
 
@@ -223,9 +262,16 @@ def _action(action: str, done: bool, dry_run: bool) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("cache", help="the node image cache (_base)")
-    csub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    csub = add_group(sub, "cache")
+    csub.required = True
     lp = add_command(csub, "list", cmd_list, "list cached bases, partial downloads and users")
+    lp.add_argument(
+        "--long",
+        "-l",
+        action="store_true",
+        help="every column: format, virtual size, each user's instance folder, the file name "
+        "(wide; --output json has the same)",
+    )
     _common(lp, remote=False)
     fp = add_command(csub, "fetch", cmd_fetch, "fetch an image into the cache (pre-cache)")
     fp.add_argument("image", metavar="IMAGE", help="image id or unique name")
@@ -248,6 +294,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--min-age",
         type=_seconds,
         metavar="SECONDS",
-        help="remove unused bases after this many seconds (default: max_unused_age; 0: any)",
+        help="remove unused bases after this many seconds "
+        "(in seconds; default: the max_unused_age setting; 0: any)",
     )
     _common(cp, remote=False)

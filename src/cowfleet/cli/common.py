@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cowfleet import config as config_mod
+from cowfleet import settings_table
 from cowfleet.config import Config
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -34,33 +35,108 @@ class Parser(argparse.ArgumentParser):
         return action
 
 
+# Options every parser takes (root, group and command), so they may come before or after
+# the group: ``cowfleet -v cache list``, ``cowfleet cache -v list``, ``cowfleet cache list -v``.
+# Their defaults are SUPPRESS so a parser that does not see one leaves the value an
+# earlier one set; the latest given wins. :func:`fill_common_defaults` fills the rest.
+COMMON_DEFAULTS: dict[str, Any] = {"config": None, "home": None, "verbose": 0, "output": "human"}
+OUTPUT_CHOICES = ("human", "json")
+
+
 def common_parent(*, output: bool = True) -> argparse.ArgumentParser:
-    """Options every command takes: ``--config``, ``--home``, ``--output`` (if it prints)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("common options")
-    g.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
-    g.add_argument("--home", type=Path, metavar="DIR", help="root of all state (env COWFLEET_HOME)")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    """The common options: ``--config``, ``--home``, ``-v``, ``--output`` (if it prints)."""
+    p = Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    g = p.add_argument_group("common options (before or after the group and command)")
+    g.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (env COWFLEET_CONFIG)",
+    )
+    add_setting(g, "home")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        help="more logging: -v info, -vv debug (default: warnings)",
+    )
     if output:
         g.add_argument(
             "--output",
             "-o",
-            choices=("human", "json"),
-            default="human",
-            help="output format (default: human)",
+            choices=OUTPUT_CHOICES,
+            help="output format, one of human, json (default: human)",
         )
     return p
 
 
+def fill_common_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Give the common options their defaults where no parser set them."""
+    for name, value in COMMON_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def add_setting(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *, extra: str = ""
+) -> argparse.Action:
+    """The option for setting ``name``: its flags, type, choices and help from its row.
+
+    The option's ``dest`` is the setting's name, so :func:`build_config` passes it
+    on as a flag (and an error names the flag typed).
+    """
+    row = settings_table.BY_NAME[name]
+    if not row.flags:
+        raise ValueError(f"setting {name} has no command-line flag in its row")
+    kw: dict[str, Any] = {"dest": row.name, "help": settings_table.flag_help(row, extra)}
+    if row.kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif row.choices:
+        kw["choices"] = row.choices
+    else:
+        kw["metavar"] = row.metavar or row.name.upper()
+    if row.kind in (int, float, Path):
+        kw["type"] = row.kind
+    return p.add_argument(*row.flags, **kw)
+
+
 def add_instances_path(p: argparse.ArgumentParser) -> None:
     """``--instances-path DIR`` (the ``instances_path`` setting)."""
-    p.add_argument(
-        "--instances-path",
-        dest="instances_path",
-        type=Path,
-        metavar="DIR",
-        help="instances path: instance folders, _base/ and locks/ (env COWFLEET_INSTANCES_PATH)",
-    )
+    add_setting(p, "instances_path")
+
+
+# The one-line help of each top-level group (``cowfleet --help`` lists them whether or
+# not their module is imported). A group with no entry is a hidden alias.
+GROUP_HELP: dict[str, str] = {
+    "disk": "inspect disks, check image safety, create overlays",
+    "image": "manage images in the image service (Glance v2 API; embedded or real Glance)",
+    "serve": "server processes: the image service (serve images)",
+    "cache": "the node image cache (_base)",
+    "server": "instances: create, list, disks, start, stop, delete",
+    "flavor": "instance sizes",
+    "node": "the long-running node process (cache manager)",
+    "demo": "start an image service, upload a test guest, boot 3 instances on each of 2 "
+    "nodes and narrate what happens (cleans up unless --keep)",
+}
+
+
+def add_group(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """A command group (``cowfleet cache ...``) taking the common options; its sub-commands.
+
+    Its help is ``GROUP_HELP[name]``; a name not there is a hidden group: it works but
+    ``--help`` does not list it.
+    """
+    help_text = GROUP_HELP.get(name)
+    kw: dict[str, Any] = {"parents": [common_parent()]}
+    if help_text is not None:
+        kw.update(help=help_text, description=help_text)
+    group: argparse.ArgumentParser = sub.add_parser(name, **kw)
+    group.set_defaults(help_parser=group)  # `cowfleet cache` alone prints the group's help
+    return group.add_subparsers(dest="command", metavar="COMMAND")
 
 
 def add_command(
@@ -115,14 +191,36 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A plain table in the spirit of ``virsh list`` (stable, greppable, no colour)."""
-    rows = [["" if c is None else str(c) for c in r] for r in rows]
+TABLE_WIDTH = 120  # the widest line a default table should print (a terminal, a log line)
+_GAP = 3  # spaces between two columns
+
+
+def print_table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    shrink: int | None = None,
+    width: int = TABLE_WIDTH,
+) -> None:
+    """A plain table in the spirit of ``virsh list`` (stable, greppable, no colour).
+
+    ``shrink``: the index of a column (a name, say) whose cells are cut (ending ``...``)
+    so that the lines fit ``width``, if the other columns leave it room.
+    """
+    cells = [["" if c is None else str(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
-    for r in rows:
+    for r in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    if shrink is not None:
+        total = 2 + sum(widths) + _GAP * (len(widths) - 1)  # the rule under the headers
+        room = max(len(headers[shrink]), 8, widths[shrink] - (total - width))
+        if widths[shrink] > room:
+            for r in cells:
+                if len(r[shrink]) > room:
+                    r[shrink] = r[shrink][: room - 3] + "..."
+            widths[shrink] = room
     line = " " + "   ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line.rstrip())
     print("-" * (sum(widths) + 3 * (len(widths) - 1) + 2))
-    for r in rows:
+    for r in cells:
         print((" " + "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip())

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cowfleet.cli.common import add_command
-from cowfleet.config import Config
+from cowfleet.cli.common import GROUP_HELP, add_command, add_setting
+from cowfleet.config import DRIVERS, Config
 
 
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
@@ -25,21 +25,18 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    text = (
-        "start an image service, upload a test guest, boot 3 instances on each of 2 "
-        "nodes and narrate what happens (cleans up unless --keep)"
-    )
-    p = add_command(sub, "demo", _demo, text, output=False)
+    p = add_command(sub, "demo", _demo, GROUP_HELP["demo"], output=False)
     p.add_argument(
         "--keep", action="store_true", help="leave everything running and print how to remove it"
     )
     p.add_argument(
         "--driver",
         dest="demo_driver",
-        choices=("libvirt", "none"),
-        help="libvirt (fail if unavailable) or none (disks only); default: libvirt when it answers",
+        choices=DRIVERS,
+        help="one of libvirt (fail if unavailable), none (disks only); "
+        "default: libvirt when it answers",
     )
-    p.add_argument("--libvirt-uri", metavar="URI", help="default qemu:///system")
+    add_setting(p, "libvirt_uri")
     p.add_argument(
         "--guest-cache",
         type=Path,

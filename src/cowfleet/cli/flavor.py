@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.cli.common import add_command, add_group, print_json, print_table
 from cowfleet.compute.flavors import all_flavors
 from cowfleet.config import Config
 
@@ -22,6 +22,6 @@ def _list(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("flavor", help="instance sizes")
-    fsub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fsub = add_group(sub, "flavor")
+    fsub.required = True
     add_command(fsub, "list", _list, "list flavors (built-in m1.* and those in the config file)")

@@ -14,9 +14,10 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any
 
-from cowfleet.cli.common import add_command, print_json, print_table
+from cowfleet.cli.common import add_command, add_group, add_setting, print_json, print_table
 from cowfleet.config import Config
-from cowfleet.errors import LocalIOError, UsageError
+from cowfleet.errors import LocalIOError, MissingFileError, UsageError
+from cowfleet.images.vocabulary import CONTAINER_FORMATS, DISK_FORMATS, STATUSES, VISIBILITIES
 
 # Imported lazily by handlers' callers in tests: ``client_factory`` can be replaced.
 ClientFactory = Callable[[Config], Any]
@@ -33,8 +34,7 @@ PROGRESS_MIN = 64 * 1024 * 1024  # show a bar for transfers this large even off 
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    group = sub.add_parser("image", help="manage images in the image service (Glance v2 API)")
-    cmds = group.add_subparsers(dest="command", metavar="COMMAND")
+    cmds = add_group(sub, "image")
 
     p = add_command(cmds, "create", _create, "create an image record (status queued)")
     _endpoint_opts(p)
@@ -49,29 +49,47 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = add_command(cmds, "list", _list, "list images")
     _endpoint_opts(p)
-    p.add_argument("--name")
-    p.add_argument("--status")
-    p.add_argument("--disk-format")
-    p.add_argument("--visibility")
+    p.add_argument("--name", help="only images with this name")
+    p.add_argument("--status", help=f"only images in this status: {_one_of(STATUSES)}")
+    p.add_argument("--disk-format", help=f"only images of this format: {_one_of(DISK_FORMATS)}")
+    p.add_argument("--visibility", help=f"only images so visible: {_one_of(VISIBILITIES)}")
 
     p = add_command(cmds, "show", _show, "show one image")
     _endpoint_opts(p)
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE", help="image id or unique name")
 
     p = add_command(cmds, "download", _download, "download an image's data (verified)")
     _endpoint_opts(p)
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--file", type=Path, required=True, metavar="PATH", dest="dest")
+    p.add_argument("image", metavar="IMAGE", help="image id or unique name")
+    p.add_argument(
+        "--file",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        dest="dest",
+        help="where to write the data (a new or regular file; written whole, then renamed)",
+    )
 
     p = add_command(cmds, "set", _set, "change an image's name or properties")
     _endpoint_opts(p)
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--name")
-    p.add_argument("--min-disk", type=int)
-    p.add_argument("--min-ram", type=int)
-    p.add_argument("--visibility")
-    p.add_argument("--property", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--remove-property", action="append", default=[], metavar="KEY")
+    p.add_argument("image", metavar="IMAGE", help="image id or unique name")
+    p.add_argument("--name", help="new name")
+    _size_opts(p)
+    p.add_argument("--visibility", help=f"who sees the image: {_one_of(VISIBILITIES)}")
+    p.add_argument(
+        "--property",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a free-form property (repeatable)",
+    )
+    p.add_argument(
+        "--remove-property",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="remove a free-form property (repeatable)",
+    )
 
     p = add_command(cmds, "delete", _delete, "delete images", output=False)
     _endpoint_opts(p)
@@ -80,33 +98,50 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _endpoint_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image service")
-    g.add_argument(
-        "--image-url",
-        dest="image_url",
-        metavar="URL",
-        help="image service endpoint (env COWFLEET_IMAGE_URL)",
+    add_setting(g, "image_url")
+    add_setting(g, "image_token_file", extra="(env COWFLEET_IMAGE_TOKEN: the token itself)")
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(values)
+
+
+def _size_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-disk",
+        type=int,
+        metavar="GIB",
+        help="smallest root disk the image boots from (in GiB; Glance's min_disk)",
     )
-    g.add_argument(
-        "--token-file",
-        dest="image_token_file",
-        type=Path,
-        metavar="FILE",
-        help="file holding the X-Auth-Token (env COWFLEET_IMAGE_TOKEN for the token)",
+    p.add_argument(
+        "--min-ram",
+        type=int,
+        metavar="MIB",
+        help="least memory the image boots with (in MiB; Glance's min_ram)",
     )
 
 
 def _meta_opts(p: argparse.ArgumentParser, *, create: bool) -> None:
-    p.add_argument("--name", required=create)
+    p.add_argument("--name", required=create, help="image name")
     p.add_argument(
         "--disk-format",
         required=create,
-        help="raw, qcow2, vmdk, vhd, vhdx, vdi, iso, aki, ari, ami",
+        help=f"the image data's format: {_one_of(DISK_FORMATS)}",
     )
-    p.add_argument("--container-format", default="bare")
-    p.add_argument("--property", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--min-disk", type=int)
-    p.add_argument("--min-ram", type=int)
-    p.add_argument("--visibility")
+    p.add_argument(
+        "--container-format",
+        default="bare",
+        help=f"container format: {_one_of(CONTAINER_FORMATS)} (default bare)",
+    )
+    p.add_argument(
+        "--property",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a free-form property (repeatable)",
+    )
+    _size_opts(p)
+    p.add_argument("--visibility", help=f"who sees the image: {_one_of(VISIBILITIES)}")
 
 
 def _properties(pairs: list[str]) -> dict[str, str]:
@@ -197,6 +232,8 @@ def _upload(args: argparse.Namespace, cfg: Config) -> int:
         path = Path(args.file)
         try:
             data = path.open("rb")
+        except FileNotFoundError as exc:
+            raise MissingFileError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
         except OSError as exc:
             raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
         label, size = path.name, (path.stat().st_size if path.is_file() else None)

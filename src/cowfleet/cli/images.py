@@ -1,4 +1,4 @@
-"""``cowfleet images serve``: run the embedded Glance v2-compatible image service."""
+"""``cowfleet serve images``: run the embedded Glance v2-compatible image service."""
 
 from __future__ import annotations
 
@@ -8,52 +8,25 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
-from cowfleet.cli.common import add_command
+from cowfleet.cli.common import add_command, add_group, add_setting
 from cowfleet.config import Config
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    group = sub.add_parser("images", help="the embedded image service (server side)")
-    cmds = group.add_subparsers(dest="command", metavar="COMMAND")
-    p = add_command(cmds, "serve", serve, "serve the Glance v2-compatible image API", output=False)
-    p.add_argument(
-        "--host",
-        dest="images_host",
-        metavar="ADDR",
-        help="address to bind (default 127.0.0.1: loopback only)",
-    )
-    p.add_argument(
-        "--port",
-        dest="images_port",
-        type=int,
-        metavar="PORT",
-        help="port to listen on (default 9292)",
-    )
-    p.add_argument(
-        "--data-dir",
-        dest="images_data_dir",
-        type=Path,
-        metavar="DIR",
-        help="where images, staging files, the catalog and the token live",
-    )
-    p.add_argument(
-        "--database",
-        dest="images_database",
-        metavar="URL",
-        help="catalog database URL (default: SQLite in the data dir; "
-        "postgresql+psycopg://user:pw@host/db for PostgreSQL)",
-    )
-    p.add_argument(
-        "--token-file",
-        dest="image_token_file",
-        type=Path,
-        metavar="FILE",
-        help="file holding the X-Auth-Token (created 0600 when missing; default: <data dir>/token)",
-    )
+    """The old spelling ``cowfleet images serve``: a hidden alias of ``serve images``."""
+    cmds = add_group(sub, "images")
+    add_serve_images(cmds, "serve")
+
+
+def add_serve_images(cmds: argparse._SubParsersAction, name: str) -> None:  # type: ignore[type-arg]
+    """The command that runs the image service, named ``name`` in the group ``cmds``."""
+    p = add_command(cmds, name, serve, "serve the Glance v2-compatible image API", output=False)
+    for setting in ("images_host", "images_port", "images_data_dir", "images_database"):
+        add_setting(p, setting)
+    add_setting(p, "image_token_file")
 
 
 def serve(args: argparse.Namespace, cfg: Config) -> int:

@@ -1,8 +1,10 @@
-"""Entry point: ``cowfleet <group> <command> ...``.
+"""Entry point: ``cowfleet [common options] <group> <command> ...``.
 
-The CLI is thin: each group module (disk, image, images, cache, server) registers
-its commands; handlers call the library and render. Errors from the one
-exception tree map to documented exit codes (``docs/exit-codes.md``).
+The CLI is thin: each group module (disk, image, cache, server, serve ...)
+registers its commands; handlers call the library and render. The common
+options (``--config``, ``--home``, ``-v``, ``--output``) are taken before or
+after the group and the command. Errors from the one exception tree map to
+documented exit codes (``docs/exit-codes.md``).
 """
 
 from __future__ import annotations
@@ -14,21 +16,29 @@ import sys
 from collections.abc import Sequence
 
 from cowfleet import __version__
-from cowfleet.cli.common import Parser, build_config
+from cowfleet.cli.common import (
+    GROUP_HELP,
+    Parser,
+    build_config,
+    common_parent,
+    fill_common_defaults,
+)
 from cowfleet.errors import CowfleetError
 
 log = logging.getLogger("cowfleet")
 
-# group name -> (module providing ``register(subparsers)``, one-line help)
-GROUPS: dict[str, tuple[str, str]] = {
-    "disk": ("cowfleet.cli.disk", "inspect disks, check image safety, create overlays"),
-    "image": ("cowfleet.cli.image", "images in the image service (embedded or Glance)"),
-    "images": ("cowfleet.cli.images", "the embedded image service (server side)"),
-    "cache": ("cowfleet.cli.cache", "the node image cache (_base)"),
-    "server": ("cowfleet.cli.server", "instances: create, list, disks, start, stop, delete"),
-    "flavor": ("cowfleet.cli.flavor", "instance sizes"),
-    "node": ("cowfleet.cli.node", "the long-running node process (cache manager)"),
-    "demo": ("cowfleet.cli.demo", "a narrated tour: image service, 2 nodes, 6 instances"),
+# group name -> module providing ``register(subparsers)``, in --help order (the one-line
+# help of each is GROUP_HELP's; a group without one is a hidden alias)
+GROUPS: dict[str, str] = {
+    "disk": "cowfleet.cli.disk",
+    "image": "cowfleet.cli.image",
+    "serve": "cowfleet.cli.serve",
+    "images": "cowfleet.cli.images",  # hidden: `images serve`, the old `serve images`
+    "cache": "cowfleet.cli.cache",
+    "server": "cowfleet.cli.server",
+    "flavor": "cowfleet.cli.flavor",
+    "node": "cowfleet.cli.node",
+    "demo": "cowfleet.cli.demo",
 }
 
 
@@ -53,16 +63,37 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="cowfleet",
         description="Copy-on-write VM disks on a per-node image cache.",
+        parents=[common_parent()],
     )
     parser.add_argument("--version", action="version", version=f"cowfleet {__version__}")
     sub = parser.add_subparsers(dest="group", metavar="GROUP")
-    first = next((a for a in argv or () if not a.startswith("-")), None)
-    for name, (modname, help_text) in GROUPS.items():
+    first = group_in(argv or ())
+    for name, modname in GROUPS.items():
+        help_text = GROUP_HELP.get(name)
         if first is None or first not in GROUPS or name == first:
             _register(sub, modname)
-        else:
+        elif help_text is not None:
             sub.add_parser(name, help=help_text)  # listed in --help, not imported
+        else:
+            sub.add_parser(name)  # a hidden alias: not listed
     return parser
+
+
+# Common options that take a value (the next word is not the group).
+_VALUED = frozenset({"--config", "--home", "--output", "-o"})
+
+
+def group_in(argv: Sequence[str]) -> str | None:
+    """The group ``argv`` names, past any common options before it (``-v --home DIR cache``)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def _setup_logging(verbose: int) -> None:
@@ -91,9 +122,9 @@ def dispatch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = fill_common_defaults(parser.parse_args(argv))
     if getattr(args, "handler", None) is None:
-        parser.print_help(sys.stderr)
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
         return 2
     _setup_logging(getattr(args, "verbose", 0))
     return dispatch(args)

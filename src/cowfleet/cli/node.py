@@ -8,7 +8,7 @@ import signal
 import threading
 from types import FrameType
 
-from cowfleet.cli.common import add_command, add_instances_path, print_json
+from cowfleet.cli.common import add_command, add_group, add_instances_path, add_setting, print_json
 from cowfleet.config import Config
 
 log = logging.getLogger(__name__)
@@ -41,20 +41,14 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("node", help="the long-running node process")
-    nsub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    nsub = add_group(sub, "node")
+    nsub.required = True
     rp = add_command(
         nsub,
         "run",
         cmd_run,
         "run cache passes (re-verify, quarantine, clean) every --interval seconds until SIGTERM",
     )
-    rp.add_argument(
-        "--interval",
-        dest="node_interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between passes (env COWFLEET_NODE_INTERVAL; default 600)",
-    )
+    add_setting(rp, "node_interval")
     rp.add_argument("--once", action="store_true", help="run one pass and exit")
     add_instances_path(rp)

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from cowfleet.cli.common import add_command, add_instances_path, print_json, print_table
+from cowfleet.cli.common import (
+    add_command,
+    add_group,
+    add_instances_path,
+    add_setting,
+    print_json,
+    print_table,
+)
 from cowfleet.compute.manager import ServerManager
-from cowfleet.config import DRIVERS, VIRT_TYPES, Config
+from cowfleet.config import Config
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:
     """Options that pick the node's instances path and hypervisor (config overrides)."""
-    p.add_argument("--driver", dest="driver", choices=DRIVERS, help="hypervisor driver")
+    add_setting(p, "driver")
     add_instances_path(p)
-    p.add_argument("--libvirt-uri", dest="libvirt_uri", metavar="URI", help="libvirt URI")
+    add_setting(p, "libvirt_uri")
 
 
 def _create(args: argparse.Namespace, cfg: Config) -> int:
@@ -150,22 +156,16 @@ def _console(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("server", help="instances: create, list, disks, start, stop, delete")
-    ssub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    ssub = add_group(sub, "server")
+    ssub.required = True
 
     c = add_command(ssub, "create", _create, "create (and boot) a server from an image")
     c.add_argument("--image", required=True, metavar="IMAGE", help="image name or id")
     c.add_argument("--flavor", required=True, metavar="FLAVOR", help="flavor name (m1.tiny ...)")
     _node_options(c)
-    c.add_argument("--virt-type", dest="virt_type", choices=VIRT_TYPES, help="domain type")
-    c.add_argument("--image-url", dest="image_url", metavar="URL", help="image service URL")
-    c.add_argument(
-        "--token-file",
-        dest="image_token_file",
-        type=Path,
-        metavar="FILE",
-        help="image service token file",
-    )
+    add_setting(c, "virt_type")
+    add_setting(c, "image_url")
+    add_setting(c, "image_token_file")
     c.add_argument("--no-start", action="store_true", help="define the domain, do not start it")
     c.add_argument("name", metavar="NAME", help="server name (1-63 of A-Z a-z 0-9 . _ -)")
 
@@ -190,7 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=float,
         default=60.0,
         metavar="S",
-        help="seconds to wait for the guest before powering off (default 60)",
+        help="time to wait for the guest before powering off (in seconds; default 60)",
     )
     st.add_argument("server", metavar="NAME|UUID")
 

@@ -1,4 +1,4 @@
-"""The image service as a background ``cowfleet images serve`` process.
+"""The image service as a background ``cowfleet serve images`` process.
 
 A long-running child cannot go through :func:`cowfleet.proc.run` (which waits
 for its child); this module is the one place the demo starts a process it does
@@ -48,7 +48,7 @@ def pick_port(preferred: int = PREFERRED_PORT, host: str = "127.0.0.1") -> int:
 
 
 class ImageService:
-    """``cowfleet images serve --config FILE`` running in the background."""
+    """``cowfleet serve images --config FILE`` running in the background."""
 
     def __init__(self, config_file: Path, url: str, log_file: Path, env: dict[str, str]) -> None:
         self.config_file = config_file
@@ -59,7 +59,7 @@ class ImageService:
 
     @property
     def argv(self) -> list[str]:
-        return ["cowfleet", "images", "serve", "--config", str(self.config_file)]
+        return ["cowfleet", "serve", "images", "--config", str(self.config_file)]
 
     @property
     def pid(self) -> int | None:

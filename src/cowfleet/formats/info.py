@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cowfleet.errors import ImageFormatError, LocalIOError, NotFoundError
+from cowfleet.errors import ImageFormatError, LocalIOError, MissingFileError
 from cowfleet.formats.inspection import Inspection, Qcow2Header, qemu_format_name
 from cowfleet.formats.inspector import inspect_path
 
@@ -176,7 +176,7 @@ def disk_info(
     try:
         st = os.stat(p)
     except FileNotFoundError:
-        raise NotFoundError(f"image not found: {filename}", path=filename) from None
+        raise MissingFileError(f"image not found: {filename}", path=filename) from None
     except (OSError, ValueError) as exc:
         raise LocalIOError(f"cannot read {filename}: {exc}", path=filename) from exc
     actual_size = st.st_blocks * 512
@@ -298,7 +298,7 @@ def backing_chain(path: Path | str, *, inspect: Inspect | None = None) -> list[D
     """Every layer from ``path`` down to the bottom, like ``qemu-img info --backing-chain``.
 
     Lower layers are read as their child's recorded backing format (never probed).
-    Raises :class:`NotFoundError` for a missing backing file and
+    Raises :class:`MissingFileError` for a missing backing file and
     :class:`ImageFormatError` for a loop, an unrecorded backing format, or a
     protocol-style backing name (``json:``, ``nbd:``...).
     """
@@ -322,7 +322,7 @@ def backing_chain(path: Path | str, *, inspect: Inspect | None = None) -> list[D
         try:
             ident = _identity(name)
         except FileNotFoundError:
-            raise NotFoundError(
+            raise MissingFileError(
                 f"backing file {name} of {child.filename} not found", path=name
             ) from None
         except (OSError, ValueError) as exc:

@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 
 from cowfleet import safeopen
-from cowfleet.errors import LocalIOError, UsageError
+from cowfleet.errors import LocalIOError, MissingFileError, UsageError
 from cowfleet.formats import probes
 from cowfleet.formats.inspection import Finding, Inspection
 from cowfleet.formats.probes import HEAD_SIZE, TAIL_SIZE, Probe, Request, View
@@ -237,6 +237,8 @@ def inspect_path(path: Path, *, strict: bool = True) -> Inspection:
     else:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError as exc:
+            raise MissingFileError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
         except OSError as exc:
             raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
     try:

@@ -32,7 +32,7 @@ from cowfleet.config import DEFAULT_MAX_VIRTUAL_SIZE
 from cowfleet.errors import (
     ConflictError,
     LocalIOError,
-    NotFoundError,
+    MissingFileError,
     StorageFullError,
     UsageError,
     ValidationError,
@@ -281,7 +281,7 @@ def create_overlay(
     try:
         st = os.stat(backing_s)
     except FileNotFoundError:
-        raise NotFoundError(f"backing file not found: {backing_s}", path=backing_s) from None
+        raise MissingFileError(f"backing file not found: {backing_s}", path=backing_s) from None
     except (OSError, ValueError) as exc:
         raise LocalIOError(f"cannot stat backing file {backing_s}: {exc}") from exc
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):

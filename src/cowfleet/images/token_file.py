@@ -1,4 +1,4 @@
-"""Reading the image service token file, shared by ``images serve`` and the client.
+"""Reading the image service token file, shared by ``serve images`` and the client.
 
 The token is the only credential of the service, so a token file that others may read
 (or replace) is refused with a :class:`~cowfleet.errors.ConfigError` (exit 2) naming
@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_FILE = 4096
 
 
-def read_token_file(path: Path, *, allow_insecure: bool = False) -> str:
+def read_token_file(
+    path: Path, *, allow_insecure: bool = False, limit: int = MAX_TOKEN_FILE
+) -> str:
     """The stripped text of ``path`` after the permission check (may be empty).
+
+    ``limit`` is the largest file accepted, in bytes.
 
     FileNotFoundError propagates (callers decide what a missing file means).
     """
@@ -53,15 +57,15 @@ def read_token_file(path: Path, *, allow_insecure: bool = False) -> str:
                 )
             log.warning("token file %s %s; accepted (allow_insecure_token_file)", path, problem)
         try:
-            raw = os.read(fd, MAX_TOKEN_FILE + 1)
+            raw = os.read(fd, limit + 1)
         except OSError as exc:
             raise LocalIOError(
                 f"cannot read token file {path}: {exc.strerror}", path=str(path)
             ) from exc
     finally:
         os.close(fd)
-    if len(raw) > MAX_TOKEN_FILE:
-        raise ConfigError(f"token file {path} is larger than {MAX_TOKEN_FILE} bytes")
+    if len(raw) > limit:
+        raise ConfigError(f"token file {path} is larger than {limit} bytes")
     try:
         return raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:

@@ -15,12 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cowfleet.formats.inspection import GLANCE_DISK_FORMATS
 from cowfleet.images.server.errors import bad_request, forbidden
+from cowfleet.images.vocabulary import CONTAINER_FORMATS, DISK_FORMATS, VISIBILITIES
 
-DISK_FORMATS = tuple(GLANCE_DISK_FORMATS)
-CONTAINER_FORMATS = ("bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compressed")
-VISIBILITIES = ("public", "private", "shared", "community")
 MAX_NAME = 255
 MAX_PROPERTY_VALUE = 65535
 MAX_INT = 2**31 - 1  # min_disk / min_ram (GiB / MiB): an int32 column, like Glance
