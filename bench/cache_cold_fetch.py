@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
 
+CPU: list[float] = []  # CPU seconds (user + sys) of each child, in order
+
 
 def child_rss_wrapper(argv: list[str]) -> tuple[float, int, str]:
     t0 = time.perf_counter()
@@ -45,6 +47,7 @@ def child_rss_wrapper(argv: list[str]) -> tuple[float, int, str]:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:6])} failed: {err.decode()[-2000:]}")
+    CPU.append(usage.ru_utime + usage.ru_stime)
     return elapsed, usage.ru_maxrss * 1024, out.decode()
 
 
@@ -109,18 +112,21 @@ def main() -> int:
             print(f"image {args.size_mib} MiB, {load()}, cores {os.cpu_count()}")
             res: dict[str, list[float]] = {"curl": [], "digest": [], "nova": [], "cowfleet": []}
             rss: list[int] = []
+            cpu: dict[str, list[float]] = {k: [] for k in res}
             for i in range(args.runs):
                 dest = wd / f"curl-{i}"
                 t, _, _ = child_rss_wrapper(
                     ["curl", "-sS", "-f", "-o", str(dest), "-H", f"X-Auth-Token: {svc.token}", url]
                 )
                 res["curl"].append(t)
+                cpu["curl"].append(CPU[-1])
                 assert dest.stat().st_size == size
                 t, _, out = child_rss_wrapper(
                     [sys.executable, "-c", DIGEST_ALONE, str(dest), "sha512"]
                 )
                 assert out.strip() == expect
                 res["digest"].append(t)
+                cpu["digest"].append(CPU[-1])
                 dest.unlink()
 
                 dest = wd / f"nova-{i}"
@@ -129,6 +135,7 @@ def main() -> int:
                 )
                 assert out.strip() == expect
                 res["nova"].append(t)
+                cpu["nova"].append(CPU[-1])
                 dest.unlink()
 
                 inst = wd / f"inst-{i}"
@@ -136,13 +143,18 @@ def main() -> int:
                 answer = json.loads(out)
                 assert answer["fetched"] and answer["size"] == size
                 res["cowfleet"].append(t)
+                cpu["cowfleet"].append(CPU[-1])
                 rss.append(peak)
                 shutil.rmtree(inst)
             best = {k: min(v) for k, v in res.items()}
             for k, v in res.items():
                 mbps = size / best[k] / MiB
                 runs = " ".join(f"{x:.2f}" for x in v)
-                print(f"{k:9s} best {best[k]:6.2f} s  {mbps:7.0f} MiB/s   runs: {runs}")
+                cpus = " ".join(f"{x:.2f}" for x in cpu[k])
+                print(
+                    f"{k:9s} best {best[k]:6.2f} s  {mbps:7.0f} MiB/s   runs: {runs}"
+                    f"   client CPU s: {cpus}"
+                )
             floor = max(best["curl"], best["digest"])
             print(
                 f"cowfleet time / max(curl, digest) = {best['cowfleet'] / floor:.2f}x"
