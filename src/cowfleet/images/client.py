@@ -129,15 +129,16 @@ class ImageClient:
         headers = {"Accept": "application/json", "User-Agent": "cowfleet-image-client"}
         if token:
             headers["X-Auth-Token"] = token
-        # One TLS setup for the API and the data plane.
-        tls = ssl.create_default_context()
+        # One TLS setup (httpx's: its CA bundle, SSL_CERT_FILE) for the API and the data plane.
+        tls = httpx.create_ssl_context()
         try:
             self._http = self._new_http(endpoint, headers, tls, transport)
-            if transport is None and not _proxied(endpoint):
-                transport = DataTransport(ssl_context=tls)
             # Image bodies: the data-plane transport, unless the caller gave a transport
             # (honoured for everything) or a proxy applies (httpx's own proxy support).
-            self._data = self._new_http(endpoint, headers, tls, transport)
+            self.data_transport: httpx.BaseTransport | None = transport
+            if transport is None and not _proxied(endpoint):
+                self.data_transport = DataTransport(ssl_context=tls)
+            self._data = self._new_http(endpoint, headers, tls, self.data_transport)
         except (httpx.HTTPError, ValueError) as exc:
             raise UsageError(f"invalid image service URL {endpoint!r}: {exc}") from exc
 
