@@ -212,3 +212,38 @@ def test_create_refuses_a_planted_symlink(tmp_path: Path) -> None:
     with pytest.raises(LocalIOError, match="symlink"):
         _sink(tmp_path)
     assert victim.read_text() == "keep"
+
+
+class PieceCheck:
+    """A verifier that checks each piece as it lands (as a hash tree does)."""
+
+    name = "pieces"
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        if bytes(chunk) != self.data[self.at : self.at + len(chunk)]:
+            raise IntegrityError(f"bad piece at {self.at}")
+        self.at += len(chunk)
+
+    def verify(self) -> None:
+        if self.at != len(self.data):
+            raise IntegrityError("short")
+
+
+def test_kept_bytes_a_piecewise_verifier_refuses_are_fetched_again(tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB)
+    (tmp_path / "x.part").write_bytes(data[:1000] + os.urandom(MiB))
+    source = Source(data)
+    done = _run(tmp_path, source, Want(ID, len(data), lambda: PieceCheck(data)))
+    assert source.asked == [0] and done.restarts == 1 and done.verified_with == "pieces"
+    assert (tmp_path / "x.part").read_bytes() == data
+
+
+def test_a_bad_piece_from_the_source_fails_the_fetch(tmp_path: Path) -> None:
+    data = os.urandom(MiB)
+    bad = data[:500_000] + b"x" + data[500_001:]
+    with pytest.raises(IntegrityError, match="bad piece"):
+        _run(tmp_path, Source(bad), Want(ID, len(data), lambda: PieceCheck(data)))

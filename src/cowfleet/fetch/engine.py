@@ -212,7 +212,14 @@ class _Run:
             data = self.sink.read_kept(self.offset, min(CHUNK_SIZE * 2, kept - self.offset))
             if not data:
                 break
-            self.verifier.update(data)
+            try:
+                self.verifier.update(data)
+            except IntegrityError as exc:  # a verifier that checks pieces (a hash tree)
+                log.warning(
+                    "%s: kept bytes do not verify (%s); starting over", self.sink.display, exc
+                )
+                self.restart()
+                return 0
             inspector = self.writer.inspector
             if inspector is not None:
                 inspector.feed(data)
