@@ -145,6 +145,7 @@ class Config:
     images_header_timeout: float = default("images_header_timeout")
     images_orphan_grace: float = default("images_orphan_grace")
     images_allow_insecure_token_file: bool = default("images_allow_insecure_token_file")
+    images_tokens_file: Path | None = None  # unset: see its row
     # node cache
     force_raw: bool = default("force_raw")
     fetch_concurrency: int = default("fetch_concurrency")

@@ -271,6 +271,11 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("images_allow_insecure_token_file", bool, False, "images.allow_insecure_token_file",
          "accept a token file that others may read or write (group/other permission bits, or "
          "another owner); refused otherwise (exit 2)"),
+    _row("images_tokens_file", Path, None, "images.tokens_file",
+         "the shared tokens file (`[[token]]` token/project/role): `serve images` accepts its "
+         "tokens instead of the token file's, and image visibility follows each token's "
+         "project (docs/image-service.md)",
+         flags=("--tokens-file",), derived="(none: the single token file)", metavar="FILE"),
     _row("force_raw", bool, False, "cache.force_raw",
          "convert bases to raw after download (Nova's `force_raw_images`)"),
     _row("fetch_concurrency", int, DEFAULT_FETCH_CONCURRENCY, "cache.fetch_concurrency",

@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import text
 
 from cowfleet.errors import ConflictError, NotFoundError, UsageError
-from cowfleet.images.server.catalog import Base, Catalog
+from cowfleet.images.server.access import ListScope
+from cowfleet.images.server.catalog import Base, Catalog, MemberRow
 from tests.conftest import require_env
 
 pytestmark = pytest.mark.integration
@@ -257,5 +258,77 @@ def test_data_survives_reopening(catalog: Catalog) -> None:
             if again.engine.dialect.name == "sqlite":
                 mode = conn.execute(text("PRAGMA journal_mode")).scalar()
                 assert mode == "wal"
+    finally:
+        again.close()
+
+
+def test_members_of_a_shared_image(catalog: Catalog) -> None:
+    iid = make(catalog, "shared", owner="alpha", visibility="shared")
+    assert catalog.membership(iid, "beta") is None
+    first = catalog.add_member(iid, "beta")
+    assert (first.member, first.status) == ("beta", "pending")
+    with pytest.raises(ConflictError):
+        catalog.add_member(iid, "beta")
+    with pytest.raises(NotFoundError):
+        catalog.add_member(new_id(), "beta")
+    catalog.add_member(iid, "gamma")
+    assert [m.member for m in catalog.list_members(iid)] == ["beta", "gamma"]
+    accepted = catalog.set_member_status(iid, "beta", "accepted")
+    assert accepted.status == "accepted" and accepted.updated_at > first.updated_at
+    assert catalog.membership(iid, "beta") == "accepted"
+    catalog.remove_member(iid, "gamma")
+    with pytest.raises(NotFoundError):
+        catalog.remove_member(iid, "gamma")
+    with pytest.raises(NotFoundError):
+        catalog.set_member_status(iid, "gamma", "accepted")
+    catalog.delete(iid)
+    assert catalog.list_members(iid) == []
+
+
+def test_list_scope_follows_projects_and_members(catalog: Catalog) -> None:
+    ids = {
+        v: make(catalog, "scoped", owner="alpha", visibility=v)
+        for v in ("private", "public", "shared", "community")
+    }
+    pending = make(catalog, "scoped", owner="alpha", visibility="shared")
+    catalog.add_member(ids["shared"], "beta")
+    catalog.set_member_status(ids["shared"], "beta", "accepted")
+    catalog.add_member(pending, "beta")
+    own = make(catalog, "scoped", owner="beta", visibility="private")
+
+    def names(scope: ListScope) -> set[str]:
+        page, _ = catalog.list_page(filters={"name": "scoped"}, limit=100, scope=scope)
+        return {r.id for r in page}
+
+    beta = ListScope(everything=False, project="beta")
+    assert names(beta) == {ids["public"], ids["shared"], own}
+    assert names(ListScope(everything=False, project="beta", member_status=None)) == {
+        ids["public"],
+        ids["shared"],
+        pending,
+        own,
+    }
+    assert names(ListScope(everything=False, project="beta", community=True)) == {
+        ids["public"],
+        ids["shared"],
+        ids["community"],
+        own,
+    }
+    assert names(ListScope(everything=False, project="alpha")) == {*ids.values(), pending}
+    assert names(ListScope(everything=True)) == {*ids.values(), pending, own}
+
+
+def test_an_older_catalog_gains_the_members_table(catalog: Catalog) -> None:
+    """A catalog made before image members existed (no ``image_members`` table) is
+    migrated on its next open, its images kept."""
+    iid = make(catalog, "old", owner="alpha", visibility="shared")
+    MemberRow.__table__.drop(catalog.engine)  # type: ignore[attr-defined]
+    url = catalog.engine.url.render_as_string(hide_password=False)
+    catalog.engine.dispose()
+    again = Catalog.open(url)
+    try:
+        assert again.get(iid).name == "old"
+        assert again.add_member(iid, "beta").status == "pending"
+        assert again.membership(iid, "beta") == "pending"
     finally:
         again.close()

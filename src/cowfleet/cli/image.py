@@ -95,6 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _endpoint_opts(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
+    from cowfleet.cli import image_members
+
+    image_members.register(cmds)
+
 
 def _endpoint_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image service")

@@ -27,6 +27,7 @@ def add_serve_images(cmds: argparse._SubParsersAction, name: str) -> None:  # ty
     for setting in ("images_host", "images_port", "images_data_dir", "images_database"):
         add_setting(p, setting)
     add_setting(p, "image_token_file")
+    add_setting(p, "images_tokens_file")
 
 
 def serve(args: argparse.Namespace, cfg: Config) -> int:
@@ -36,11 +37,17 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     from cowfleet.images.server import ServerSettings, create_app
     from cowfleet.images.server.guard import guarded
     from cowfleet.images.server.token import load_or_create_token
+    from cowfleet.tokens import load_tokens
 
-    token = load_or_create_token(
-        cfg.token_file, allow_insecure=cfg.images_allow_insecure_token_file
-    )
-    settings = ServerSettings.from_config(cfg, token)
+    insecure = cfg.images_allow_insecure_token_file
+    if cfg.images_tokens_file is not None:
+        tokens = load_tokens(cfg.images_tokens_file, allow_insecure=insecure)
+        settings = ServerSettings.from_config(cfg, None, tokens)
+        auth = f"tokens file {cfg.images_tokens_file} ({len(tokens.entries)} tokens)"
+    else:
+        token = load_or_create_token(cfg.token_file, allow_insecure=insecure)
+        settings = ServerSettings.from_config(cfg, token)
+        auth = f"token file {cfg.token_file}"
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -63,11 +70,11 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     server = _server_class()(config)
     host = f"[{cfg.images_host}]" if ":" in cfg.images_host else cfg.images_host
     logging.getLogger("cowfleet").warning(
-        "image service on http://%s:%d (data %s, token file %s)",
+        "image service on http://%s:%d (data %s, %s)",
         host,
         cfg.images_port,
         cfg.data_dir,
-        cfg.token_file,
+        auth,
     )
     server.run()
     logging.getLogger("cowfleet").info("image service stopped")

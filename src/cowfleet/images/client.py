@@ -40,7 +40,7 @@ from cowfleet.fetch.engine import Progress
 from cowfleet.fetch.retry import Budget, RetryPolicy
 from cowfleet.images.body import upload_body
 from cowfleet.images.http import raise_for_status, send, transport_error
-from cowfleet.images.models import Image
+from cowfleet.images.models import Image, Member
 from cowfleet.images.token_file import read_token_file
 from cowfleet.images.transport import DataTransport
 
@@ -339,6 +339,38 @@ class ImageClient:
 
     def delete(self, image_id: str) -> None:
         self._request("DELETE", self._path(image_id), f"delete image {image_id}")
+
+    # -- members of shared images (Glance v2) ----------------------------------------
+    def _member_path(self, image_id: str, project: str) -> str:
+        if not project:
+            raise UsageError("empty project id")
+        return self._path(image_id, f"/members/{quote(project, safe='')}")
+
+    def add_member(self, image_id: str, project: str) -> Member:
+        """Share a ``shared`` image with ``project`` (status ``pending``)."""
+        what = f"share image {image_id} with {project}"
+        path = self._path(image_id, "/members")
+        resp = self._request("POST", path, what, json={"member": project})
+        return Member.from_json(self._json(resp, what))
+
+    def list_members(self, image_id: str) -> tuple[Member, ...]:
+        what = f"list members of image {image_id}"
+        data = self._json(self._request("GET", self._path(image_id, "/members"), what), what)
+        members = data.get("members") if isinstance(data, dict) else None
+        if not isinstance(members, list):
+            raise RemoteError(f"{what}: the answer has no members list")
+        return tuple(Member.from_json(m) for m in members)
+
+    def set_member(self, image_id: str, project: str, status: str) -> Member:
+        """Accept, reject (or reset to pending) ``project``'s membership: as that project."""
+        what = f"set {project}'s membership of image {image_id} to {status}"
+        path = self._member_path(image_id, project)
+        resp = self._request("PUT", path, what, json={"status": status})
+        return Member.from_json(self._json(resp, what))
+
+    def remove_member(self, image_id: str, project: str) -> None:
+        what = f"stop sharing image {image_id} with {project}"
+        self._request("DELETE", self._member_path(image_id, project), what)
 
     def open_download(
         self, image_id: str, *, offset: int = 0, buffers: BufferPool | None = None

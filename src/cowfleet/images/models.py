@@ -103,6 +103,34 @@ class Image:
         return out
 
 
+@dataclass(frozen=True)
+class Member:
+    """One project an image is shared with (a Glance v2 image member)."""
+
+    image_id: str
+    member_id: str
+    status: str
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> Member:
+        """Build from a decoded JSON object; a malformed record is a :class:`RemoteError`."""
+        if not isinstance(data, Mapping):
+            raise RemoteError("image service returned a non-object member record")
+        values = {key: _opt_str(data, key) for key in ("image_id", "member_id", "status")}
+        missing = [key for key, value in values.items() if value is None]
+        if missing:
+            raise RemoteError(f"member record without {', '.join(map(repr, missing))}")
+        return cls(
+            image_id=str(values["image_id"]),
+            member_id=str(values["member_id"]),
+            status=str(values["status"]),
+            created_at=_opt_str(data, "created_at") or "",
+            updated_at=_opt_str(data, "updated_at") or "",
+        )
+
+
 def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is None:

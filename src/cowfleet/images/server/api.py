@@ -20,8 +20,18 @@ from starlette.requests import ClientDisconnect
 from cowfleet.errors import NotFoundError, ValidationError
 from cowfleet.formats import policy
 from cowfleet.images.server import schemas
+from cowfleet.images.server.access import (
+    SHARED,
+    Caller,
+    check_change,
+    check_create,
+    check_fields,
+    check_read,
+    list_scope,
+    owner_for_new_image,
+)
 from cowfleet.images.server.body import receive_body
-from cowfleet.images.server.catalog import ACTIVE, FILTER_KEYS, Catalog
+from cowfleet.images.server.catalog import ACTIVE, FILTER_KEYS, Catalog, ImageRecord
 from cowfleet.images.server.download import DescriptorResponse, UseCounts
 from cowfleet.images.server.errors import bad_request
 from cowfleet.images.server.patch import PATCH_MEDIA_TYPES, apply_patch
@@ -66,6 +76,33 @@ def service(request: Request) -> Service:
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await run_in_threadpool(fn, *args, **kwargs)
+
+
+def caller(request: Request) -> Caller:
+    """Who the request speaks for (set by :class:`~.auth.TokenAuth`)."""
+    who: Caller = request.state.caller
+    return who
+
+
+def membership(svc: Service, who: Caller, rec: ImageRecord) -> str | None:
+    """``who``'s member status on ``rec`` where it matters for access (shared images)."""
+    if rec.visibility != SHARED or who.reads_all or who.owns(rec.owner):
+        return None
+    return svc.catalog.membership(rec.id, who.project)
+
+
+def readable(svc: Service, who: Caller, image_id: str) -> ImageRecord:
+    """The image, if ``who`` may read it; 404 otherwise (also when it does not exist)."""
+    rec = svc.catalog.get(image_id)
+    check_read(who, rec.id, rec.owner, rec.visibility, membership(svc, who, rec))
+    return rec
+
+
+def changeable(svc: Service, who: Caller, image_id: str) -> ImageRecord:
+    """The image, if ``who`` may change it; 404 if it cannot read it, else 403."""
+    rec = svc.catalog.get(image_id)
+    check_change(who, rec.id, rec.owner, rec.visibility, membership(svc, who, rec))
+    return rec
 
 
 def image_id_or_404(image_id: str) -> str:
@@ -182,10 +219,13 @@ _CREATE_BODY = {
 )
 async def create_image(request: Request) -> ImageResponse:
     svc = service(request)
+    who = caller(request)
+    check_create(who)
     req = parse_create(await read_json(request, ("application/json",)))
     check_property_quota(len(req.properties), svc.settings.property_quota)
     fields = dict(req.fields)
-    fields.setdefault("owner", svc.settings.owner)
+    check_fields(who, fields)
+    fields["owner"] = owner_for_new_image(who, fields, svc.settings.owner)
     image_id = req.image_id or str(uuid.uuid4())
     rec = await call(
         svc.catalog.create, image_id, fields=fields, properties=req.properties, tags=req.tags
@@ -214,8 +254,10 @@ def list_images(
     container_format: schemas.ContainerFormat | None = None,
     visibility: schemas.Visibility | Literal["all"] | None = None,
     owner: str | None = None,
+    member_status: Literal["accepted", "pending", "rejected", "all"] | None = None,
 ) -> ImageResponse:
     svc = service(request)
+    who = caller(request)
     st = svc.settings
     if limit is None:
         limit = st.default_page_size
@@ -237,9 +279,18 @@ def list_images(
         del filters["visibility"]
     if marker is not None:
         marker = check_uuid(marker)
+        try:
+            readable(svc, who, marker)  # another project's private image is no marker
+        except NotFoundError as exc:
+            raise bad_request(f"marker could not be found: {marker}") from exc
     try:
         page, more = svc.catalog.list_page(
-            filters=filters, sort_key=sort_key, sort_dir=sort_dir, limit=limit, marker=marker
+            filters=filters,
+            sort_key=sort_key,
+            sort_dir=sort_dir,
+            limit=limit,
+            marker=marker,
+            scope=list_scope(who, visibility, member_status),
         )
     except NotFoundError as exc:
         raise bad_request(f"marker could not be found: {marker}") from exc
@@ -261,7 +312,7 @@ def list_images(
     tags=["images"],
 )
 def show_image(request: Request, image_id: str) -> ImageResponse:
-    rec = service(request).catalog.get(image_id_or_404(image_id))
+    rec = readable(service(request), caller(request), image_id_or_404(image_id))
     return ImageResponse(image_json(rec))
 
 
@@ -286,10 +337,12 @@ _PATCH_BODY = {
 )
 async def update_image(request: Request, image_id: str) -> ImageResponse:
     svc = service(request)
+    who = caller(request)
     image_id = image_id_or_404(image_id)
-    rec = await call(svc.catalog.get, image_id)
+    rec = await call(changeable, svc, who, image_id)
     body = await read_json(request, PATCH_MEDIA_TYPES)
-    result = apply_patch(rec, body)
+    result = apply_patch(rec, body, owner_writable=who.is_admin)
+    check_fields(who, result.fields)
     if len(result.properties) > len(rec.properties):
         check_property_quota(len(result.properties), svc.settings.property_quota)
     rec = await call(
@@ -310,7 +363,9 @@ async def update_image(request: Request, image_id: str) -> ImageResponse:
 )
 def delete_image(request: Request, image_id: str) -> Response:
     svc = service(request)
-    rec = svc.catalog.delete(image_id_or_404(image_id))
+    image_id = image_id_or_404(image_id)
+    changeable(svc, caller(request), image_id)
+    rec = svc.catalog.delete(image_id)
     svc.store.delete(rec.id)
     svc.uses.forget(rec.id)
     log.info("deleted image %s", rec.id)
@@ -328,7 +383,7 @@ _UPLOAD_BODY = {
 @router.put(
     "/v2/images/{image_id}/file",
     status_code=204,
-    responses=schemas.error_responses(400, 401, 404, 408, 409, 410, 413, 415, 503),
+    responses=schemas.error_responses(400, 401, 403, 404, 408, 409, 410, 413, 415, 503),
     openapi_extra=_UPLOAD_BODY,
     tags=["image data"],
 )
@@ -336,7 +391,7 @@ async def upload_image(request: Request, image_id: str) -> Response:
     svc = service(request)
     st = svc.settings
     image_id = image_id_or_404(image_id)
-    rec = await call(svc.catalog.get, image_id)
+    rec = await call(changeable, svc, caller(request), image_id)
     if _media_type(request) != "application/octet-stream":
         raise ValidationError(
             "image data must be sent as application/octet-stream, not "
@@ -447,7 +502,7 @@ async def _receive_upload(request: Request, svc: Service, image_id: str) -> Resp
 )
 def download_image(request: Request, image_id: str) -> Response:
     svc = service(request)
-    rec = svc.catalog.get(image_id_or_404(image_id))
+    rec = readable(svc, caller(request), image_id_or_404(image_id))
     if rec.status != ACTIVE:
         return Response(status_code=204)
     fd = svc.store.open_read(rec.id)

@@ -18,6 +18,7 @@ from cowfleet.images.server.api import Service, router
 from cowfleet.images.server.auth import TokenAuth
 from cowfleet.images.server.catalog import Catalog
 from cowfleet.images.server.errors import error_body, status_for
+from cowfleet.images.server.members import router as members_router
 from cowfleet.images.server.settings import ServerSettings
 from cowfleet.images.server.slots import UploadSlots
 from cowfleet.images.server.store import FilesystemStore
@@ -65,6 +66,7 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         UploadSlots(settings.max_uploads, settings.max_uploads_per_token),
     )
     app.include_router(router)
+    app.include_router(members_router)
 
     @app.exception_handler(CowfleetError)
     async def _cowfleet_error(_req: Request, exc: CowfleetError) -> JSONResponse:
@@ -98,13 +100,13 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
             headers=headers,
         )
 
-    app.add_middleware(TokenAuth, token=settings.token)
+    app.add_middleware(TokenAuth, token=settings.token, tokens=settings.tokens)
     return app
 
 
 def allowed_methods(request: Request) -> set[str]:
     methods: set[str] = set()
-    for route in router.routes:
+    for route in request.app.routes:
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())

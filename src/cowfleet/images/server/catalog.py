@@ -4,6 +4,12 @@ SQLite by default (WAL journal, busy timeout), PostgreSQL by URL
 (``postgresql+psycopg://user:pw@host/db``). Status changes that race (two uploads of
 one image, a delete during an upload) are single conditional ``UPDATE``/``DELETE``
 statements, so the database decides the winner on every backend.
+
+The schema is made with ``create_all`` at open, which adds missing tables to an
+existing catalog: ``image_members`` (the projects a shared image is shared with) came
+after ``images`` and appears in older catalogs on their first open by this version.
+It has no foreign key (an image's members are removed in the transaction that deletes
+it), so older code sharing a database can still drop and create its own tables.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cowfleet.errors import BackendUnavailableError, ConflictError, NotFoundError, UsageError
+from cowfleet.images.server.access import ListScope
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,27 @@ class ImageRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     properties: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class MemberRow(Base):
+    """One project an image is shared with, and whether it accepted (Glance v2 members)."""
+
+    __tablename__ = "image_members"
+
+    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    member: Mapped[str] = mapped_column(String(255), primary_key=True, index=True)
+    status: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    image_id: str
+    member: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,24 @@ def _record(row: ImageRow) -> ImageRecord:
         properties=dict(row.properties or {}),
         tags=tuple(row.tags or ()),
     )
+
+
+def _member(row: MemberRow) -> MemberRecord:
+    return MemberRecord(row.image_id, row.member, row.status, row.created_at, row.updated_at)
+
+
+def _scope_clause(scope: ListScope) -> Any:
+    """The images a caller limited by ``scope`` may list (see :mod:`.access`)."""
+    visible = [ImageRow.visibility == "public"]
+    if scope.community:
+        visible.append(ImageRow.visibility == "community")
+    if scope.project is not None:
+        visible.append(ImageRow.owner == scope.project)
+        members = select(MemberRow.image_id).where(MemberRow.member == scope.project)
+        if scope.member_status is not None:
+            members = members.where(MemberRow.status == scope.member_status)
+        visible.append(and_(ImageRow.visibility == "shared", ImageRow.id.in_(members)))
+    return or_(*visible)
 
 
 def utcnow() -> datetime:
@@ -244,8 +290,10 @@ class Catalog:
         sort_dir: str = "desc",
         limit: int = 25,
         marker: str | None = None,
+        scope: ListScope | None = None,
     ) -> tuple[list[ImageRecord], bool]:
-        """One page of images and whether more follow (keyset pagination on key, id)."""
+        """One page of images and whether more follow (keyset pagination on key, id),
+        among those ``scope`` lets the caller list (None: every image)."""
         if sort_key not in SORT_KEYS:
             raise UsageError(f"cannot sort by {sort_key!r}")
         if sort_dir not in ("asc", "desc"):
@@ -255,6 +303,8 @@ class Catalog:
         key = col if null_as is None else func.coalesce(col, null_as)
         with self._session() as s:
             q = select(ImageRow)
+            if scope is not None and not scope.everything:
+                q = q.where(_scope_clause(scope))
             for name, value in (filters or {}).items():
                 if name not in FILTER_KEYS:
                     raise UsageError(f"cannot filter by {name!r}")
@@ -432,6 +482,7 @@ class Catalog:
                     image_id=image_id,
                     reason="protected",
                 )
+            s.execute(delete(MemberRow).where(MemberRow.image_id == image_id))
             return rec
 
     def reset_saving(self) -> int:
@@ -446,3 +497,80 @@ class Catalog:
         if n:
             log.warning("reset %d image(s) stuck in saving to queued", n)
         return n
+
+    # -- members of shared images ----------------------------------------------------
+
+    def membership(self, image_id: str, project: str | None) -> str | None:
+        """``project``'s member status on the image, or None when it is no member."""
+        if project is None:
+            return None
+        with self._session() as s:
+            row = s.get(MemberRow, (image_id, project))
+            return None if row is None else row.status
+
+    def list_members(self, image_id: str) -> list[MemberRecord]:
+        with self._session() as s:
+            q = select(MemberRow).where(MemberRow.image_id == image_id)
+            return [
+                _member(r) for r in s.scalars(q.order_by(MemberRow.created_at, MemberRow.member))
+            ]
+
+    def get_member(self, image_id: str, member: str) -> MemberRecord:
+        with self._session() as s:
+            row = s.get(MemberRow, (image_id, member))
+            if row is None:
+                raise NotFoundError(
+                    f"project {member} is not a member of image {image_id}", image_id=image_id
+                )
+            return _member(row)
+
+    def add_member(self, image_id: str, member: str) -> MemberRecord:
+        """Share the image with ``member`` (status ``pending``); 409 if it already is."""
+        now = self._clock()
+        try:
+            with self._session() as s:
+                # Locks the image row: a delete running meanwhile waits, then removes us.
+                if s.get(ImageRow, image_id, with_for_update=True) is None:
+                    raise NotFoundError(f"no image with id {image_id}", image_id=image_id)
+                if s.get(MemberRow, (image_id, member)) is not None:
+                    raise ConflictError(
+                        f"project {member} is already a member of image {image_id}",
+                        image_id=image_id,
+                    )
+                s.add(
+                    MemberRow(
+                        image_id=image_id,
+                        member=member,
+                        status="pending",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        except SAIntegrityError as exc:
+            raise ConflictError(
+                f"project {member} is already a member of image {image_id}", image_id=image_id
+            ) from exc
+        return self.get_member(image_id, member)
+
+    def set_member_status(self, image_id: str, member: str, status: str) -> MemberRecord:
+        with self._session() as s:
+            res = s.execute(
+                update(MemberRow)
+                .where(MemberRow.image_id == image_id, MemberRow.member == member)
+                .values(status=status, updated_at=self._clock())
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFoundError(
+                    f"project {member} is not a member of image {image_id}", image_id=image_id
+                )
+        return self.get_member(image_id, member)
+
+    def remove_member(self, image_id: str, member: str) -> None:
+        with self._session() as s:
+            res = s.execute(
+                delete(MemberRow).where(MemberRow.image_id == image_id, MemberRow.member == member)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFoundError(
+                    f"project {member} is not a member of image {image_id}", image_id=image_id
+                )

@@ -49,7 +49,8 @@ def parse_pointer(path: Any) -> str:
     return parts[0].replace("~1", "/").replace("~0", "~")
 
 
-def apply_patch(rec: ImageRecord, body: Any) -> PatchResult:
+def apply_patch(rec: ImageRecord, body: Any, *, owner_writable: bool = False) -> PatchResult:
+    """The new fields, properties and tags; ``owner_writable`` (admins) lets ``owner`` change."""
     if not isinstance(body, list):
         raise bad_request("a JSON-patch body must be a JSON list of operations")
     fields: dict[str, Any] = {}
@@ -80,7 +81,7 @@ def apply_patch(rec: ImageRecord, body: Any) -> PatchResult:
         value = op["value"]
         if key == "tags":
             tags = check_tags(value)
-        elif key in SETTABLE:
+        elif key in SETTABLE or (key == "owner" and owner_writable):
             fields[key] = check_field(key, value)
         elif key in BASE:  # id, owner: fixed after create
             raise forbidden(f"Attribute '{key}' is read-only.")

@@ -86,6 +86,36 @@ class ImageCreate(BaseModel):
     tags: list[str] = Field(default_factory=list)
 
 
+class Member(BaseModel):
+    """A project an image is shared with (Glance v2 image member)."""
+
+    image_id: str
+    member_id: str
+    status: Literal["pending", "accepted", "rejected"]
+    created_at: str
+    updated_at: str
+    schema_: str = Field(alias="schema")
+
+
+class MemberList(BaseModel):
+    members: list[Member]
+    schema_: str = Field(alias="schema")
+
+
+class MemberCreate(BaseModel):
+    """Body of ``POST /v2/images/{id}/members``."""
+
+    model_config = ConfigDict(extra="forbid")
+    member: str = Field(min_length=1, max_length=255, description="the project to share with")
+
+
+class MemberUpdate(BaseModel):
+    """Body of ``PUT /v2/images/{id}/members/{member}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["pending", "accepted", "rejected"]
+
+
 class PatchOperation(BaseModel):
     op: Literal["add", "replace", "remove"]
     path: str
@@ -116,8 +146,9 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 _REASONS = {
     400: "malformed or invalid request",
     401: "missing or wrong X-Auth-Token",
-    403: "read-only/reserved attribute, protected image, or a format of an image past queued",
-    404: "no such image",
+    403: "read-only/reserved attribute, protected image, a format of an image past queued, "
+    "or a change only the image's owner (or an admin) may make",
+    404: "no such image (or one the caller may not see), or no such member",
     408: "the client stopped sending upload data",
     409: "conflict with the image's status or properties",
     410: "the image was deleted during the upload",

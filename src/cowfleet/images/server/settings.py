@@ -17,6 +17,7 @@ from cowfleet.config import (
     DEFAULT_PROPERTY_QUOTA,
     Config,
 )
+from cowfleet.tokens import TokenTable
 
 # Bytes per block handed to the hashing/writing threads during an upload.
 DEFAULT_UPLOAD_BLOCK = 4 * 1024 * 1024
@@ -34,12 +35,15 @@ class ServerSettings:
     """Everything :func:`~cowfleet.images.server.app.create_app` needs.
 
     ``token`` None disables authentication (only for in-process tests; the CLI always
-    sets one). ``owner`` is the ``owner`` field given to new images.
+    sets one). ``tokens``, the shared tokens file, replaces ``token`` when set: each
+    token speaks for a project and a role (see :mod:`.access`). ``owner`` is the
+    ``owner`` field given to images made with the single ``token``.
     """
 
     data_dir: Path
     database_url: str
     token: str | None
+    tokens: TokenTable | None = None
     max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
     owner: str | None = None
@@ -74,11 +78,14 @@ class ServerSettings:
         return self.data_dir / "staging"
 
     @classmethod
-    def from_config(cls, cfg: Config, token: str | None) -> ServerSettings:
+    def from_config(
+        cls, cfg: Config, token: str | None, tokens: TokenTable | None = None
+    ) -> ServerSettings:
         return cls(
             data_dir=cfg.data_dir,
             database_url=cfg.database_url,
             token=token,
+            tokens=tokens,
             max_image_size=cfg.max_image_size,
             max_virtual_size=cfg.max_virtual_size,
             direct_io=cfg.images_direct_io,
