@@ -159,6 +159,16 @@ class Config:
     verify_interval: float = default("verify_interval")
     verify_rate: int = default("verify_rate")
     node_interval: float = default("node_interval")
+    # node agent (serve node)
+    node_api_url: str | None = None  # required by serve node: see its row
+    node_token_file: Path | None = None  # required by serve node: see its row
+    node_host: str = default("node_host")
+    node_port: int = default("node_port")
+    node_hostname: str | None = None  # derived: the host name
+    node_vcpus: int = default("node_vcpus")
+    node_ram_mb: int = default("node_ram_mb")
+    node_disk_gb: int = default("node_disk_gb")
+    node_build_workers: int = default("node_build_workers")
     # compute
     driver: str = default("driver")
     libvirt_uri: str = default("libvirt_uri")

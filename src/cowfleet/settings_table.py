@@ -39,6 +39,9 @@ DEFAULT_MIN_FREE_PERCENT = 5.0
 DEFAULT_VERIFY_INTERVAL = 7 * 86400.0
 DEFAULT_VERIFY_RATE = 64 * 1024 * 1024
 DEFAULT_NODE_INTERVAL = 600.0
+DEFAULT_NODE_HOST = "127.0.0.1"
+DEFAULT_NODE_PORT = 8775
+DEFAULT_NODE_BUILD_WORKERS = 8
 DRIVERS = ("libvirt", "none")
 VIRT_TYPES = ("kvm", "qemu")
 # The filesystems compute.ephemeral can make (its MKFS_TEMPLATES; a unit test keeps both equal).
@@ -305,6 +308,31 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("node_interval", float, DEFAULT_NODE_INTERVAL, "node.interval",
          "time between two passes of `node run`", flags=("--interval",), unit=SECONDS,
          note="10 min", metavar="SECONDS", above=0),
+    _row("node_api_url", str, None, "node.api_url",
+         "`serve node`: the compute API it registers and heartbeats with",
+         flags=("--api-url",), derived="(none: required)", metavar="URL"),
+    _row("node_token_file", Path, None, "node.token_file",
+         "`serve node`: file holding the node token (mode 0600); accepted from the controller, "
+         "sent to the compute API and the image service",
+         flags=("--token-file",), derived="(none: required)", metavar="FILE"),
+    _row("node_host", str, DEFAULT_NODE_HOST, "node.host",
+         "address the node agent's API binds to (the default is loopback only)",
+         flags=("--host",), metavar="ADDR"),
+    _row("node_port", int, DEFAULT_NODE_PORT, "node.port", "TCP port of the node agent's API",
+         flags=("--port",), metavar="PORT", at_least=1, at_most=65535),
+    _row("node_hostname", str, None, "node.hostname",
+         "the node's name in the fleet (1-255 of `A-Z a-z 0-9 . _ -`)",
+         flags=("--hostname",), derived="the host's name", metavar="NAME"),
+    _row("node_vcpus", int, 0, "node.vcpus", "vCPUs the node offers (`0`: the host's CPUs)",
+         flags=("--vcpus",), unit="vCPUs", metavar="N", at_least=0),
+    _row("node_ram_mb", int, 0, "node.ram_mb", "memory the node offers (`0`: the host's)",
+         flags=("--ram-mb",), unit="MiB", metavar="MIB", at_least=0),
+    _row("node_disk_gb", int, 0, "node.disk_gb",
+         "disk the node offers (`0`: the size of the instances path's filesystem)",
+         flags=("--disk-gb",), unit="GiB", metavar="GIB", at_least=0),
+    _row("node_build_workers", int, DEFAULT_NODE_BUILD_WORKERS, "node.build_workers",
+         "builds the node agent runs at once (more wait in line as BUILDING)",
+         flags=("--build-workers",), unit="builds", metavar="N", at_least=1, at_most=256),
     _row("driver", str, "libvirt", "compute.driver", "hypervisor driver",
          flags=("--driver",), choices=DRIVERS),
     _row("libvirt_uri", str, DEFAULT_LIBVIRT_URI, "compute.libvirt_uri",

@@ -332,3 +332,33 @@ def test_an_older_catalog_gains_the_members_table(catalog: Catalog) -> None:
         assert again.membership(iid, "beta") == "pending"
     finally:
         again.close()
+
+
+def test_open_adds_the_tree_columns_to_an_older_catalog(catalog: Catalog) -> None:
+    """A catalog written before hash trees (no tree columns) gains them on open, on both
+    backends; its images read as having no tree, new uploads store one."""
+    old = make(catalog, "old")
+    with catalog.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE images DROP COLUMN tree_sha256"))
+        conn.execute(text("ALTER TABLE images DROP COLUMN tree_leaf_size"))
+    url = catalog.engine.url.render_as_string(hide_password=False)
+    again = Catalog.open(url, clock=Clock())
+    try:
+        rec = again.get(old)
+        assert (rec.tree_sha256, rec.tree_leaf_size) == (None, None)
+        assert rec.properties == {"os_type": "linux"}
+        again.claim_upload(old)
+        rec = again.finish_upload(
+            old,
+            size=1,
+            virtual_size=1,
+            checksum="c",
+            os_hash_algo="sha512",
+            os_hash_value="h",
+            tree_sha256="ab" * 32,
+            tree_leaf_size=4 << 20,
+        )
+        assert (rec.tree_sha256, rec.tree_leaf_size) == ("ab" * 32, 4 << 20)
+        Catalog.open(url).close()  # nothing left to add: a no-op
+    finally:
+        again.close()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cowfleet.errors import ConflictError, NotFoundError, UsageError
+from cowfleet.hashtree import DEFAULT_LEAF_SIZE, tree_of
 from cowfleet.images.client import ImageClient
 from tests.fixtures.images import ImageService
 
@@ -75,7 +76,12 @@ def test_cli_full_flow(image_service: ImageService, tmp_path: Path) -> None:
         "os_type",
     )
     assert changed["name"] == "cirros2"
-    assert changed["properties"] == {"kernel_id": "k1"}
+    # The user's properties, and the hash tree the service computed at upload.
+    assert changed["properties"] == {
+        "kernel_id": "k1",
+        "cowfleet_tree_sha256": tree_of(data).root,
+        "cowfleet_tree_leaf_size": str(DEFAULT_LEAF_SIZE),
+    }
 
     out = tmp_path / "copy.raw"
     done = cli(image_service, "download", up["id"], "--file", str(out))

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from cowfleet.hashtree import tree_of
 from tests.conftest import require_env
 from tests.fixtures.images import ImageService
 from tests.integration.test_server_http import OCTETS, PATCH, create, raw_partial_upload, wait_for
@@ -245,18 +246,28 @@ def test_files_no_record_explains_are_removed_at_start(
     stray = images / "not-an-image"
     stray.write_bytes(b"?")
     hour_ago = time.time() - 3700
-    for path in (images / kept, images / lost, stray):
+    tree = ".tree"  # each image's hash tree leaf list goes (or stays) with it
+    for path in (
+        images / kept,
+        images / lost,
+        stray,
+        images / (kept + tree),
+        images / (lost + tree),
+    ):
         os.utime(path, (hour_ago, hour_ago))
     staged = svc.data_dir / "staging" / f"{lost}.abcdef.part"
     staged.write_bytes(b"half")
     svc.start()
-    assert sorted(p.name for p in images.iterdir()) == sorted([kept, young])
+    assert sorted(p.name for p in images.iterdir()) == sorted(
+        [kept, kept + tree, young, young + tree]
+    )
     assert not staged.exists()
     log = svc.log_path.read_text()
     assert f"removed {images / lost} (4096 bytes)" in log
     assert f"removed {stray} (1 bytes)" in log
     with httpx.Client(base_url=svc.url, headers=svc.headers, timeout=30) as http:
         assert http.get(f"/v2/images/{kept}/file").content == b"d" * 4096
+        assert http.get(f"/v2/images/{kept}/tree").content == tree_of(b"d" * 4096).leaves
 
 
 # -- token file -----------------------------------------------------------------------

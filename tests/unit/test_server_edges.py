@@ -102,18 +102,23 @@ def test_start_removes_store_files_no_active_image_explains(tmp_path: Path) -> N
         queued = create(c)["id"]
     images = st.images_dir
     gone = "6f1c1c0e-5d0a-4a55-9a43-8a0d1b1f0c13"
-    for name in (gone, queued, "junk"):
+    for name in (gone, queued, "junk", f"{gone}.tree", f"{queued}.tree"):
         (images / name).write_bytes(b"x")
     (images / "link").symlink_to("/etc/passwd")
     (images / "young").write_bytes(b"y")
     (images / "folder").mkdir()
     old = time.time() - 120
-    for name in (active, gone, queued, "junk"):
+    names = (active, f"{active}.tree", gone, queued, "junk", f"{gone}.tree", f"{queued}.tree")
+    for name in names:
         os.utime(images / name, (old, old))
     os.utime(images / "link", (old, old), follow_symlinks=False)
     with TestClient(create_app(st)) as c:
-        assert sorted(p.name for p in images.iterdir()) == sorted([active, "young", "folder"])
+        # An active image's hash tree leaf list stays with it; the others' go.
+        assert sorted(p.name for p in images.iterdir()) == sorted(
+            [active, f"{active}.tree", "young", "folder"]
+        )
         assert c.get(f"/v2/images/{active}/file", headers=AUTH).content == b"a" * 4096
+        assert c.get(f"/v2/images/{active}/tree", headers=AUTH).status_code == 200
     assert Path("/etc/passwd").exists()
 
 

@@ -9,6 +9,7 @@ see, and success otherwise.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,12 @@ def test_show_and_download(client: TestClient, who: str, kind: str) -> None:
         assert r.content == DATA
     else:
         # The same answer as for an image that does not exist.
+        assert r.json()["message"] == f"no image with id {image_id}"
+    r = client.get(f"/v2/images/{image_id}/tree", headers=h(who))
+    assert r.status_code == expected, r.text
+    if expected == 200:
+        assert r.content == hashlib.sha256(DATA).digest()  # one leaf
+    else:
         assert r.json()["message"] == f"no image with id {image_id}"
 
 

@@ -111,7 +111,7 @@ def add_instances_path(p: argparse.ArgumentParser) -> None:
 GROUP_HELP: dict[str, str] = {
     "disk": "inspect disks, check image safety, create overlays",
     "image": "manage images in the image service (Glance v2 API; embedded or real Glance)",
-    "serve": "server processes: the image service (serve images)",
+    "serve": "server processes: the image service (serve images), the node agent (serve node)",
     "cache": "the node image cache (_base)",
     "server": "instances: create, list, disks, start, stop, delete",
     "flavor": "instance sizes",

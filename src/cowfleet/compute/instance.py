@@ -88,9 +88,11 @@ class InstanceRecord:
     kernel_base: str | None = None
     ramdisk_base: str | None = None
     os_command_line: str | None = None
+    # the build spec a controller sent (``serve node``); None for a local ``server create``
+    spec: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "uuid": self.uuid,
             "name": self.name,
             "created_at": self.created_at,
@@ -118,6 +120,9 @@ class InstanceRecord:
             "ramdisk_base": self.ramdisk_base,
             "os_command_line": self.os_command_line,
         }
+        if self.spec is not None:
+            out["spec"] = self.spec
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InstanceRecord:
@@ -148,6 +153,7 @@ class InstanceRecord:
                 kernel_base=data.get("kernel_base"),
                 ramdisk_base=data.get("ramdisk_base"),
                 os_command_line=data.get("os_command_line"),
+                spec=dict(data["spec"]) if isinstance(data.get("spec"), dict) else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValidationError(f"malformed instance record: {exc!r}") from exc

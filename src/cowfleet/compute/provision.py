@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cowfleet import proc
 from cowfleet.compute import instance as inst
@@ -168,11 +169,14 @@ class Provisioner:
         # bases are trusted.
         self.reinspect_bases = reinspect_bases
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_guard = threading.Lock()  # one Provisioner serves concurrent builds
 
     # validation -------------------------------------------------------------
-    def plan(self, name: str, image_ref: str, flavor_name: str) -> Plan:
+    def plan(self, name: str, image_ref: str, flavor_ref: str | Flavor) -> Plan:
+        """Validate a request; ``flavor_ref`` is a flavor name or a whole flavor (a
+        controller's build spec carries the flavor itself)."""
         inst.validate_name(name)
-        flavor = get_flavor(self.cfg, flavor_name)
+        flavor = flavor_ref if isinstance(flavor_ref, Flavor) else get_flavor(self.cfg, flavor_ref)
         image = self.images.find(image_ref)
         self._check_active(image, "image")
         if image.disk_format in ("aki", "ari"):
@@ -268,10 +272,22 @@ class Provisioner:
 
     # creation ---------------------------------------------------------------
     def create(
-        self, name: str, image_ref: str, flavor_name: str, *, start: bool = True
+        self,
+        name: str,
+        image_ref: str,
+        flavor_ref: str | Flavor,
+        *,
+        start: bool = True,
+        uuid: str | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> inst.InstanceRecord:
-        """Validate, cache, build the folder, define (and start) the domain."""
-        plan = self.plan(name, image_ref, flavor_name)
+        """Validate, cache, build the folder, define (and start) the domain.
+
+        ``uuid``: the instance's UUID when the caller chose it (a controller's build
+        request); a new one otherwise. ``spec``: the controller's build spec, kept in
+        ``instance.json`` so a repeated request can be told from a different one.
+        """
+        plan = self.plan(name, image_ref, flavor_ref)
         # The pins keep the cache manager off these bases until the folder naming them
         # is in place (see cowfleet.cache.pins).
         with self.pin_bases(plan):
@@ -279,7 +295,7 @@ class Provisioner:
             self._check_root_size(plan.flavor, plan.image.id, root.virtual_size)
             kernel = self.cache.ensure_cached(plan.kernel.id) if plan.kernel else None
             ramdisk = self.cache.ensure_cached(plan.ramdisk.id) if plan.ramdisk else None
-            return self.build(plan, root, kernel, ramdisk, start=start)
+            return self.build(plan, root, kernel, ramdisk, start=start, uuid=uuid, spec=spec)
 
     def base_names(self, plan: Plan) -> list[str]:
         """The ``_base`` file names an instance of ``plan`` uses."""
@@ -324,13 +340,18 @@ class Provisioner:
         ramdisk: CachedBaseLike | None = None,
         *,
         start: bool = True,
+        uuid: str | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> inst.InstanceRecord:
         """Write the instance folder for ``plan`` on cached bases and hand it to the driver."""
         cfg = self.cfg
         targets = dict(inst.DISK_TARGETS)
         bases: list[tuple[str, CachedBaseLike]] = [("disk", root), *self._local_bases(plan.flavor)]
         trusted = {"disk.local", "disk.swap"} if self.reinspect_bases else set(targets)
-        uuid = self.new_uuid()
+        if uuid is None:
+            uuid = self.new_uuid()
+        elif not inst.is_uuid(uuid):
+            raise ValidationError(f"invalid instance uuid {uuid!r}")
         final = cfg.instances_path / uuid
         tmp = cfg.instances_path / f".{uuid}.tmp"
         created_at = datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds")
@@ -348,6 +369,8 @@ class Provisioner:
                 os.chmod(tmp, DIR_MODE)  # umask-proof
             except FileExistsError as exc:
                 raise ConflictError(f"instance folder {tmp} already exists") from exc
+            if os.path.lexists(final):  # a caller-chosen uuid that exists already
+                raise ConflictError(f"instance {uuid} already exists", server=uuid)
             for file, base in bases:
                 vsize = base.virtual_size
                 if file not in trusted:
@@ -391,6 +414,7 @@ class Provisioner:
                 kernel_base=str(kernel.path) if kernel else None,
                 ramdisk_base=str(ramdisk.path) if ramdisk else None,
                 os_command_line=plan.cmdline,
+                spec=spec,
             )
             self._write(tmp / inst.RECORD, json.dumps(record.to_dict()) + "\n")
             if self.durable:
@@ -434,15 +458,18 @@ class Provisioner:
         return record
 
     def _fsync_all(self, paths: list[Path]) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
-        for future in [self._pool.submit(_fsync_path, p) for p in paths]:
+        with self._pool_guard:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+            pool = self._pool
+        for future in [pool.submit(_fsync_path, p) for p in paths]:
             future.result()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        with self._pool_guard:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
 
     def __enter__(self) -> Provisioner:
         return self

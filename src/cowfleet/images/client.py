@@ -30,6 +30,7 @@ import httpx
 
 from cowfleet.errors import (
     ConflictError,
+    IntegrityError,
     NotFoundError,
     RemoteError,
     UsageError,
@@ -38,6 +39,15 @@ from cowfleet.errors import (
 from cowfleet.fetch.buffers import EXTENSION, BufferPool
 from cowfleet.fetch.engine import Progress
 from cowfleet.fetch.retry import Budget, RetryPolicy
+from cowfleet.hashtree import (
+    DIGEST_SIZE,
+    LEAF_SIZE_PROPERTY,
+    ROOT_PROPERTY,
+    Tree,
+    TreeVerifier,
+    check_leaf_size,
+    leaf_count,
+)
 from cowfleet.images.body import upload_body
 from cowfleet.images.http import raise_for_status, send, transport_error
 from cowfleet.images.models import Image, Member
@@ -47,7 +57,7 @@ from cowfleet.images.transport import DataTransport
 if TYPE_CHECKING:
     from cowfleet.config import Config
 
-__all__ = ["DownloadStream", "Image", "ImageClient", "Progress"]
+__all__ = ["DownloadStream", "Image", "ImageClient", "Progress", "Tree"]
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +444,65 @@ class ImageClient:
     def budget(self, policy: RetryPolicy | None = None) -> Budget:
         """A retry budget under ``policy`` (default: this client's), sleeping as it does."""
         return (policy or self.retry_policy).start(sleep=self._sleep)
+
+    def get_tree(self, image: Image) -> Tree | None:
+        """The image's sha256 hash tree (see :mod:`cowfleet.hashtree`), checked against
+        the root the image record publishes; None when the record publishes none (an
+        image uploaded before trees, or real Glance). Pass ``TreeVerifier.from_tree``
+        the result to verify the data as it lands.
+
+        Raises :class:`~cowfleet.errors.IntegrityError` when the leaf list served does
+        not hash to the published root (or has the wrong size), RemoteError when the
+        published tree properties are malformed, ConflictError when the image is not
+        active, NotFoundError when the record names a tree the service cannot serve.
+        """
+        root = image.properties.get(ROOT_PROPERTY)
+        if root is None:
+            return None
+        what = f"hash tree of image {image.id}"
+        if image.status != "active" or image.size is None:
+            raise ConflictError(
+                f"{what}: the image is {image.status}, not active", image_id=image.id
+            )
+        raw_leaf = image.properties.get(LEAF_SIZE_PROPERTY, "")
+        try:
+            leaf_size = check_leaf_size(int(raw_leaf) if raw_leaf.isdigit() else -1)
+        except UsageError as exc:
+            raise RemoteError(
+                f"{what}: the image service published {LEAF_SIZE_PROPERTY}={raw_leaf!r}: {exc}"
+            ) from None
+        want = leaf_count(image.size, leaf_size) * DIGEST_SIZE
+        leaves = self._read_capped(self._path(image.id, "/tree"), what, want, image.id)
+        verifier = TreeVerifier(root, leaf_size, image.size, leaves, image_id=image.id)
+        return verifier.tree
+
+    def _read_capped(self, url: str, what: str, cap: int, image_id: str) -> bytes:
+        """GET ``url`` and read at most ``cap`` bytes of it (more is an IntegrityError)."""
+        headers = {"Accept": "application/octet-stream", "Accept-Encoding": "identity"}
+        resp = send(
+            self._http, "GET", url, what=what, endpoint=self.endpoint, stream=True, headers=headers
+        )
+        try:
+            if resp.status_code >= 300:
+                try:
+                    resp.read()
+                except httpx.HTTPError as exc:
+                    raise transport_error(exc, self.endpoint, what) from exc
+                raise_for_status(resp, what, image_id=image_id)
+            body = bytearray()
+            try:
+                for piece in resp.iter_bytes():
+                    body += piece
+                    if len(body) > cap:
+                        raise IntegrityError(
+                            f"{what}: the service sent more than the {cap} bytes expected",
+                            image_id=image_id,
+                        )
+            except httpx.HTTPError as exc:
+                raise transport_error(exc, self.endpoint, what) from exc
+            return bytes(body)
+        finally:
+            resp.close()
 
 
 # -- helpers -------------------------------------------------------------------------

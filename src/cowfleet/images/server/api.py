@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from cowfleet.errors import NotFoundError, ValidationError
+from cowfleet.errors import ConflictError, NotFoundError, ValidationError
 from cowfleet.formats import policy
 from cowfleet.images.server import schemas
 from cowfleet.images.server.access import (
@@ -447,7 +447,7 @@ async def _receive_upload(request: Request, svc: Service, image_id: str) -> Resp
         if result.inspection.format == "qcow2":
             await call(check_qcow2_tables, staged)
         received = time.monotonic()
-        await call(svc.store.commit, staged)
+        await call(svc.store.commit, staged, tree_leaves=result.tree.leaves)
         committed = True
         try:
             rec = await call(
@@ -458,6 +458,8 @@ async def _receive_upload(request: Request, svc: Service, image_id: str) -> Resp
                 checksum=result.checksum,
                 os_hash_algo=result.os_hash_algo,
                 os_hash_value=result.os_hash_value,
+                tree_sha256=result.tree.root,
+                tree_leaf_size=result.tree.leaf_size,
             )
         except NotFoundError as exc:
             svc.store.delete(image_id)
@@ -529,3 +531,33 @@ def download_image(request: Request, image_id: str) -> Response:
         chunk_size=svc.settings.download_chunk,
         keep_cached=min_uses > 0 and svc.uses.count(rec.id) >= min_uses,
     )
+
+
+@router.get(
+    "/v2/images/{image_id}/tree",
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "the hash tree's leaf list: the 32-byte sha256 of each leaf, in "
+            "order (root and leaf size are the image properties cowfleet_tree_sha256 and "
+            "cowfleet_tree_leaf_size)",
+        },
+        **schemas.error_responses(401, 404, 409),
+    },
+    tags=["image data"],
+)
+def image_tree(request: Request, image_id: str) -> Response:
+    svc = service(request)
+    rec = readable(svc, caller(request), image_id_or_404(image_id))
+    if rec.status != ACTIVE:
+        raise ConflictError(
+            f"image {rec.id} is {rec.status}: only an active image has a hash tree",
+            image_id=rec.id,
+            status=rec.status,
+        )
+    if rec.tree_sha256 is None:
+        raise NotFoundError(f"image {rec.id} has no hash tree", image_id=rec.id)
+    leaves = svc.store.read_tree(rec.id)
+    return Response(leaves, media_type="application/octet-stream")

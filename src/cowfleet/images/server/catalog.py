@@ -5,11 +5,12 @@ SQLite by default (WAL journal, busy timeout), PostgreSQL by URL
 one image, a delete during an upload) are single conditional ``UPDATE``/``DELETE``
 statements, so the database decides the winner on every backend.
 
-The schema is made with ``create_all`` at open, which adds missing tables to an
-existing catalog: ``image_members`` (the projects a shared image is shared with) came
-after ``images`` and appears in older catalogs on their first open by this version.
-It has no foreign key (an image's members are removed in the transaction that deletes
-it), so older code sharing a database can still drop and create its own tables.
+The schema only grows: :meth:`Catalog.create_schema` creates missing tables and adds
+missing nullable columns to an existing ``images`` table. A catalog written by an older
+version gains ``image_members`` (the projects a shared image is shared with) and the hash
+tree columns (NULL for its images) on its first open by this version. ``image_members``
+has no foreign key (an image's members are removed in the transaction that deletes it),
+so older code sharing a database can still drop and create its own tables.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
@@ -87,6 +90,9 @@ class ImageRow(Base):
     checksum: Mapped[str | None] = mapped_column(String(32))
     os_hash_algo: Mapped[str | None] = mapped_column(String(64))
     os_hash_value: Mapped[str | None] = mapped_column(String(128))
+    # The sha256 hash tree's root (hex) and leaf size; NULL for images without a tree.
+    tree_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tree_leaf_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     min_disk: Mapped[int] = mapped_column(Integer, default=0)
     min_ram: Mapped[int] = mapped_column(Integer, default=0)
     visibility: Mapped[str] = mapped_column(String(20))
@@ -142,6 +148,8 @@ class ImageRecord:
     updated_at: datetime
     properties: Mapping[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    tree_sha256: str | None = None
+    tree_leaf_size: int | None = None
 
 
 # Columns a caller may set at create or update (the rest are the server's).
@@ -182,6 +190,8 @@ def _record(row: ImageRow) -> ImageRecord:
         updated_at=row.updated_at,
         properties=dict(row.properties or {}),
         tags=tuple(row.tags or ()),
+        tree_sha256=row.tree_sha256,
+        tree_leaf_size=row.tree_leaf_size,
     )
 
 
@@ -254,8 +264,32 @@ class Catalog:
     def create_schema(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
+            self._add_missing_columns()
         except OperationalError as exc:
             raise BackendUnavailableError(f"catalog database unavailable: {exc.orig}") from exc
+
+    def _add_missing_columns(self) -> None:
+        table = Base.metadata.tables[ImageRow.__tablename__]
+        present = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in present]
+        if not missing:
+            return
+        preparer = self.engine.dialect.identifier_preparer
+        with self.engine.begin() as conn:
+            for col in missing:
+                if not col.nullable:
+                    raise BackendUnavailableError(
+                        f"catalog table {table.name} lacks the column {col.name} (NOT NULL): "
+                        "cannot add it in place"
+                    )
+                kind = col.type.compile(dialect=self.engine.dialect)
+                conn.execute(
+                    text(
+                        f"ALTER TABLE {preparer.quote(table.name)} "
+                        f"ADD COLUMN {preparer.quote(col.name)} {kind}"
+                    )
+                )
+                log.warning("catalog: added column %s.%s (%s)", table.name, col.name, kind)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -435,6 +469,8 @@ class Catalog:
         checksum: str,
         os_hash_algo: str,
         os_hash_value: str,
+        tree_sha256: str | None = None,
+        tree_leaf_size: int | None = None,
     ) -> ImageRecord:
         """saving -> active with the computed fields. NotFoundError if deleted meanwhile."""
         with self._session() as s:
@@ -448,6 +484,8 @@ class Catalog:
                     checksum=checksum,
                     os_hash_algo=os_hash_algo,
                     os_hash_value=os_hash_value,
+                    tree_sha256=tree_sha256,
+                    tree_leaf_size=tree_leaf_size,
                     updated_at=self._clock(),
                 )
             )

@@ -3,7 +3,10 @@
 Files are named by image UUID only (never by a user string). An upload is written to
 ``staging/<uuid>.<random>.part`` (created ``O_EXCL``), fsynced, and renamed to
 ``images/<uuid>`` only when every check passed; :meth:`FilesystemStore.clean_staging`
-removes leftovers at start. Every name is resolved relative to a descriptor on its
+removes leftovers at start. An image's hash tree leaf list (see :mod:`cowfleet.hashtree`)
+is kept next to it as ``images/<uuid>.tree`` (:data:`TREE_SUFFIX`): staged the same
+way, fsynced and renamed into place just before the image, deleted with it, and spared
+by :func:`orphans` while its image is. Every name is resolved relative to a descriptor on its
 folder, through :mod:`cowfleet.safeopen`: a stored file is served only when it is no
 symlink and a regular file with one link that we (or root) own.
 
@@ -52,6 +55,8 @@ IOV_BATCH = 512  # buffers per writev call (below every IOV_MAX)
 DIRECT_ALIGN = 4096
 # The aligned buffer O_DIRECT writes go through (a multiple of DIRECT_ALIGN).
 DIRECT_BUFFER = 4 * 1024 * 1024
+# The leaf list of an image's hash tree: ``images/<uuid>.tree``.
+TREE_SUFFIX = ".tree"
 
 
 @dataclass
@@ -176,7 +181,9 @@ class Store(Protocol):
 
     def begin_write(self, image_id: str) -> StagedWrite: ...
 
-    def commit(self, staged: StagedWrite) -> None: ...
+    def commit(self, staged: StagedWrite, *, tree_leaves: bytes | None = None) -> None: ...
+
+    def read_tree(self, image_id: str) -> bytes: ...
 
     def abort(self, staged: StagedWrite) -> None: ...
 
@@ -242,10 +249,17 @@ class FilesystemStore:
                 )
         return StagedWrite(image_id, path, fd, drop_behind=self.drop_behind, direct=direct)
 
-    def commit(self, staged: StagedWrite) -> None:
-        """fsync the staged file and rename it into place (then fsync the directory)."""
+    def commit(self, staged: StagedWrite, *, tree_leaves: bytes | None = None) -> None:
+        """fsync the staged file and rename it into place (then fsync the directory).
+
+        ``tree_leaves`` (the hash tree's leaf list) is written, fsynced and renamed to
+        ``<uuid>.tree`` first, so an image in place always has its leaf list beside it."""
+        tree_put = False
         try:
             staged.finish()
+            if tree_leaves is not None:
+                self._put_tree(staged, tree_leaves)
+                tree_put = True
             try:
                 os.fsync(staged.fd)
                 if staged.drop_behind:
@@ -267,7 +281,35 @@ class FilesystemStore:
                 raise LocalIOError(f"cannot store image {staged.image_id}: {exc.strerror}") from exc
         except BaseException:
             self.abort(staged)
+            if tree_put:
+                with contextlib.suppress(LocalIOError), safeopen.opened_dir(self.images_dir) as d:
+                    safeopen.unlink(d, _checked_id(staged.image_id) + TREE_SUFFIX)
             raise
+
+    def _put_tree(self, staged: StagedWrite, leaves: bytes) -> None:
+        name = _checked_id(staged.image_id) + TREE_SUFFIX
+        part = staged.path.name + TREE_SUFFIX
+        shown = self.staging_dir / part
+        with (
+            safeopen.opened_dir(self.staging_dir) as src_fd,
+            safeopen.opened_dir(self.images_dir) as dst_fd,
+        ):
+            fd = safeopen.create(src_fd, part, display=shown, mode=0o600, write_flags=os.O_WRONLY)
+            try:
+                try:
+                    view = memoryview(leaves)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                safeopen.unlink(src_fd, part)
+                raise safeopen.io_error(exc, str(shown), "write") from exc
+            except BaseException:
+                safeopen.unlink(src_fd, part)
+                raise
+            safeopen.rename(src_fd, part, dst_fd, name, display=self.images_dir / name)
 
     def abort(self, staged: StagedWrite) -> None:
         if staged.fd >= 0:
@@ -293,10 +335,35 @@ class FilesystemStore:
                     f"the stored file of image {image_id} was refused (see the server log)"
                 ) from exc
 
+    def read_tree(self, image_id: str) -> bytes:
+        """The stored hash tree leaf list of an image (NotFoundError when it has none)."""
+        name = _checked_id(image_id) + TREE_SUFFIX
+        with safeopen.opened_dir(self.images_dir) as dir_fd:
+            try:
+                fd = safeopen.open_existing(dir_fd, name, display=self.images_dir / name)
+            except FileNotFoundError as exc:
+                raise NotFoundError(
+                    f"image {image_id} has no hash tree", image_id=image_id
+                ) from exc
+            except UnsafeFileError as exc:
+                log.error("image %s: %s", image_id, exc)
+                raise LocalIOError(
+                    f"the stored hash tree of image {image_id} was refused (see the server log)"
+                ) from exc
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        except OSError as exc:
+            raise safeopen.io_error(exc, str(self.images_dir / name), "read") from exc
+        finally:
+            os.close(fd)
+
     def delete(self, image_id: str) -> None:
         # An open descriptor (a download in flight) keeps reading the unlinked file.
+        name = _checked_id(image_id)
         with safeopen.opened_dir(self.images_dir) as dir_fd:
-            safeopen.unlink(dir_fd, _checked_id(image_id))
+            safeopen.unlink(dir_fd, name)
+            safeopen.unlink(dir_fd, name + TREE_SUFFIX)
 
     def size(self, image_id: str) -> int:
         fd = self.open_read(image_id)
@@ -353,5 +420,10 @@ def orphans(
     entries: Iterable[tuple[str, float]], keep: Collection[str], *, grace: float, now: float
 ) -> list[str]:
     """The plan of :meth:`FilesystemStore.reconcile`: the names (with their mtimes) in
-    ``entries`` that are not in ``keep`` and older than ``grace`` seconds at ``now``."""
-    return sorted(name for name, mtime in entries if name not in keep and now - mtime > grace)
+    ``entries`` that are not in ``keep`` (nor the leaf list ``<id>.tree`` of an id in
+    ``keep``) and older than ``grace`` seconds at ``now``."""
+
+    def kept(name: str) -> bool:
+        return name in keep or (name.endswith(TREE_SUFFIX) and name[: -len(TREE_SUFFIX)] in keep)
+
+    return sorted(name for name, mtime in entries if not kept(name) and now - mtime > grace)

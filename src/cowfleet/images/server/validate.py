@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cowfleet.hashtree import LEAF_SIZE_PROPERTY, ROOT_PROPERTY
 from cowfleet.images.server.errors import bad_request, forbidden
 from cowfleet.images.vocabulary import CONTAINER_FORMATS, DISK_FORMATS, VISIBILITIES
 
@@ -41,6 +42,9 @@ READ_ONLY = frozenset(
         "locations",
         "stores",
         "os_hidden",
+        # The hash tree (root and leaf size) the server computed at upload.
+        ROOT_PROPERTY,
+        LEAF_SIZE_PROPERTY,
     }
 )
 RESERVED = frozenset({"location", "deleted", "deleted_at"})

@@ -8,9 +8,12 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from cowfleet.hashtree import LEAF_SIZE_PROPERTY, ROOT_PROPERTY
 from cowfleet.images.server.catalog import ImageRecord
 
 SCHEMA_PATH = "/v2/schemas/image"
+# Properties only the server sets (read-only for clients, see validate.READ_ONLY).
+SERVER_PROPERTIES = frozenset({ROOT_PROPERTY, LEAF_SIZE_PROPERTY})
 
 
 def isotime(dt: datetime) -> str:
@@ -42,8 +45,14 @@ def image_json(rec: ImageRecord) -> dict[str, Any]:
         "file": f"/v2/images/{rec.id}/file",
         "schema": SCHEMA_PATH,
     }
+    if rec.tree_sha256 is not None and rec.tree_leaf_size is not None:
+        out[ROOT_PROPERTY] = rec.tree_sha256
+        out[LEAF_SIZE_PROPERTY] = str(rec.tree_leaf_size)
     for key, value in rec.properties.items():
-        out.setdefault(key, value)
+        # Free-form properties never stand in for the server's (one set before they
+        # were read-only could otherwise claim a tree the image does not have).
+        if key not in SERVER_PROPERTIES:
+            out.setdefault(key, value)
     return out
 
 
