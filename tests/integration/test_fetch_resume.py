@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +109,26 @@ def test_base_sink_refetches_once_when_kept_bytes_do_not_verify(
         base = cache.ensure_cached(img.id)
     assert base.path.read_bytes() == data
     assert rogue.file_requests(img.id) == [f"bytes={MiB}-", None]
+
+
+def test_both_sinks_verify_with_the_hash_tree_of_the_real_service(
+    image_service: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image service publishes a tree; ``cache fetch`` and ``image download`` use it
+    (and a drop mid-body is still resumed: the tree is fed the kept bytes again)."""
+    import io
+    import logging
+
+    data = _data(9 * MiB + 7)
+    with ImageClient(image_service.url, image_service.token, timeout=30) as client:
+        img = client.create(name="tree", disk_format="raw", container_format="bare")
+        client.upload(img.id, io.BytesIO(data), size=len(data))
+        assert client.get_tree(client.get(img.id)) is not None
+        caplog.set_level(logging.INFO, logger="cowfleet.cache.fetcher")
+        cfg = _cfg(tmp_path, image_service.url)
+        base = ImageCache(cfg, client).ensure_cached(img.id)
+        assert base.path.read_bytes() == data
+        assert "verified with sha256 tree" in caplog.text
+        dest = tmp_path / "copy.raw"
+        assert client.download(img.id, dest).id == img.id
+        assert dest.read_bytes() == data

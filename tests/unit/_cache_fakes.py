@@ -86,6 +86,7 @@ class FakeClient:
         self.behaviour: dict[str, Behaviour] = {}
         self.gets: list[str] = []
         self.downloads: list[tuple[str, int]] = []  # (image id, offset asked)
+        self.trees: dict[str, Any] = {}  # image id -> hash tree (cowfleet.hashtree.Tree)
         self.lock = threading.Lock()
 
     def add(self, image: FakeImage, data: bytes, behaviour: Behaviour | None = None) -> None:
@@ -98,6 +99,9 @@ class FakeClient:
         if image_id not in self.images:
             raise NotFoundError(f"no image {image_id}")
         return self.images[image_id][0]
+
+    def get_tree(self, image: FakeImage) -> Any:
+        return self.trees.get(image.id)
 
     @contextlib.contextmanager
     def open_download(

@@ -1,7 +1,9 @@
 """Fetching one image into ``_base`` (called under its base lock).
 
 The image record is read and judged (active, a known disk format, a size within the
-limit, a digest to verify with), a download slot is taken, the ``.part`` is claimed
+limit, a digest to verify with); its hash tree, when it publishes one, is fetched and
+checked against the published root and then preferred to the digest; a download slot
+is taken, the ``.part`` is claimed
 (:mod:`.basesink`) and filled by the fetch engine (:mod:`cowfleet.fetch.engine`),
 then checked and installed (:mod:`.install`). Transport trouble keeps the ``.part``
 and its record for a later resume; any other failure removes them.
@@ -22,7 +24,7 @@ from cowfleet.cache.basesink import claim_part
 from cowfleet.cache.layout import BasePaths, Layout
 from cowfleet.cache.lock import SlotLimiter
 from cowfleet.config import Config
-from cowfleet.digest import VerifierFactory, image_digest, verifier_for
+from cowfleet.digest import image_digest, verifier_for
 from cowfleet.errors import (
     BackendUnavailableError,
     ConflictError,
@@ -78,12 +80,6 @@ def judge(image: Image, max_image_size: int) -> Fetchable:
     return Fetchable(disk_format, digest, image.size)
 
 
-def tree_verifier(client: ImageClient, image: Image) -> VerifierFactory | None:
-    """The hash-tree verifier when the image publishes a tree (the seam for
-    :mod:`cowfleet.hashtree`); None: verify with the whole-image digest."""
-    return None
-
-
 @dataclass(frozen=True)
 class FetchedBase:
     image: Image
@@ -104,7 +100,10 @@ def fetch_base(
     """Fetch, verify, check and install ``image_id`` (see the module doc)."""
     image = budget.call(lambda: client.get(image_id), what=f"image {image_id}")
     ok = judge(image, cfg.max_image_size)
-    want = Want(image_id, ok.size, verifier_for(image_id, ok.digest, tree_verifier(client, image)))
+    # The hash tree when the image has one (checked against its published root), else
+    # the whole-image digest (real Glance).
+    tree = budget.call(lambda: client.get_tree(image), what=f"hash tree of image {image_id}")
+    want = Want(image_id, ok.size, verifier_for(image_id, ok.digest, tree))
     limiter = SlotLimiter(layout.locks_dir, cfg.fetch_concurrency)
     dir_fd = safeopen.open_dir(layout.base_dir)
     try:

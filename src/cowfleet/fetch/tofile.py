@@ -34,6 +34,7 @@ from cowfleet.errors import (
 from cowfleet.fetch.engine import Fetched, OpenStream, Progress, Want, fetch
 from cowfleet.fetch.partsink import PartSink
 from cowfleet.fetch.retry import Budget
+from cowfleet.hashtree import Tree
 from cowfleet.images.models import Image
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,11 @@ def download_to(
     dest: Path,
     budget: Budget,
     *,
+    tree: Tree | None = None,
     progress: Progress | None = None,
 ) -> Fetched:
-    """Fetch ``image`` into ``dest`` (see the module doc)."""
+    """Fetch ``image`` into ``dest`` (see the module doc), verified with ``tree`` when
+    given (the image's hash tree), else its digest."""
     dir_fd = safeopen.open_dir(dest.parent)
     try:
         _check_destination_at(dir_fd, dest)
@@ -88,11 +91,11 @@ def download_to(
                 image_id=image.id,
             )
         digest = image_digest(image.os_hash_algo, image.os_hash_value, image.checksum)
-        if digest is None:
+        if digest is None and tree is None:
             log.warning(
                 "image %s: the service gives no checksum; only the size is checked", image.id
             )
-        want = Want(image.id, image.size, verifier_for(image.id, digest))
+        want = Want(image.id, image.size, verifier_for(image.id, digest, tree))
         part = part_path(dest)
         sink = PartSink(_open_part(dir_fd, part), str(part))
         try:

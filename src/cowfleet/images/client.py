@@ -426,17 +426,22 @@ class ImageClient:
 
     def download(self, image_id: str, dest: Path, *, progress: Progress | None = None) -> Image:
         """Fetch the image into ``dest`` through the fetch engine: resumes by ``Range``,
-        retries with backoff, verifies while streaming, renames only a verified file
-        (see :mod:`cowfleet.fetch.tofile`)."""
+        retries with backoff, verifies while streaming (with the image's hash tree when it
+        has one, else its digest), renames only a verified file (see
+        :mod:`cowfleet.fetch.tofile`)."""
         from cowfleet.fetch.tofile import download_to
 
         budget = self.budget()
         image = budget.call(lambda: self.get(image_id), what=f"image {image_id}")
+        tree = None
+        if image.status == "active":  # (download_to says why another image cannot be)
+            tree = budget.call(lambda: self.get_tree(image), what=f"hash tree of image {image_id}")
         download_to(
             lambda offset, pool: self.open_download(image.id, offset=offset, buffers=pool),
             image,
             Path(dest),
             budget,
+            tree=tree,
             progress=progress,
         )
         return image
