@@ -100,7 +100,9 @@ def test_process_holding_or_mapping_a_base_keeps_it_from_age_out(
     by_name = {e["name"]: e["in_use_by"] for e in listing}
     assert by_name[held.name] == [by_held] and by_name[mapped.name] == [by_mapped]
     assert by_name[free.name] == []
-    assert f"process {p_mapped.pid}" in _cowfleet(tmp_path, "cache", "list", *common).stdout
+    long = _cowfleet(tmp_path, "cache", "list", "--long", *common).stdout
+    assert f"process {p_mapped.pid}" in long and f"process {p_held.pid}" in long
+    assert "1 process" in _cowfleet(tmp_path, "cache", "list", *common).stdout
 
     _cowfleet(tmp_path, "cache", "clean", "--min-age", "0", *common)
     assert held.exists() and mapped.exists() and not free.exists()

@@ -47,7 +47,9 @@ def test_a_large_body_is_read_from_the_socket_and_the_connection_then_closes(
     iid = create(http)
     r = http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS)
     assert r.status_code == 204, r.text
-    # uvicorn's parser never saw these bytes: the connection must not be reused.
+    # The data plane read the body (the header is set nowhere else), and uvicorn's
+    # parser never saw those bytes: the connection must not be reused.
+    assert r.headers.get("x-cowfleet-data-plane") == "receive"
     assert r.headers.get("connection") == "close"
     check_stored(http, iid, data)  # the same client carries on, on a new connection
 
@@ -59,6 +61,7 @@ def test_small_and_chunked_bodies_take_the_asgi_path_and_keep_the_connection(
     iid = create(http, name="small")
     r = http.put(f"/v2/images/{iid}/file", content=small, headers=OCTETS)
     assert r.status_code == 204 and r.headers.get("connection") != "close"
+    assert "x-cowfleet-data-plane" not in r.headers
     check_stored(http, iid, small)
 
     big = os.urandom(9 * MIB + 7)
@@ -66,6 +69,7 @@ def test_small_and_chunked_bodies_take_the_asgi_path_and_keep_the_connection(
     pieces = (big[i : i + 1_000_000] for i in range(0, len(big), 1_000_000))
     r = http.put(f"/v2/images/{iid}/file", content=pieces, headers=OCTETS)  # no length
     assert r.status_code == 204 and r.headers.get("connection") != "close"
+    assert "x-cowfleet-data-plane" not in r.headers
     check_stored(http, iid, big)
 
 
@@ -149,6 +153,100 @@ def test_a_client_gone_during_a_direct_read_leaves_the_image_queued_and_no_bytes
     data = os.urandom(5 * MIB)  # and the image can be uploaded again
     assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
     check_stored(http, iid, data)
+
+
+def read_response(s: socket.socket, buf: bytearray) -> tuple[bytes, bytes]:
+    """One response with a Content-Length from ``s`` (``buf``: bytes read beyond it)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, bytes(buf[:200])
+        buf += chunk
+    end = buf.index(b"\r\n\r\n") + 4
+    head = bytes(buf[:end])
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    while len(buf) < end + length:
+        chunk = s.recv(1 << 20)
+        assert chunk, "connection closed part-way through a body"
+        buf += chunk
+    body = bytes(buf[end : end + length])
+    del buf[: end + length]
+    return head, body
+
+
+def test_downloads_are_sent_by_the_data_plane_and_keep_the_connection(
+    image_service: ImageService, http: httpx.Client
+) -> None:
+    data = os.urandom(40 * MIB + 321)
+    iid = create(http)
+    assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+    auth = f"Host: x\r\nX-Auth-Token: {image_service.token}\r\n"
+    # Three requests pipelined on one connection: a whole file, a range, the record.
+    requests = (
+        f"GET /v2/images/{iid}/file HTTP/1.1\r\n{auth}\r\n"
+        f"GET /v2/images/{iid}/file HTTP/1.1\r\n{auth}Range: bytes=1000-2099999\r\n\r\n"
+        f"GET /v2/images/{iid} HTTP/1.1\r\n{auth}Connection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", image_service.port), timeout=30) as s:
+        s.sendall(requests)
+        buf = bytearray()
+        head, body = read_response(s, buf)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        # Set only where the data plane wrote the response (sendfile), never by the ASGI path.
+        assert b"\r\nx-cowfleet-data-plane: sendfile\r\n" in head.lower()
+        assert b"connection: close" not in head.lower()
+        assert body == data
+        head, body = read_response(s, buf)
+        assert head.startswith(b"HTTP/1.1 206 "), head
+        assert b"x-cowfleet-data-plane: sendfile" in head.lower()
+        assert f"content-range: bytes 1000-2099999/{len(data)}".encode() in head.lower()
+        assert body == data[1000:2100000]
+        head, body = read_response(s, buf)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"x-cowfleet-data-plane" not in head.lower()
+        assert iid.encode() in body
+        while chunk := s.recv(65536):  # and nothing else: uvicorn's own head was not sent
+            buf += chunk
+        assert buf == b""
+
+
+def test_a_download_to_an_http_1_0_client_is_sent_whole_and_closes(
+    image_service: ImageService, http: httpx.Client
+) -> None:
+    data = os.urandom(3 * MIB + 5)
+    iid = create(http)
+    assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+    auth = f"Host: x\r\nX-Auth-Token: {image_service.token}\r\n"
+    with socket.create_connection(("127.0.0.1", image_service.port), timeout=30) as s:
+        s.sendall(f"GET /v2/images/{iid}/file HTTP/1.0\r\n{auth}\r\n".encode())
+        reply = b""
+        while chunk := s.recv(1 << 20):  # the server closes after the one response
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"x-cowfleet-data-plane: sendfile" in head
+    assert b"connection: close" in head.lower()
+    assert body == data
+
+
+def test_a_client_gone_during_a_sendfile_download_leaves_the_server_serving(
+    image_service: ImageService, http: httpx.Client
+) -> None:
+    data = os.urandom(64 * MIB)
+    iid = create(http)
+    assert http.put(f"/v2/images/{iid}/file", content=data, headers=OCTETS).status_code == 204
+    auth = f"Host: x\r\nX-Auth-Token: {image_service.token}\r\n"
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", image_service.port), timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(f"GET /v2/images/{iid}/file HTTP/1.1\r\n{auth}\r\n".encode())
+        assert b"x-cowfleet-data-plane: sendfile" in s.recv(65536)
+        s.close()  # with most of the body not yet read: a reset for the server
+    with http.stream("GET", f"/v2/images/{iid}/file") as r:
+        assert r.headers["x-cowfleet-data-plane"] == "sendfile"
+        assert r.read() == data
 
 
 # What stays in the page cache ---------------------------------------------------------

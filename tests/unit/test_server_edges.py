@@ -164,7 +164,12 @@ def connect(limit: int = 1000, timeout: float = 60) -> tuple[Any, Transport]:
     loop = asyncio.new_event_loop()
     proto = cls(config=None, _loop=loop)
     transport = Transport()
-    proto.connection_made(transport)
+
+    async def made() -> None:  # as uvicorn does: on the loop (the timers go there)
+        proto.connection_made(transport)
+
+    loop.run_until_complete(made())
+    proto.test_loop = loop
     return proto, transport
 
 
@@ -178,7 +183,8 @@ def test_guard_passes_requests_and_bodies_through() -> None:
     proto.data_received(chunked + b"c" * 4096 + b"\r\n0\r\n\r\n")
     assert not t.closed and t.written == b""
     assert proto.inner.data.endswith(b"0\r\n\r\n")
-    assert proto.inner.kwargs == {"config": None, "_loop": proto._loop}
+    # Passed on as given (no app_state here, so no data plane either).
+    assert proto.inner.kwargs == {"config": None, "_loop": proto.test_loop}
 
 
 def test_guard_answers_431_for_headers_over_the_limit() -> None:

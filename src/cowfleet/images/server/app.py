@@ -17,6 +17,7 @@ from cowfleet.errors import CowfleetError
 from cowfleet.images.server.api import Service, router
 from cowfleet.images.server.auth import TokenAuth
 from cowfleet.images.server.catalog import Catalog
+from cowfleet.images.server.dataplane import DataPlaneMiddleware
 from cowfleet.images.server.errors import error_body, status_for
 from cowfleet.images.server.members import router as members_router
 from cowfleet.images.server.settings import ServerSettings
@@ -101,6 +102,8 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         )
 
     app.add_middleware(TokenAuth, token=settings.token, tokens=settings.tokens)
+    # Outermost: sees every response, the 401s included (a no-op without a data plane).
+    app.add_middleware(DataPlaneMiddleware)
     return app
 
 

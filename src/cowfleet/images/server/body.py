@@ -6,20 +6,20 @@ returned) is copied twice more on its way to the application (``bytearray +=``, 
 ``bytes(...)``) into freshly allocated memory, and each piece wakes the event loop:
 1.25-1.4 CPU-s per GiB here, as much as one of the two hashes. For a large body with a
 Content-Length none of that is needed. After the first piece (``receive()`` also
-answers ``Expect: 100-continue``) reading is paused on the connection and a receiver
-thread reads the rest with ``readv`` from a duplicate of the socket, straight into the
-pipeline's blocks: one copy, no allocation, no event-loop round trip per piece.
+answers ``Expect: 100-continue``) the connection's data plane
+(:mod:`cowfleet.images.server.dataplane`, the project's own protocol in front of
+uvicorn's) pauses reading and hands over the socket, and a receiver thread reads the
+rest with ``readv`` from a duplicate of it, straight into the pipeline's blocks: one
+copy, no allocation, no event-loop round trip per piece.
 
-uvicorn has no ASGI extension for this, so the connection object (the owner of
-``receive``) is reached directly, as the download path does for ``sendfile``. uvicorn's
-HTTP parser never sees those bytes, so keep-alive is turned off for the request and the
-connection closes after the response; a client opens a new one for its next request.
-Before that close, what the client sent beyond the body (a pipelined request, which a
-client retries on a new connection) is read and dropped, and after a failure part-way
-through, so is the rest of the body (for at most :data:`LINGER` seconds): a socket
-closed with unread data sends a reset, and the client could lose the answer.
-Any other server, TLS, a chunked body, or a body under :data:`DIRECT_MIN` takes the
-ASGI path, which gives the same result.
+uvicorn's HTTP parser never sees those bytes, so the connection closes after the
+response (the data plane adds ``Connection: close``); a client opens a new one for its
+next request. Before that close, what the client sent beyond the body (a pipelined
+request, which a client retries on a new connection) is read and dropped, and after a
+failure part-way through, so is the rest of the body (for at most :data:`LINGER`
+seconds): a socket closed with unread data sends a reset, and the client could lose the
+answer. Without a data plane (another server, tests in process), TLS, a chunked body,
+or a body under :data:`DIRECT_MIN` the ASGI path gives the same result.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
+from cowfleet.images.server.dataplane import DataPlane, data_plane_of
 from cowfleet.images.server.upload import UploadPipeline
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ POLL_SLICE = 0.25
 # long (s), so that the client gets the error answer: closing a socket with unread data
 # sends a reset, which can destroy the answer before the client reads it.
 LINGER = 2.0
-# The uvicorn protocol whose connection objects this module knows.
-_HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 
 
 async def receive_body(request: Request, pipe: UploadPipeline, idle_timeout: float) -> bool:
@@ -65,6 +63,7 @@ async def receive_body(request: Request, pipe: UploadPipeline, idle_timeout: flo
     """
     loop = asyncio.get_running_loop()
     length = _declared_length(request)
+    plane = data_plane_of(request.scope)
     conn: _Connection | None = None
     async with asyncio.timeout(idle_timeout) as idle:
         while True:
@@ -75,11 +74,11 @@ async def receive_body(request: Request, pipe: UploadPipeline, idle_timeout: flo
             if not message.get("more_body", False):
                 return False
             idle.reschedule(loop.time() + idle_timeout)
-            if length is not None:
-                conn = _take_over(request, length - pipe.total)
+            if length is not None and plane is not None:
+                # None also while uvicorn holds body bytes not yet received: ask again.
+                conn = _take_over(plane, pipe.total, length - pipe.total)
                 if conn is not None:
                     break
-                length = None  # not possible for this request: do not ask again
     # Outside the asyncio timeout: the receiver thread keeps its own idle deadline.
     await conn.read_rest(pipe, idle_timeout)
     return True
@@ -131,31 +130,13 @@ class _Connection:
         reader.discard(DIRECT_MIN, 0.0)  # a pipelined request: only what is there
 
 
-def _take_over(request: Request, remaining: int) -> _Connection | None:
-    """Pause uvicorn's reading and take the socket, or None where that is not possible."""
+def _take_over(plane: DataPlane, received: int, remaining: int) -> _Connection | None:
+    """The socket from the connection's data plane, or None where that is not possible."""
     if remaining < DIRECT_MIN:
         return None
-    cycle: Any = getattr(request.receive, "__self__", None)
-    if type(cycle).__module__ != _HTTPTOOLS_CYCLE:
+    fd = plane.take_body(received)
+    if fd is None:
         return None
-    transport = getattr(cycle, "transport", None)
-    flow = getattr(cycle, "flow", None)
-    if transport is None or flow is None or not hasattr(cycle, "keep_alive"):
-        return None
-    if transport.get_extra_info("sslcontext") is not None:
-        return None
-    sock = transport.get_extra_info("socket")
-    if sock is None or len(getattr(cycle, "body", b"")) != 0:
-        # receive() has just emptied the buffer and no callback ran since: anything
-        # buffered means a protocol this module does not know.
-        return None
-    try:
-        fd = os.dup(sock.fileno())
-    except OSError as exc:
-        log.debug("cannot duplicate the connection's socket: %s", exc)
-        return None
-    flow.pause_reading()
-    cycle.keep_alive = False
     log.debug("reading the last %d bytes of the body from the socket", remaining)
     return _Connection(fd, remaining)
 

@@ -1,9 +1,11 @@
 """Serving image bytes: ``sendfile(2)`` when possible, else large ``os.pread`` chunks.
 
-Starlette's ``FileResponse`` reads 64 KiB at a time. Under uvicorn with the asyncio
-loop the body goes out with ``loop.sendfile`` (zero copy); otherwise large ``pread``
-chunks keep the per-chunk cost of the event loop small enough for GB/s over loopback. Memory stays
-bounded by uvicorn's flow control (``send`` waits while the socket buffer is full).
+Starlette's ``FileResponse`` reads 64 KiB at a time. Where the server offers the ASGI
+extension ``http.response.zerocopysend`` (the image server's data plane does, see
+:mod:`cowfleet.images.server.dataplane`) the body goes out with ``sendfile`` (zero copy);
+otherwise large ``pread`` chunks keep the per-chunk cost of the event loop small enough
+for GB/s over loopback. Memory stays bounded by flow control (``send`` waits while the
+socket buffer is full).
 The descriptor is opened before the response starts, so deleting the image while it
 is being downloaded does not disturb the transfer (the unlinked file stays readable).
 
@@ -29,12 +31,12 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from cowfleet.fsutil import cached_fraction, drop_cached
+from cowfleet.images.server.dataplane import ZEROCOPY
 
 log = logging.getLogger(__name__)
 
@@ -106,55 +108,41 @@ class DescriptorResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            sent = await self._zero_copy(receive)
-            await self._copy(receive, send, self._offset + sent, self._length - sent)
+            if self._length > 0 and ZEROCOPY in (scope.get("extensions") or {}):
+                await self._zero_copy(send)
+            else:
+                await self._copy(receive, send, self._offset, self._length)
         finally:
             os.close(self._fd)
 
-    async def _zero_copy(self, receive: Receive) -> int:
-        """Send the body with ``sendfile(2)`` when the server allows it; bytes sent.
-
-        Uvicorn has no ASGI zero-copy extension, so this reaches its connection object
-        (the owner of ``receive``) for the socket transport and accounts the bytes there.
-        Any other server, or an event loop without native sendfile (uvloop), gets 0
-        and the copying path sends the body.
-        """
-        cycle: Any = getattr(receive, "__self__", None)
-        transport = getattr(cycle, "transport", None)
-        expected = getattr(cycle, "expected_content_length", None)
-        if transport is None or expected != self._length or self._length == 0:
-            return 0
-        loop = asyncio.get_running_loop()
+    async def _zero_copy(self, send: Send) -> None:
+        """The body through ``http.response.zerocopysend``, one window at a time when the
+        pages it brings into the page cache are to be dropped behind it."""
         window = self._length if self._keep_cached else DROP_WINDOW
         end = self._offset + self._length
-        sent = 0
+        pos = self._offset
         behind: tuple[int, int] | None = None  # the last window sent, if this brought it in
         with open(self._fd, "rb", buffering=0, closefd=False) as fileobj:
-            try:
-                while sent < self._length:
-                    pos = self._offset + sent
-                    size = min(window, end - pos)
-                    cold = not self._keep_cached and _cold(self._fd, pos, size)
-                    n = await loop.sendfile(transport, fileobj, pos, size, fallback=False)
-                    if n == 0:  # the file shrank under us: the copying path ends it
-                        break
-                    sent += n
-                    # The window before has left the socket buffer by now.
-                    if behind is not None:
-                        drop_cached(self._fd, *behind)
-                    behind = (pos, n) if cold else None
-            except (NotImplementedError, asyncio.SendfileNotAvailableError, AttributeError):
-                if sent:
-                    raise
-                return 0  # nothing was sent
-            except (ConnectionError, OSError) as exc:
-                log.info("download ended early: %s", exc)
-                sent = self._length  # the client is gone; nothing more to send
+            while pos < end:
+                size = min(window, end - pos)
+                cold = not self._keep_cached and _cold(self._fd, pos, size)
+                await send(
+                    {
+                        "type": ZEROCOPY,
+                        "file": fileobj,
+                        "offset": pos,
+                        "count": size,
+                        "more_body": pos + size < end,
+                    }
+                )
+                # The window before has left the socket buffer by now.
+                if behind is not None:
+                    drop_cached(self._fd, *behind)
+                behind = (pos, size) if cold else None
+                pos += size
         if behind is not None:  # pages still queued in the socket are skipped
             drop_cached(self._fd, *behind)
-        cycle.expected_content_length = expected - sent
-        log.debug("sent %d bytes with sendfile", sent)
-        return sent
+        log.debug("sent %d bytes with %s", self._length, ZEROCOPY)
 
     async def _copy(self, receive: Receive, send: Send, offset: int, length: int) -> None:
         """The body (or its rest) with large ``pread`` chunks through ASGI ``send``."""

@@ -19,9 +19,17 @@ Where a request's headers end is told by a parser of our own (httptools' public
 within a read are measured as parsed; headers still incomplete at the end of a read are
 counted as the bytes that read held apart from bodies and complete headers, so that an
 endless header is refused after at most one read (256 KiB) past the limit.
-Once the application takes over the socket to read a large body directly (see
-:mod:`cowfleet.images.server.body`), no more bytes pass here, and the connection closes
-after that response.
+The same parser tells the connection's data plane (:mod:`cowfleet.images.server.dataplane`)
+how much of a request body has been passed on; once the application takes the socket to
+read a large body directly, no more bytes pass here, and the connection closes after that
+response.
+
+The inner protocol is built through its public constructor with the keyword arguments
+uvicorn gives the class it was configured with (``uvicorn.Config(http=<class>)``), except
+that ``app_state`` (the lifespan state each request's ASGI ``state`` is copied from) also
+holds the connection's :class:`~cowfleet.images.server.dataplane.DataPlane`, and that
+it is given a :class:`~cowfleet.images.server.dataplane.PassThroughTransport`. That pair
+is the extension point this module relies on; nothing else of uvicorn is used.
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ import logging
 from typing import Any
 
 import httptools
+
+from cowfleet.images.server.dataplane import (
+    STATE_KEY,
+    BodyProgress,
+    DataPlane,
+    PassThroughTransport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +70,10 @@ class _Boundaries:
     """Callbacks of our own parser: where messages begin, where their headers end, and
     the size of each request's headers once they are complete."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: BodyProgress) -> None:
         self.in_headers = True  # a connection starts waiting for a request's headers
         self.size = 0  # bytes of the current request's line and headers, as parsed
+        self.progress = progress
         self.reset()
 
     def reset(self) -> None:
@@ -72,6 +88,9 @@ class _Boundaries:
         self.in_headers = True
         self.began = True
         self.size = REQUEST_LINE_EXTRA
+        self.progress.messages += 1
+        self.progress.in_body = False
+        self.progress.body_passed = 0
 
     def on_url(self, url: bytes) -> None:
         self.size += len(url)
@@ -84,9 +103,14 @@ class _Boundaries:
         self.completed = True
         self.done += self.size
         self.largest = max(self.largest, self.size)
+        self.progress.in_body = True
 
     def on_body(self, body: bytes) -> None:
         self.body += len(body)
+        self.progress.body_passed += len(body)
+
+    def on_message_complete(self) -> None:
+        self.progress.in_body = False
 
 
 class HeaderGuard(asyncio.Protocol):
@@ -100,10 +124,15 @@ class HeaderGuard(asyncio.Protocol):
     header_timeout: float
 
     def __init__(self, **kwargs: Any) -> None:
+        progress = BodyProgress()
+        self.plane: DataPlane | None = None
+        app_state = kwargs.get("app_state")
+        if isinstance(app_state, dict):
+            self.plane = DataPlane(progress)
+            kwargs["app_state"] = {**app_state, STATE_KEY: self.plane}
         self.inner: Any = self.inner_class(**kwargs)
-        loop = kwargs.get("_loop")
-        self._loop = loop or asyncio.get_event_loop()
-        self._marks = _Boundaries()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._marks = _Boundaries(progress)
         self._parser: Any = httptools.HttpRequestParser(self._marks)
         self._count = 0  # header bytes of the request being received
         self._timer: asyncio.TimerHandle | None = None
@@ -114,20 +143,28 @@ class HeaderGuard(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
         self._arm()
-        self.inner.connection_made(transport)
+        if self.plane is None:
+            self.inner.connection_made(transport)
+            return
+        self.plane.attach(transport)
+        self.inner.connection_made(PassThroughTransport(transport, self.plane))
 
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
+        if self.plane is not None and self.plane.body_taken:
+            return  # the application reads the socket; the connection closes after it
         marks = self._marks
         marks.reset()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            pass  # not served here; the inner protocol answers it
+            self._marks.progress.broken = True  # not served here; the inner protocol answers
         except httptools.HttpParserError:
             self._parser = None  # the inner protocol answers 400 for the same bytes
+            self._marks.progress.broken = True
             self._disarm()
         if self._parser is not None:
             if marks.completed:
@@ -165,6 +202,7 @@ class HeaderGuard(asyncio.Protocol):
     # -- limits --------------------------------------------------------------------
     def _arm(self) -> None:
         self._disarm()
+        assert self._loop is not None
         self._timer = self._loop.call_later(self.header_timeout, self._timed_out)
 
     def _disarm(self) -> None:
