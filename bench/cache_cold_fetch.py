@@ -6,8 +6,22 @@ Same run, same image, same embedded image service (``cowfleet serve images``):
 * Nova's order: download to a file (Python, httpx streaming), then sha512 of the file,
   then the format inspector over the file, then ``qemu-img info -f raw`` (as Nova does
   before using a base);
-* cowfleet: ``cowfleet cache fetch`` in a fresh process (one streaming pass: sha512 +
-  inspection + sparse write + fsync + rename), with its peak RSS.
+* digest alone: the verifying digest (sha512, as ``os_hash_value``) over the same bytes
+  in a fresh process, read from the page cache (the hashing floor);
+* tree alone: when the image service publishes a sha256 hash tree
+  (``cowfleet.hashtree``), building the tree over the same bytes;
+* cowfleet: ``cowfleet cache fetch`` in a fresh process (one streaming pass: digest +
+  inspection + sparse write + fsync + rename), with its peak RSS; it verifies with the
+  tree when the image has one;
+* library: the same fetch through ``ImageCache.ensure_cached`` in a process that has
+  already imported cowfleet (as a node agent or ``compute`` would), timed around the call
+  (interpreter start-up and imports excluded: about 0.2-0.3 s here);
+* cowfleet-sha512 (only when there is a tree): the same fetch in a fresh process through
+  ``ImageCache`` with a client that hides the tree, so it verifies with sha512 (as from
+  real Glance).
+
+Target (issue 14): each fetch within 1.15x of the slower of curl and its verifying
+digest alone.
 
 Each is run ``--runs`` times; the best of each is compared (page cache warm for all,
 the server's file is read from memory every time).
@@ -19,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+
+CPU: list[float] = []  # CPU seconds (user + sys) of each child, in order
 
 
 def child_rss_wrapper(argv: list[str]) -> tuple[float, int, str]:
@@ -41,6 +58,7 @@ def child_rss_wrapper(argv: list[str]) -> tuple[float, int, str]:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:6])} failed: {err.decode()[-2000:]}")
+    CPU.append(usage.ru_utime + usage.ru_stime)
     return elapsed, usage.ru_maxrss * 1024, out.decode()
 
 
@@ -69,6 +87,71 @@ subprocess.run(["qemu-img", "info", "-f", "raw", "--output=json", dest], check=T
 print(h.hexdigest())
 """
 
+DIGEST_ALONE = r"""
+import hashlib, sys
+h = hashlib.new(sys.argv[2])
+with open(sys.argv[1], "rb", buffering=0) as fh:
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        h.update(view[:n])
+print(h.hexdigest())
+"""
+
+TREE_ALONE = r"""
+import sys
+from cowfleet.hashtree import TreeBuilder
+b = TreeBuilder()
+with open(sys.argv[1], "rb", buffering=0) as fh:
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        b.update(view[:n])
+print(b.finish().root)
+"""
+
+FETCH_SHA512 = r"""
+import json, sys
+from pathlib import Path
+from cowfleet.cache.cache import ImageCache
+from cowfleet.config import Config
+from cowfleet.hashtree import LEAF_SIZE_PROPERTY, ROOT_PROPERTY
+from cowfleet.images.client import ImageClient
+url, token, image_id, inst, home = sys.argv[1:6]
+
+class NoTree(ImageClient):
+    def get(self, image_id):
+        image = super().get(image_id)
+        for key in (ROOT_PROPERTY, LEAF_SIZE_PROPERTY):
+            image.properties.pop(key, None)
+        return image
+
+cfg = Config(home=Path(home), instances_path=Path(inst), image_url=url)
+with NoTree(url, token, timeout=300) as client:
+    base = ImageCache(cfg, client).ensure_cached(image_id)
+print(json.dumps({"fetched": base.fetched, "size": base.size}))
+"""
+
+
+FETCH_LIB = r"""
+import json, sys, time
+from pathlib import Path
+from cowfleet.cache.cache import ImageCache
+from cowfleet.config import Config
+from cowfleet.images.client import ImageClient
+import cowfleet.formats.inspector, cowfleet.fetch.engine  # imported before the clock starts
+url, token, image_id, inst, home = sys.argv[1:6]
+cfg = Config(home=Path(home), instances_path=Path(inst), image_url=url)
+t0 = time.perf_counter()
+with ImageClient(url, token, timeout=300) as client:
+    base = ImageCache(cfg, client).ensure_cached(image_id)
+print(json.dumps({"fetched": base.fetched, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def has_tree() -> bool:
+    return importlib.util.find_spec("cowfleet.hashtree") is not None
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
@@ -92,15 +175,31 @@ def main() -> int:
             src.unlink()
             url = f"{svc.url}/v2/images/{image_id}/file"
             print(f"image {args.size_mib} MiB, {load()}, cores {os.cpu_count()}")
-            res: dict[str, list[float]] = {"curl": [], "nova": [], "cowfleet": []}
+            tree = has_tree()
+            names = ["curl", "digest", "nova", "cowfleet", "library"]
+            if tree:
+                names += ["tree", "cowfleet-sha512"]
+            res: dict[str, list[float]] = {k: [] for k in names}
             rss: list[int] = []
+            cpu: dict[str, list[float]] = {k: [] for k in res}
             for i in range(args.runs):
                 dest = wd / f"curl-{i}"
                 t, _, _ = child_rss_wrapper(
                     ["curl", "-sS", "-f", "-o", str(dest), "-H", f"X-Auth-Token: {svc.token}", url]
                 )
                 res["curl"].append(t)
+                cpu["curl"].append(CPU[-1])
                 assert dest.stat().st_size == size
+                t, _, out = child_rss_wrapper(
+                    [sys.executable, "-c", DIGEST_ALONE, str(dest), "sha512"]
+                )
+                assert out.strip() == expect
+                res["digest"].append(t)
+                cpu["digest"].append(CPU[-1])
+                if tree:
+                    t, _, _ = child_rss_wrapper([sys.executable, "-c", TREE_ALONE, str(dest)])
+                    res["tree"].append(t)
+                    cpu["tree"].append(CPU[-1])
                 dest.unlink()
 
                 dest = wd / f"nova-{i}"
@@ -109,6 +208,7 @@ def main() -> int:
                 )
                 assert out.strip() == expect
                 res["nova"].append(t)
+                cpu["nova"].append(CPU[-1])
                 dest.unlink()
 
                 inst = wd / f"inst-{i}"
@@ -116,13 +216,51 @@ def main() -> int:
                 answer = json.loads(out)
                 assert answer["fetched"] and answer["size"] == size
                 res["cowfleet"].append(t)
+                cpu["cowfleet"].append(CPU[-1])
                 rss.append(peak)
                 shutil.rmtree(inst)
+                argv = [sys.executable, "-c", FETCH_LIB, svc.url, svc.token, image_id]
+                _, _, out = child_rss_wrapper([*argv, str(inst), str(wd / "home")])
+                res["library"].append(json.loads(out)["seconds"])
+                cpu["library"].append(CPU[-1])
+                shutil.rmtree(inst)
+                if tree:
+                    argv = [sys.executable, "-c", FETCH_SHA512, svc.url, svc.token, image_id]
+                    t, peak, out = child_rss_wrapper([*argv, str(inst), str(wd / "home")])
+                    assert json.loads(out)["fetched"]
+                    res["cowfleet-sha512"].append(t)
+                    cpu["cowfleet-sha512"].append(CPU[-1])
+                    rss.append(peak)
+                    shutil.rmtree(inst)
             best = {k: min(v) for k, v in res.items()}
             for k, v in res.items():
                 mbps = size / best[k] / MiB
                 runs = " ".join(f"{x:.2f}" for x in v)
-                print(f"{k:9s} best {best[k]:6.2f} s  {mbps:7.0f} MiB/s   runs: {runs}")
+                cpus = " ".join(f"{x:.2f}" for x in cpu[k])
+                print(
+                    f"{k:15s} best {best[k]:6.2f} s  {mbps:7.0f} MiB/s   runs: {runs}"
+                    f"   client CPU s: {cpus}"
+                )
+            sha512_floor = max(best["curl"], best["digest"])
+            if tree:
+                tree_floor = max(best["curl"], best["tree"])
+                print(
+                    f"cowfleet (tree) / max(curl, tree alone)   = "
+                    f"{best['cowfleet'] / tree_floor:.2f}x  (target <= 1.15)"
+                )
+                print(
+                    f"library (tree) / max(curl, tree alone)    = "
+                    f"{best['library'] / tree_floor:.2f}x  (start-up excluded)"
+                )
+                print(
+                    f"cowfleet-sha512 / max(curl, sha512 alone) = "
+                    f"{best['cowfleet-sha512'] / sha512_floor:.2f}x  (target <= 1.15)"
+                )
+            else:
+                print(
+                    f"cowfleet / max(curl, sha512 alone) = {best['cowfleet'] / sha512_floor:.2f}x"
+                    "  (target <= 1.15)"
+                )
             print(
                 f"cowfleet throughput / curl       = {best['curl'] / best['cowfleet']:.2f}x"
                 "  (target >= 0.8)"

@@ -86,6 +86,7 @@ class FakeClient:
         self.behaviour: dict[str, Behaviour] = {}
         self.gets: list[str] = []
         self.downloads: list[tuple[str, int]] = []  # (image id, offset asked)
+        self.trees: dict[str, Any] = {}  # image id -> hash tree (cowfleet.hashtree.Tree)
         self.lock = threading.Lock()
 
     def add(self, image: FakeImage, data: bytes, behaviour: Behaviour | None = None) -> None:
@@ -99,8 +100,13 @@ class FakeClient:
             raise NotFoundError(f"no image {image_id}")
         return self.images[image_id][0]
 
+    def get_tree(self, image: FakeImage) -> Any:
+        return self.trees.get(image.id)
+
     @contextlib.contextmanager
-    def open_download(self, image_id: str, *, offset: int = 0) -> Iterator[FakeStream]:
+    def open_download(
+        self, image_id: str, *, offset: int = 0, buffers: object = None
+    ) -> Iterator[FakeStream]:
         _image, data = self.images[image_id]
         b = self.behaviour[image_id]
         with self.lock:

@@ -35,7 +35,7 @@ def _setup(tmp_path: Path, data: bytes, behaviour: Behaviour | None = None, **kw
     iid = str(uuid.uuid4())
     client.add(image_for(iid, data, **kw), data, behaviour)
     sleeps: list[float] = []
-    cache = ImageCache(_cfg(tmp_path), client, sleep=sleeps.append)  # type: ignore[arg-type]
+    cache = ImageCache(_cfg(tmp_path), client, sleep=sleeps.append, rand=lambda: 0.0)  # type: ignore[arg-type]
     return cache, client, iid, sleeps
 
 
@@ -286,3 +286,24 @@ def test_list_reports_users_from_qcow2_headers(tmp_path: Path) -> None:
     entry = {e.name: e for e in cache.list()}[base.path.name]
     assert entry.users == (inst,)
     assert Layout(cache.cfg.instances_path).paths(iid).base == base.path
+
+
+def test_the_hash_tree_is_preferred_to_the_digest(tmp_path: Path) -> None:
+    from cowfleet.hashtree import tree_of
+
+    data = os.urandom(9 * MiB + 5)
+    # A digest that does not match: the fetch succeeds only if the tree is what verifies.
+    cache, client, iid, _ = _setup(tmp_path, data, os_hash_value="ab" * 64)
+    client.trees[iid] = tree_of(data)
+    assert cache.ensure_cached(iid).path.read_bytes() == data
+
+
+def test_a_leaf_that_is_not_the_trees_is_refused(tmp_path: Path) -> None:
+    from cowfleet.hashtree import tree_of
+
+    data = os.urandom(9 * MiB)
+    cache, client, iid, _ = _setup(tmp_path, data)  # the digest matches the data...
+    client.trees[iid] = tree_of(data[: 4 * MiB] + bytes(MiB) + data[5 * MiB :])  # ...the tree not
+    with pytest.raises(IntegrityError, match="leaf 1"):
+        cache.ensure_cached(iid)
+    assert not cache.layout.paths(iid).base.exists()

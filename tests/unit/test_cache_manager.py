@@ -101,7 +101,7 @@ def test_unreadable_base_fails_verification(node: Node, monkeypatch: pytest.Monk
         return real_open(path, flags, *a, **kw)
 
     monkeypatch.setattr(verify_mod.os, "open", eacces)
-    [v] = verify_mod.verify_bases(node.cache)
+    [v] = node.cache.verify()
     assert not v.ok and v.failure is not None and "Permission denied" in v.failure
 
 

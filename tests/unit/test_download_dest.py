@@ -21,7 +21,7 @@ from cowfleet.errors import (
     UnsafeFileError,
     UsageError,
 )
-from cowfleet.images.transfer import check_destination
+from cowfleet.fetch.tofile import check_destination
 from tests.unit.test_client import DATA, IID, FlakyFile, make, record
 
 VICTIM = b"precious bytes that belong to someone else\n"
@@ -129,7 +129,7 @@ def test_check_destination_accepts_new_and_regular_files(dl: Path) -> None:
 
 def test_size_mismatch_leaves_no_part_file(dl: Path) -> None:
     server = FlakyFile(cut=len(DATA) + 1, data=DATA[:-1])
-    with pytest.raises(IntegrityError, match="sends"):
+    with pytest.raises(IntegrityError, match="offers"):
         make(server).download(IID, dl / "img")
     assert list(dl.iterdir()) == []
 

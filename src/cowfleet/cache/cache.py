@@ -5,6 +5,10 @@ inspection, safety policy) during one streaming pass, and renamed into place
 atomically. Concurrent callers (threads or processes) for one image share one
 download through the per-base lock; different images download in parallel up
 to ``cfg.fetch_concurrency`` per node. See docs/cache.md.
+
+This module holds the hit path and the locking around a fetch; the fetch itself is
+:mod:`.fetcher` (engine: :mod:`cowfleet.fetch`), failure sharing :mod:`.failures`,
+installing :mod:`.install`, listing :mod:`.listing`, re-verification :mod:`.verify`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import random
 import stat
 import time
 from collections.abc import Callable
@@ -19,28 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from cowfleet import safeopen
+from cowfleet.cache import failures
 from cowfleet.cache import metadata as md
+from cowfleet.cache.fetcher import fetch_base
 from cowfleet.cache.layout import BasePaths, Layout, canonical_image_id
-from cowfleet.cache.lock import SlotLimiter, base_lock
-from cowfleet.cache.sink import InspectorLike, PartFile, StreamSink
+from cowfleet.cache.lock import base_lock
 from cowfleet.config import Config
-from cowfleet.errors import (
-    BackendUnavailableError,
-    ConflictError,
-    CowfleetError,
-    IntegrityError,
-    LocalIOError,
-    TimeoutError_,
-    UnsafeImageError,
-    ValidationError,
-)
-from cowfleet.formats.inspection import GLANCE_DISK_FORMATS, qemu_format_name
+from cowfleet.errors import CowfleetError, IntegrityError, LocalIOError
+from cowfleet.fetch.engine import InspectorLike
+from cowfleet.fetch.retry import BACKOFF, RetryPolicy
+from cowfleet.formats.inspection import qemu_format_name
 
 if TYPE_CHECKING:
     from cowfleet.cache.listing import BaseEntry
     from cowfleet.cache.verify import VerifyResult
-    from cowfleet.formats.inspection import Inspection
     from cowfleet.images.client import Image, ImageClient
 
 log = logging.getLogger(__name__)
@@ -88,20 +85,22 @@ class ImageCache:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
         inspector_factory: Callable[[], InspectorLike] = _new_inspector,
-        backoff: float = 0.5,
-        fast_http: bool = True,
+        backoff: float = BACKOFF,
     ) -> None:
         self.cfg = cfg
-        self.fast_http = fast_http  # bodies via http.client (see cache/httpbody.py)
         self.layout = Layout(cfg.instances_path)
         self._client_src = client
         self._client: ImageClient | None = None
         self.clock = clock
         self.monotonic = monotonic
         self.sleep = sleep
+        self.rand = rand
         self.inspector_factory = inspector_factory
-        self.backoff = backoff
+        self.retry = RetryPolicy(
+            retries=cfg.fetch_retries, backoff=backoff, deadline=cfg.fetch_deadline
+        )
         self.downloads = 0  # downloads completed by this object (for tests and benches)
         self._dirs_ready = False
 
@@ -181,35 +180,14 @@ class ImageCache:
             hit = self._hit(image_id, paths)
             if hit is not None:
                 return hit
-            self._raise_shared_failure(image_id, paths, waiting_since)
+            failures.raise_if_failed_since(paths, image_id, waiting_since)
             try:
                 result = self._fetch(image_id, paths)
             except CowfleetError as exc:
-                self._record_failure(image_id, paths, exc)
+                failures.record(paths, image_id, exc, self.clock())
                 raise
-            md.remove_quietly(paths.failed)
+            failures.clear(paths)
             return result
-
-    def _record_failure(self, image_id: str, paths: BasePaths, exc: CowfleetError) -> None:
-        record = md.FailureRecord(image_id, type(exc).__name__, str(exc), self.clock())
-        try:
-            md.write_atomic(paths.failed, record.to_json(), durable=False)
-        except CowfleetError as werr:  # e.g. the disk is full: nothing to share then
-            log.debug("cannot record the failure: %s", werr)
-
-    def _raise_shared_failure(self, image_id: str, paths: BasePaths, since: float) -> None:
-        """A fetch that failed while we waited for the lock is not repeated by every waiter."""
-        record = md.read_failure(paths.failed)
-        if record is None or record.image_id != image_id or record.at < since:
-            return
-        from cowfleet import errors
-
-        cls = getattr(errors, record.error, None)
-        if not (isinstance(cls, type) and issubclass(cls, CowfleetError)):
-            cls = CowfleetError
-        raise cls(
-            f"{record.message} (fetched by another caller while this one waited)", image_id=image_id
-        )
 
     def ensure_cached_with_deps(self, image_id: str) -> CachedSet:
         """Cache an image and its ``kernel_id``/``ramdisk_id`` images (same verified path)."""
@@ -225,242 +203,31 @@ class ImageCache:
         ramdisk = self.ensure_cached(ramdisk_id) if ramdisk_id else None
         return CachedSet(root=root, kernel=kernel, ramdisk=ramdisk)
 
-    # -- the fetch path (under the base lock) ------------------------------
-    def _validate_image(self, image: Image) -> tuple[str, str, str, int]:
-        """(disk_format, hash_algo, hash_value, size) of a fetchable image."""
-        iid = image.id
-        if image.status != "active":
-            raise ConflictError(f"image {iid} is {image.status}, not active", image_id=iid)
-        disk_format = (image.disk_format or "").lower()
-        if disk_format not in GLANCE_DISK_FORMATS:
-            raise UnsafeImageError(
-                f"image {iid} has unsupported disk_format {image.disk_format!r}", image_id=iid
-            )
-        if image.size is None or image.size < 0:
-            raise ValidationError(f"image {iid} declares no size", image_id=iid)
-        if image.size > self.cfg.max_image_size:
-            raise ValidationError(
-                f"image {iid} is {image.size} bytes, over the limit of {self.cfg.max_image_size}",
-                image_id=iid,
-            )
-        if image.os_hash_algo and image.os_hash_value:
-            algo, value = image.os_hash_algo, image.os_hash_value
-        elif image.checksum:
-            algo, value = "md5", image.checksum
-        else:
-            raise IntegrityError(
-                f"image {iid} has no checksum (os_hash_value or checksum); refusing to "
-                "cache data that cannot be verified",
-                image_id=iid,
-            )
-        return disk_format, algo.lower(), value.lower(), image.size
-
     def _fetch(self, image_id: str, paths: BasePaths) -> CachedBase:
-        client = self.client
-        deadline = self.monotonic() + self.cfg.fetch_deadline
-        image = self._get_image(client, image_id, deadline)
-        disk_format, algo, value, size = self._validate_image(image)
-        limiter = SlotLimiter(self.layout.locks_dir, self.cfg.fetch_concurrency)
-        dir_fd = safeopen.open_dir(self.layout.base_dir)
         started = self.monotonic()
-        try:
-            with limiter.hold(deadline=deadline):
-                part = self._claim_part(dir_fd, paths, image_id, size, algo, value)
-                sink: StreamSink | None = None
-                from cowfleet.cache import httpbody
-
-                reader = httpbody.from_client(client) if self.fast_http else None
-                try:
-                    sink = StreamSink(
-                        part,
-                        image_id=image_id,
-                        expected_size=size,
-                        hash_algo=algo,
-                        hash_value=value,
-                        inspector_factory=self.inspector_factory,
-                        release=httpbody.release if reader is not None else None,
-                    )
-                    if part.position:
-                        sink.absorb_prefix()
-                        log.info("image %s: resuming at byte %d", image_id, sink.offset)
-                    from cowfleet.cache.fetch import download_into
-
-                    body_source = reader or client
-                    stats = download_into(
-                        sink,
-                        body_source,
-                        retries=self.cfg.fetch_retries,
-                        deadline=deadline,
-                        clock=self.monotonic,
-                        sleep=self.sleep,
-                        backoff=self.backoff,
-                    )
-                    inspection = sink.finish()
-                finally:
-                    if sink is not None:
-                        sink.close()
-                    part.close()
-            self._check_policy(image_id, disk_format, inspection)
-            if inspection.format == "qcow2":
-                from cowfleet.formats.qcow2_tables import check_file
-
-                # The stream judged the header; the tables' entries need the whole file.
-                check_file(paths.part.name, dir_fd=dir_fd, image_id=image_id)
-            result = self._install(dir_fd, paths, image, disk_format, algo, value, inspection)
-        except (BackendUnavailableError, TimeoutError_):
-            # Transport trouble: keep the .part and its record for a later resume.
-            raise
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            self._discard(dir_fd, paths)
-            if isinstance(exc, CowfleetError):
-                log.warning("image %s: fetch refused: %s", image_id, exc)
-            raise
-        finally:
-            os.close(dir_fd)
-        self.downloads += 1
-        seconds = self.monotonic() - started
-        log.info(
-            "image %s: cached %s (%d bytes, %d attempts, resumed from %d, %.2fs)",
+        budget = self.retry.start(clock=self.monotonic, sleep=self.sleep, rand=self.rand)
+        got = fetch_base(
+            self.cfg,
+            self.layout,
+            self.client,
             image_id,
-            paths.base,
-            size,
-            stats.attempts,
-            stats.resumed_from,
-            seconds,
+            paths,
+            budget,
+            now=self.clock,
+            inspector_factory=self.inspector_factory,
         )
-        return result
-
-    def _get_image(self, client: ImageClient, image_id: str, deadline: float) -> Image:
-        """The image record, retrying transient failures like the download does."""
-        delay = self.backoff
-        for attempt in range(self.cfg.fetch_retries + 1):
-            try:
-                return client.get(image_id)
-            except (BackendUnavailableError, TimeoutError_) as exc:
-                if attempt == self.cfg.fetch_retries or self.monotonic() + delay > deadline:
-                    raise
-                log.warning("image %s: %s; retrying in %.1fs", image_id, exc, delay)
-                self.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
-
-    def _claim_part(
-        self, dir_fd: int, paths: BasePaths, image_id: str, size: int, algo: str, value: str
-    ) -> PartFile:
-        """Resume a matching ``.part`` we now own (we hold the lock) or create a new one."""
-        part_name = paths.part.name
-        record = md.read_part_meta(paths.part_meta)
-        try:
-            st: os.stat_result | None = os.lstat(paths.part)
-        except FileNotFoundError:
-            st = None
-        source = self.cfg.endpoint
-        if (
-            st is not None
-            and stat.S_ISREG(st.st_mode)
-            and record is not None
-            and record.image_id == image_id
-            and record.image_size == size
-            and record.hash_algo == algo
-            and record.hash_value == value
-        ):
-            try:
-                return PartFile.reopen(dir_fd, part_name, str(paths.part))
-            except LocalIOError as exc:
-                log.warning("cannot resume %s (%s); starting over", paths.part, exc)
-        if st is not None:
-            log.info("removing stale %s", paths.part)
-            _unlink_at(dir_fd, part_name)
-        md.write_atomic(
-            paths.part_meta,
-            md.PartMeta(
-                image_id=image_id,
-                image_size=size,
-                hash_algo=algo,
-                hash_value=value,
-                source=source,
-                started_at=self.clock(),
-            ).to_json(),
-        )
-        return PartFile.create(dir_fd, part_name, str(paths.part))
-
-    def _check_policy(self, image_id: str, disk_format: str, inspection: Inspection) -> None:
-        from cowfleet.formats import policy
-
-        verdict = policy.check(disk_format, inspection, max_virtual_size=self.cfg.max_virtual_size)
-        verdict.raise_if_unsafe(image_id=image_id)
-
-    def _install(
-        self,
-        dir_fd: int,
-        paths: BasePaths,
-        image: Image,
-        disk_format: str,
-        algo: str,
-        value: str,
-        inspection: Inspection,
-    ) -> CachedBase:
-        file_format = GLANCE_DISK_FORMATS[disk_format]
-        src_name = paths.part.name
-        file_algo, file_value = algo, value
-        converted_from: str | None = None
-        virtual_size = inspection.virtual_size
-        if self.cfg.force_raw and file_format != "raw":
-            from cowfleet.cache.convert import to_raw
-
-            conv = to_raw(paths, dir_fd, file_format, self.cfg.max_virtual_size, image.id)
-            src_name = paths.converted.name
-            converted_from, file_format = file_format, "raw"
-            file_algo, file_value = "sha512", conv.sha512
-            virtual_size = conv.virtual_size
-        file_size = os.stat(src_name, dir_fd=dir_fd, follow_symlinks=False).st_size
-        now = self.clock()
-        props = image.properties or {}
-        meta = md.BaseMeta(
-            image_id=image.id,
-            name=image.name,
-            disk_format=disk_format,
-            file_format=file_format,
-            image_size=image.size or 0,
-            file_size=file_size,
-            virtual_size=virtual_size,
-            hash_algo=algo,
-            hash_value=value,
-            file_hash_algo=file_algo,
-            file_hash_value=file_value,
-            fetched_at=now,
-            source=self.cfg.endpoint,
-            verified_at=now,
-            converted_from=converted_from,
-            kernel_id=props.get("kernel_id"),
-            ramdisk_id=props.get("ramdisk_id"),
-        )
-        # Metadata first, then the rename: a base never exists without its record.
-        md.write_meta(paths.meta, meta)
-        try:
-            os.rename(src_name, paths.base.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
-        except OSError as exc:
-            raise LocalIOError(f"cannot install {paths.base}: {exc.strerror}") from exc
-        if converted_from:
-            _unlink_at(dir_fd, paths.part.name)
-        md.remove_quietly(paths.part_meta)
+        self.downloads += 1
+        log.debug("image %s: fetched in %.2fs", image_id, self.monotonic() - started)
+        inst = got.installed
         return CachedBase(
-            image_id=image.id,
+            image_id=image_id,
             path=paths.base,
-            format=qemu_format_name(file_format),
-            virtual_size=virtual_size,
-            size=file_size,
-            image=image,
+            format=inst.format,
+            virtual_size=inst.virtual_size,
+            size=inst.size,
+            image=got.image,
             fetched=True,
         )
-
-    def _discard(self, dir_fd: int, paths: BasePaths) -> None:
-        for name in (paths.part.name, paths.converted.name):
-            _unlink_at(dir_fd, name)
-        md.remove_quietly(paths.part_meta)
 
     # -- list / verify -----------------------------------------------------
     def list(self) -> builtins.list[BaseEntry]:
@@ -471,13 +238,10 @@ class ImageCache:
     def verify(self, image_id: str | None = None) -> builtins.list[VerifyResult]:
         from cowfleet.cache.verify import verify_bases
 
-        return verify_bases(self, image_id)
-
-
-def _unlink_at(dir_fd: int, name: str) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", name, exc)
+        return verify_bases(
+            self.layout,
+            image_id,
+            lock_timeout=self.cfg.fetch_deadline,
+            max_virtual_size=self.cfg.max_virtual_size,
+            clock=self.clock,
+        )

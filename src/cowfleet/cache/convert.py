@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from cowfleet.cache.layout import BasePaths
-from cowfleet.cache.verify import hash_file
+from cowfleet.digest import hash_file
 from cowfleet.formats.inspection import qemu_format_name
 
 log = logging.getLogger(__name__)

@@ -89,13 +89,13 @@ class CacheManager:
         stopped = stop.is_set if stop is not None else None
         verified: list[VerifyResult] = []
         if self.cfg.verify_interval > 0:
-            from cowfleet.cache.cache import ImageCache
-
-            cache = ImageCache(self.cfg, clock=self.clock)  # no client: nothing is fetched
             pause = self._pause(stop)
             limit = RateLimit(self.cfg.verify_rate, monotonic=self.monotonic, sleep=pause)
             verified = verify_bases(
-                cache,
+                Layout(self.cfg.instances_path),
+                lock_timeout=self.cfg.fetch_deadline,
+                max_virtual_size=self.cfg.max_virtual_size,
+                clock=self.clock,
                 verified_before=self.clock() - self.cfg.verify_interval,
                 limit=limit,
                 stop=stopped,

@@ -16,19 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cowfleet.cache import metadata as md
-from cowfleet.cache.layout import SHA1_RE, BasePaths, canonical_image_id
+from cowfleet.cache.layout import SHA1_RE, BasePaths, Layout, canonical_image_id
 from cowfleet.cache.lock import base_lock
-from cowfleet.cache.sink import new_hasher
+from cowfleet.digest import hash_file
 from cowfleet.errors import CowfleetError, LocalIOError, NotFoundError, TimeoutError_
 
-if TYPE_CHECKING:
-    from cowfleet.cache.cache import ImageCache
-
 log = logging.getLogger(__name__)
-READ_SIZE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,31 +70,6 @@ class RateLimit:
             self.sleep(ahead)
 
 
-def hash_file(path: Path, algo: str, *, limit: RateLimit | None = None) -> str:
-    """Digest of a file (no symlinks followed), read 4 MiB at a time (paced by ``limit``)."""
-    h = new_hasher(algo)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
-    try:
-        while True:
-            try:
-                data = os.read(fd, READ_SIZE)
-            except OSError as exc:
-                raise LocalIOError(
-                    f"cannot read {path}: {exc.strerror}", path=str(path), errno=exc.errno
-                ) from exc
-            if not data:
-                break
-            h.update(data)
-            if limit is not None:
-                limit.spend(len(data))
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
 def _check_one(
     paths: BasePaths, meta: md.BaseMeta, max_virtual_size: int, limit: RateLimit | None = None
 ) -> str | None:
@@ -144,9 +114,12 @@ def _check(
 
 
 def verify_bases(
-    cache: ImageCache,
+    layout: Layout,
     image_id: str | None = None,
     *,
+    lock_timeout: float,
+    max_virtual_size: int,
+    clock: Callable[[], float] = time.time,
     verified_before: float | None = None,
     limit: RateLimit | None = None,
     stop: Callable[[], bool] | None = None,
@@ -155,9 +128,9 @@ def verify_bases(
 
     ``verified_before`` keeps only bases last verified before that time (the
     periodic re-verification of ``node run``); ``limit`` paces the reads;
-    ``stop`` is asked between bases.
+    ``stop`` is asked between bases. ``lock_timeout`` bounds the wait for a base's
+    lock; ``clock`` dates the results.
     """
-    layout = cache.layout
     if image_id is not None:
         iid = canonical_image_id(image_id)
         paths = layout.paths(iid)
@@ -179,7 +152,7 @@ def verify_bases(
             if known is None or known.verified_at >= verified_before:
                 continue
         try:
-            result = _verify_one(cache, paths, limit)
+            result = _verify_one(layout, paths, lock_timeout, max_virtual_size, clock, limit)
         except TimeoutError_ as exc:
             if image_id is not None:
                 raise
@@ -189,9 +162,16 @@ def verify_bases(
     return results
 
 
-def _verify_one(cache: ImageCache, paths: BasePaths, limit: RateLimit | None) -> VerifyResult:
+def _verify_one(
+    layout: Layout,
+    paths: BasePaths,
+    lock_timeout: float,
+    max_virtual_size: int,
+    clock: Callable[[], float],
+    limit: RateLimit | None,
+) -> VerifyResult:
     """Re-verify one base under its lock and record the result in its metadata."""
-    with base_lock(cache.layout.locks_dir, paths.name, timeout=cache.cfg.fetch_deadline):
+    with base_lock(layout.locks_dir, paths.name, timeout=lock_timeout):
         meta = md.read_meta(paths.meta)
         if meta is None:
             return VerifyResult(
@@ -202,8 +182,8 @@ def _verify_one(cache: ImageCache, paths: BasePaths, limit: RateLimit | None) ->
                 "unknown",
                 "no cowfleet metadata: origin and digest unknown",
             )
-        failure = _check_one(paths, meta, cache.cfg.max_virtual_size, limit)
-        now = cache.clock()
+        failure = _check_one(paths, meta, max_virtual_size, limit)
+        now = clock()
         state = md.STATE_FAILED if failure else md.STATE_VERIFIED
         # keep last_used (the metadata mtime) across the rewrite
         used = md.last_used(paths.meta)

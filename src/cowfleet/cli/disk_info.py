@@ -113,8 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=_size_arg,
         default=DEFAULT_CLUSTER_SIZE,
         metavar="N",
-        help="cluster size in bytes or with K/M, a power of two from 512 bytes to 2M "
-        "(default 64K)",
+        help="cluster size in bytes or with K/M, a power of two from 512 bytes to 2M (default 64K)",
     )
     p.add_argument("--lazy-refcounts", action="store_true", help="set the lazy refcounts bit")
     p.add_argument("out", metavar="OUT", help="the overlay file to write")

@@ -276,7 +276,7 @@ def _show(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _download(args: argparse.Namespace, cfg: Config) -> int:
-    from cowfleet.images.transfer import check_destination
+    from cowfleet.fetch.tofile import check_destination
 
     check_destination(args.dest)  # a folder or unwritable place fails before any fetch
     with client_factory(cfg) as client:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from cowfleet.errors import LocalIOError, ValidationError
-from cowfleet.images.transfer import Progress
+from cowfleet.fetch.engine import Progress
 
 FILE_CHUNK = 4 * 1024 * 1024  # read size for a body of known length (Content-Length)
 STREAM_CHUNK = 512 * 1024  # largest chunk of a chunked body (below uWSGI's 1 MB limit)

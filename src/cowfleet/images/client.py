@@ -2,8 +2,10 @@
 
 Synchronous httpx with one pooled connection set per client. Every httpx
 exception and every non-2xx status is translated here (see :mod:`.http`) into
-the cowfleet error tree. Downloads to disk (:meth:`ImageClient.download`)
-resume, retry and verify (see :mod:`.transfer`).
+the cowfleet error tree. Image bodies are read through a second client on the
+project's data-plane transport (:mod:`.transport`, plugged in through httpx's
+``transport=``). Downloads to disk (:meth:`ImageClient.download`) go through the fetch
+engine (:mod:`cowfleet.fetch`), which resumes, retries and verifies.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import base64
 import binascii
 import logging
 import re
+import ssl
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -25,15 +29,16 @@ from urllib.parse import quote
 import httpx
 
 from cowfleet.errors import (
-    BackendUnavailableError,
     ConflictError,
     IntegrityError,
     NotFoundError,
     RemoteError,
-    TimeoutError_,
     UsageError,
     ValidationError,
 )
+from cowfleet.fetch.buffers import EXTENSION, BufferPool
+from cowfleet.fetch.engine import Progress
+from cowfleet.fetch.retry import Budget, RetryPolicy
 from cowfleet.hashtree import (
     DIGEST_SIZE,
     LEAF_SIZE_PROPERTY,
@@ -47,7 +52,7 @@ from cowfleet.images.body import upload_body
 from cowfleet.images.http import raise_for_status, send, transport_error
 from cowfleet.images.models import Image, Member
 from cowfleet.images.token_file import read_token_file
-from cowfleet.images.transfer import CHUNK_SIZE, Progress, download_to
+from cowfleet.images.transport import DataTransport
 
 if TYPE_CHECKING:
     from cowfleet.config import Config
@@ -79,13 +84,20 @@ class DownloadStream:
     _what: str = field(repr=False, default="download")
 
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """The body in chunks of about ``chunk_size`` bytes (the last may be shorter)."""
+        """The body in chunks of about ``chunk_size`` bytes (the last may be shorter).
+
+        Pieces at least that large (the data transport's) are passed on as they are;
+        they may be memoryviews of the fetch's pooled buffers.
+        """
         # Our own coalescing (not iter_raw(chunk_size)) so that bytes received before a
         # dropped connection are still delivered and a resume starts after them.
         parts: list[bytes] = []
         held = 0
         try:
             for piece in self._response.iter_raw():
+                if not parts and len(piece) >= chunk_size:
+                    yield piece
+                    continue
                 parts.append(piece)
                 held += len(piece)
                 if held >= chunk_size:
@@ -122,21 +134,40 @@ class ImageClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.retry_policy = RetryPolicy(retries=retries, backoff=backoff)
         self._sleep = sleep
         headers = {"Accept": "application/json", "User-Agent": "cowfleet-image-client"}
         if token:
             headers["X-Auth-Token"] = token
+        # One TLS setup (httpx's: its CA bundle, SSL_CERT_FILE) for the API and the data plane.
+        tls = httpx.create_ssl_context()
         try:
-            self._http = httpx.Client(
-                base_url=endpoint + "/",
-                headers=headers,
-                timeout=httpx.Timeout(timeout),
-                transport=transport,
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-                follow_redirects=False,
-            )
+            self._http = self._new_http(endpoint, headers, tls, transport)
+            # Image bodies: the data-plane transport, unless the caller gave a transport
+            # (honoured for everything) or a proxy applies (httpx's own proxy support).
+            self.data_transport: httpx.BaseTransport | None = transport
+            if transport is None and not _proxied(endpoint):
+                self.data_transport = DataTransport(ssl_context=tls)
+            self._data = self._new_http(endpoint, headers, tls, self.data_transport)
         except (httpx.HTTPError, ValueError) as exc:
             raise UsageError(f"invalid image service URL {endpoint!r}: {exc}") from exc
+
+    def _new_http(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        tls: ssl.SSLContext,
+        transport: httpx.BaseTransport | None,
+    ) -> httpx.Client:
+        return httpx.Client(
+            base_url=endpoint + "/",
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout),
+            verify=tls,
+            transport=transport,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            follow_redirects=False,
+        )
 
     @classmethod
     def from_config(cls, cfg: Config) -> ImageClient:
@@ -158,6 +189,7 @@ class ImageClient:
     # -- plumbing ------------------------------------------------------------------
     def close(self) -> None:
         self._http.close()
+        self._data.close()
 
     def __enter__(self) -> ImageClient:
         return self
@@ -351,13 +383,16 @@ class ImageClient:
         self._request("DELETE", self._member_path(image_id, project), what)
 
     def open_download(
-        self, image_id: str, *, offset: int = 0
+        self, image_id: str, *, offset: int = 0, buffers: BufferPool | None = None
     ) -> AbstractContextManager[DownloadStream]:
-        """``GET /v2/images/{id}/file`` from ``offset`` (a ``Range`` request when > 0)."""
-        return self._open_download(image_id, offset)
+        """``GET /v2/images/{id}/file`` from ``offset`` (a ``Range`` request when > 0);
+        the body may be read into ``buffers`` (see :mod:`cowfleet.fetch.buffers`)."""
+        return self._open_download(image_id, offset, buffers)
 
     @contextmanager
-    def _open_download(self, image_id: str, offset: int) -> Iterator[DownloadStream]:
+    def _open_download(
+        self, image_id: str, offset: int, buffers: BufferPool | None
+    ) -> Iterator[DownloadStream]:
         if offset < 0:
             raise UsageError(f"negative download offset {offset}")
         what = f"download image {image_id}"
@@ -366,7 +401,7 @@ class ImageClient:
             headers["Range"] = f"bytes={offset}-"
         timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 60.0))
         resp = send(
-            self._http,
+            self._data,
             "GET",
             self._path(image_id, "/file"),
             what=what,
@@ -374,6 +409,7 @@ class ImageClient:
             stream=True,
             headers=headers,
             timeout=timeout,
+            extensions={EXTENSION: buffers} if buffers is not None else None,
         )
         try:
             if resp.status_code >= 300:
@@ -389,20 +425,30 @@ class ImageClient:
             resp.close()
 
     def download(self, image_id: str, dest: Path, *, progress: Progress | None = None) -> Image:
-        """Fetch the image into ``dest``: resumes by ``Range``, retries with backoff,
-        verifies the checksum while streaming, renames only a verified file."""
-        image = self._get_retrying(image_id)
+        """Fetch the image into ``dest`` through the fetch engine: resumes by ``Range``,
+        retries with backoff, verifies while streaming (with the image's hash tree when it
+        has one, else its digest), renames only a verified file (see
+        :mod:`cowfleet.fetch.tofile`)."""
+        from cowfleet.fetch.tofile import download_to
+
+        budget = self.budget()
+        image = budget.call(lambda: self.get(image_id), what=f"image {image_id}")
+        tree = None
+        if image.status == "active":  # (download_to says why another image cannot be)
+            tree = budget.call(lambda: self.get_tree(image), what=f"hash tree of image {image_id}")
         download_to(
-            lambda offset: self.open_download(image.id, offset=offset),
+            lambda offset, pool: self.open_download(image.id, offset=offset, buffers=pool),
             image,
             Path(dest),
-            retries=self.retries,
+            budget,
+            tree=tree,
             progress=progress,
-            backoff=self.backoff,
-            sleep=self._sleep,
-            chunk_size=CHUNK_SIZE,
         )
         return image
+
+    def budget(self, policy: RetryPolicy | None = None) -> Budget:
+        """A retry budget under ``policy`` (default: this client's), sleeping as it does."""
+        return (policy or self.retry_policy).start(sleep=self._sleep)
 
     def get_tree(self, image: Image) -> Tree | None:
         """The image's sha256 hash tree (see :mod:`cowfleet.hashtree`), checked against
@@ -463,19 +509,6 @@ class ImageClient:
         finally:
             resp.close()
 
-    def _get_retrying(self, image_id: str) -> Image:
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                return self.get(image_id)
-            except (BackendUnavailableError, TimeoutError_) as exc:
-                if attempt == self.retries:
-                    raise
-                log.warning("image %s: %s; retrying in %.1fs", image_id, exc, delay)
-                self._sleep(delay)
-                delay = min(delay * 2, 30.0)
-        raise AssertionError("unreachable")
-
 
 # -- helpers -------------------------------------------------------------------------
 def _stream_of(resp: httpx.Response, endpoint: str, what: str) -> DownloadStream:
@@ -493,6 +526,16 @@ def _stream_of(resp: httpx.Response, endpoint: str, what: str) -> DownloadStream
     if status != 200:
         raise RemoteError(f"{what}: unexpected HTTP {status}", status=status)
     return DownloadStream(200, 0, length, md5, resp, endpoint, what)
+
+
+def _proxied(endpoint: str) -> bool:
+    """Whether the environment names a proxy for ``endpoint`` (httpx then handles it)."""
+    scheme, _, rest = endpoint.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(host.rsplit(":", 1)[0] if "]" not in host else host)
 
 
 def _int_header(resp: httpx.Response, name: str) -> int | None:

@@ -85,6 +85,7 @@ def send(
     endpoint: str,
     stream: bool = False,
     rewind: Callable[[], bool] | None = None,
+    extensions: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> httpx.Response:
     """Send ``client.build_request(method, url, **kwargs)`` and return its response
@@ -92,14 +93,17 @@ def send(
 
     A request dropped on a reused connection before its answer began is sent again
     (see the module doc). ``rewind`` is called before a body that is not plain bytes
-    is sent again; it returns False when the body cannot start over.
+    is sent again; it returns False when the body cannot start over. ``extensions``
+    go to the transport with the request (see :mod:`.transport`).
     """
     method = method.upper()
     attempt = 0
     while True:
         watch = _ConnectionWatch()
         try:
-            request = client.build_request(method, url, extensions={"trace": watch}, **kwargs)
+            request = client.build_request(
+                method, url, extensions={**(extensions or {}), "trace": watch}, **kwargs
+            )
             # Judged before sending: reading a body can swap it for bytes (request.read()).
             plain = rewind is None and isinstance(request.stream, httpx.ByteStream)
             try:

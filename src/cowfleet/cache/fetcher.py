@@ -1,0 +1,173 @@
+"""Fetching one image into ``_base`` (called under its base lock).
+
+The image record is read and judged (active, a known disk format, a size within the
+limit, a digest to verify with); its hash tree, when it publishes one, is fetched and
+checked against the published root and then preferred to the digest; a download slot
+is taken, the ``.part`` is claimed
+(:mod:`.basesink`) and filled by the fetch engine (:mod:`cowfleet.fetch.engine`),
+then checked and installed (:mod:`.install`). Transport trouble keeps the ``.part``
+and its record for a later resume; any other failure removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cowfleet import safeopen
+from cowfleet.cache import install
+from cowfleet.cache import metadata as md
+from cowfleet.cache.basesink import claim_part
+from cowfleet.cache.layout import BasePaths, Layout
+from cowfleet.cache.lock import SlotLimiter
+from cowfleet.config import Config
+from cowfleet.digest import image_digest, verifier_for
+from cowfleet.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    CowfleetError,
+    IntegrityError,
+    TimeoutError_,
+    UnsafeImageError,
+    ValidationError,
+)
+from cowfleet.fetch.engine import InspectorLike, Want, fetch
+from cowfleet.fetch.retry import Budget
+from cowfleet.formats.inspection import GLANCE_DISK_FORMATS
+
+if TYPE_CHECKING:
+    from cowfleet.images.client import Image, ImageClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fetchable:
+    """An image record judged fit to fetch."""
+
+    disk_format: str
+    digest: tuple[str, str]  # (algorithm, hex) recorded in the base's metadata
+    size: int
+
+
+def judge(image: Image, max_image_size: int) -> Fetchable:
+    """Refuse an image the cache must not fetch (see the module doc)."""
+    iid = image.id
+    if image.status != "active":
+        raise ConflictError(f"image {iid} is {image.status}, not active", image_id=iid)
+    disk_format = (image.disk_format or "").lower()
+    if disk_format not in GLANCE_DISK_FORMATS:
+        raise UnsafeImageError(
+            f"image {iid} has unsupported disk_format {image.disk_format!r}", image_id=iid
+        )
+    if image.size is None or image.size < 0:
+        raise ValidationError(f"image {iid} declares no size", image_id=iid)
+    if image.size > max_image_size:
+        raise ValidationError(
+            f"image {iid} is {image.size} bytes, over the limit of {max_image_size}",
+            image_id=iid,
+        )
+    digest = image_digest(image.os_hash_algo, image.os_hash_value, image.checksum)
+    if digest is None:
+        raise IntegrityError(
+            f"image {iid} has no checksum (os_hash_value or checksum); refusing to "
+            "cache data that cannot be verified",
+            image_id=iid,
+        )
+    return Fetchable(disk_format, digest, image.size)
+
+
+@dataclass(frozen=True)
+class FetchedBase:
+    image: Image
+    installed: install.Installed
+
+
+def fetch_base(
+    cfg: Config,
+    layout: Layout,
+    client: ImageClient,
+    image_id: str,
+    paths: BasePaths,
+    budget: Budget,
+    *,
+    now: Callable[[], float],
+    inspector_factory: Callable[[], InspectorLike],
+) -> FetchedBase:
+    """Fetch, verify, check and install ``image_id`` (see the module doc)."""
+    image = budget.call(lambda: client.get(image_id), what=f"image {image_id}")
+    ok = judge(image, cfg.max_image_size)
+    # The hash tree when the image has one (checked against its published root), else
+    # the whole-image digest (real Glance).
+    tree = budget.call(lambda: client.get_tree(image), what=f"hash tree of image {image_id}")
+    want = Want(image_id, ok.size, verifier_for(image_id, ok.digest, tree))
+    limiter = SlotLimiter(layout.locks_dir, cfg.fetch_concurrency)
+    dir_fd = safeopen.open_dir(layout.base_dir)
+    try:
+        with limiter.hold(deadline=budget.deadline):
+            record = md.PartMeta(
+                image_id=image_id,
+                image_size=ok.size,
+                hash_algo=ok.digest[0],
+                hash_value=ok.digest[1],
+                source=cfg.endpoint,
+                started_at=now(),
+            )
+            sink = claim_part(dir_fd, paths, record, inspector_factory)
+            try:
+                done = fetch(
+                    lambda offset, pool: client.open_download(
+                        image_id, offset=offset, buffers=pool
+                    ),
+                    sink,
+                    want,
+                    budget,
+                )
+            finally:
+                sink.close()
+        assert done.inspection is not None
+        install.check(
+            dir_fd,
+            paths,
+            image_id,
+            ok.disk_format,
+            done.inspection,
+            max_virtual_size=cfg.max_virtual_size,
+        )
+        installed = install.install(
+            dir_fd,
+            paths,
+            image,
+            disk_format=ok.disk_format,
+            digest=ok.digest,
+            inspection=done.inspection,
+            force_raw=cfg.force_raw,
+            max_virtual_size=cfg.max_virtual_size,
+            source=cfg.endpoint,
+            now=now(),
+        )
+    except (BackendUnavailableError, TimeoutError_):
+        # Transport trouble: keep the .part and its record for a later resume.
+        raise
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        install.discard(dir_fd, paths)
+        if isinstance(exc, CowfleetError):
+            log.warning("image %s: fetch refused: %s", image_id, exc)
+        raise
+    finally:
+        os.close(dir_fd)
+    log.info(
+        "image %s: cached %s (%d bytes, %d attempts, resumed from %d, verified with %s)",
+        image_id,
+        paths.base,
+        ok.size,
+        done.attempts,
+        done.resumed_from,
+        done.verified_with,
+    )
+    return FetchedBase(image, installed)

@@ -1,0 +1,164 @@
+"""Hashing: digests of images and files, and the verifiers a fetch checks bytes with.
+
+Plain inputs only (an algorithm name, an expected value, a path): nothing here knows
+the cache, the image client or the fetch engine, so each of them can import it.
+
+A :class:`Verifier` is fed every byte of an image in order and then says whether the
+bytes are the ones the image service vouches for. :func:`verifier_for` picks the
+fastest one the image record offers:
+
+- a sha256 hash tree when the image publishes ``cowfleet_tree_sha256`` (our image
+  service; the tree, checked against that root, comes from
+  :meth:`cowfleet.images.client.ImageClient.get_tree`): each 4 MiB leaf is checked as it
+  lands, and sha256 runs at about twice sha512's speed here;
+- else ``os_hash_algo``/``os_hash_value`` (sha512 on real Glance);
+- else the md5 ``checksum`` of older Glance records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from cowfleet.errors import IntegrityError, LocalIOError
+from cowfleet.hashtree import Tree, TreeVerifier
+
+ALLOWED_HASHES = ("sha512", "sha384", "sha256", "sha3_512", "sha3_256", "md5", "sha1")
+READ_SIZE = 4 * 1024 * 1024
+
+
+class Pacer(Protocol):
+    """Paces reads (see :class:`cowfleet.cache.verify.RateLimit`)."""
+
+    def spend(self, n: int) -> None: ...
+
+
+class Verifier(Protocol):
+    """Fed every byte of one image in order; :meth:`verify` raises on a mismatch."""
+
+    name: str  # what it checks with, for logs ("sha512", "sha256 tree")
+
+    def update(self, chunk: bytes | memoryview) -> None: ...
+
+    def verify(self) -> None: ...
+
+
+VerifierFactory = Callable[[], Verifier]
+
+
+def new_hasher(algo: str) -> hashlib._Hash:
+    """A hashlib object for one of :data:`ALLOWED_HASHES` (``-`` may stand for ``_``)."""
+    name = algo.lower().replace("-", "_")
+    if name not in ALLOWED_HASHES:
+        raise IntegrityError(f"unsupported hash algorithm {algo!r}", hash_algo=algo)
+    return hashlib.new(name)
+
+
+class DigestVerifier:
+    """One whole-image digest (``os_hash_value`` or the md5 ``checksum``)."""
+
+    def __init__(self, algo: str, value: str, *, image_id: str) -> None:
+        self._hasher = new_hasher(algo)
+        self.name = algo.lower()
+        self.value = value.lower()
+        self.image_id = image_id
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._hasher.update(chunk)
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+    def verify(self) -> None:
+        digest = self._hasher.hexdigest()
+        if not hmac.compare_digest(digest, self.value):
+            raise IntegrityError(
+                f"image {self.image_id}: {self.name} mismatch: expected "
+                f"{self.value[:16]}..., got {digest[:16]}...",
+                image_id=self.image_id,
+                expected=self.value,
+                actual=digest,
+            )
+
+
+class TreeCheck:
+    """The sha256 hash tree: raises at the first leaf that is not the tree's."""
+
+    name = "sha256 tree"
+
+    def __init__(self, tree: Tree, *, image_id: str) -> None:
+        self._verifier = TreeVerifier.from_tree(tree, image_id=image_id)
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._verifier.update(chunk)
+
+    def verify(self) -> None:
+        self._verifier.finish()
+
+
+class SizeOnly:
+    """No digest to check (an image service that gives none): the size alone is checked."""
+
+    name = "size only"
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        pass
+
+    def verify(self) -> None:
+        pass
+
+
+def image_digest(
+    os_hash_algo: str | None, os_hash_value: str | None, checksum: str | None
+) -> tuple[str, str] | None:
+    """(algorithm, lower-case hex value) the image record vouches for, or None."""
+    if os_hash_algo and os_hash_value:
+        return os_hash_algo.lower(), os_hash_value.lower()
+    if checksum:
+        return "md5", checksum.lower()
+    return None
+
+
+def verifier_for(
+    image_id: str,
+    digest: tuple[str, str] | None,
+    tree: Tree | None = None,
+) -> VerifierFactory:
+    """A factory of the verifier to use: the hash tree when given, else the digest,
+    else :class:`SizeOnly`. A factory, because a restarted fetch starts a fresh one."""
+    if tree is not None:
+        return lambda: TreeCheck(tree, image_id=image_id)
+    if digest is not None:
+        algo, value = digest
+        new_hasher(algo)  # refuse an unknown algorithm before any byte is fetched
+        return lambda: DigestVerifier(algo, value, image_id=image_id)
+    return SizeOnly
+
+
+def hash_file(path: Path, algo: str, *, limit: Pacer | None = None) -> str:
+    """Digest of a file (no symlinks followed), read 4 MiB at a time (paced by ``limit``)."""
+    h = new_hasher(algo)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LocalIOError(f"cannot open {path}: {exc.strerror}", path=str(path)) from exc
+    try:
+        while True:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except OSError as exc:
+                raise LocalIOError(
+                    f"cannot read {path}: {exc.strerror}", path=str(path), errno=exc.errno
+                ) from exc
+            if not data:
+                break
+            h.update(data)
+            if limit is not None:
+                limit.spend(len(data))
+    finally:
+        os.close(fd)
+    return h.hexdigest()
