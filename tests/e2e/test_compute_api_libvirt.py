@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from tests.e2e.test_libvirt_boot import HOLD, _libvirt_uri, _upload_guest
 from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
 from tests.fixtures.images import ImageService
 from tests.fixtures.node_agent import NodeAgent
+from tests.fixtures.openstack import OpenStackCloud
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -58,28 +58,10 @@ class Stack:
             },
         )
         self.node.start()
-        ep = self.api.endpoint
-        self.clouds = root / "clouds.yaml"
-        self.clouds.write_text(
-            "clouds:\n  e2e:\n    auth_type: admin_token\n"
-            f'    auth: {{endpoint: "{ep}", token: "{ADMIN_TOKEN}"}}\n'
-            f'    image_endpoint_override: "{self.images.url}"\n'
-            f'    identity_endpoint_override: "{ep}"\n'
-            "    identity_api_version: 3\n"
-        )
+        self.cloud = OpenStackCloud(root, "e2e", self.api.endpoint, ADMIN_TOKEN, self.images.url)
 
     def osc(self, *args: str) -> Any:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "COWFLEET_"))}
-        env.update(OS_CLIENT_CONFIG_FILE=str(self.clouds), OS_CLOUD="e2e", HOME=str(self.root))
-        run = subprocess.run(
-            [require_program("openstack"), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=400,
-        )
-        assert run.returncode == 0, f"openstack {' '.join(args)}: {run.stderr}"
-        out = run.stdout.strip()
+        out = self.cloud.run(*args, timeout=400).strip()
         return json.loads(out) if "-f" in args and out else out
 
     def close(self) -> None:

@@ -10,9 +10,6 @@ The node agents here are :mod:`tests.integration._node_stub` (real HTTP servers 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import require_program
 from tests.fixtures.compute_api import (
     MEMBER_TOKEN,
     NODE_TOKEN,
@@ -30,6 +26,7 @@ from tests.fixtures.compute_api import (
     write_tokens,
 )
 from tests.fixtures.images import ImageService
+from tests.fixtures.openstack import OpenStackCloud
 from tests.integration._node_stub import StubNode
 
 pytestmark = pytest.mark.integration
@@ -57,17 +54,8 @@ class Fleet:
         )
         self.api.start()
         self.nodes: list[StubNode] = []
-        self.clouds = root / "clouds.yaml"
-        self.clouds.write_text(
-            "clouds:\n"
-            "  cowfleet:\n"
-            "    auth_type: admin_token\n"
-            f'    auth: {{endpoint: "{self.api.endpoint}", token: "{self.token}"}}\n'
-            f'    compute_endpoint_override: "{self.api.endpoint}"\n'
-            f'    image_endpoint_override: "{images.url}"\n'
-            f'    identity_endpoint_override: "{self.api.endpoint}"\n'
-            "    identity_api_version: 3\n"
-            '    compute_api_version: "2.81"\n'
+        self.cloud = OpenStackCloud(
+            root, "cowfleet", self.api.endpoint, self.token, images.url, microversion="2.81"
         )
 
     def node(self, hostname: str, address: str, **kw: Any) -> StubNode:
@@ -76,23 +64,13 @@ class Fleet:
         return node
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "COWFLEET_"))}
-        env.update(OS_CLIENT_CONFIG_FILE=str(self.clouds), OS_CLOUD="cowfleet", HOME=str(self.root))
-        return env
+        return self.cloud.env()
 
     def osc(self, *args: str, timeout: float = 120) -> str:
-        run = subprocess.run(
-            [require_program("openstack"), *args],
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            timeout=timeout,
-        )
-        assert run.returncode == 0, f"openstack {' '.join(args)}: {run.stderr}"
-        return run.stdout
+        return self.cloud.run(*args, timeout=timeout)
 
     def osc_json(self, *args: str) -> Any:
-        return json.loads(self.osc(*args, "-f", "json"))
+        return self.cloud.run_json(*args)
 
     def get(self, path: str, token: str | None = None) -> httpx.Response:
         return httpx.get(

@@ -8,8 +8,6 @@ instances path), driven by the unmodified ``openstack`` client.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import require_program
 from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
 from tests.fixtures.images import ImageService
 from tests.fixtures.node_agent import NodeAgent
+from tests.fixtures.openstack import OpenStackCloud
 
 pytestmark = pytest.mark.integration
 
@@ -58,28 +56,10 @@ class Fleet:
         ]
         for agent in self.agents:
             agent.start()
-        self.clouds = root / "clouds.yaml"
-        ep = self.api.endpoint
-        self.clouds.write_text(
-            "clouds:\n  fleet:\n    auth_type: admin_token\n"
-            f'    auth: {{endpoint: "{ep}", token: "{ADMIN_TOKEN}"}}\n'
-            f'    image_endpoint_override: "{self.images.url}"\n'
-            f'    identity_endpoint_override: "{ep}"\n'
-            "    identity_api_version: 3\n"
-        )
+        self.cloud = OpenStackCloud(root, "fleet", self.api.endpoint, ADMIN_TOKEN, self.images.url)
 
     def osc(self, *args: str) -> Any:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "COWFLEET_"))}
-        env.update(OS_CLIENT_CONFIG_FILE=str(self.clouds), OS_CLOUD="fleet", HOME=str(self.root))
-        run = subprocess.run(
-            [require_program("openstack"), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=180,
-        )
-        assert run.returncode == 0, f"openstack {' '.join(args)}: {run.stderr}"
-        out = run.stdout.strip()
+        out = self.cloud.run(*args, timeout=180).strip()
         return json.loads(out) if "-f" in args and out else out
 
     def close(self) -> None:

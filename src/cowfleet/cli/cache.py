@@ -136,11 +136,12 @@ def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
     # Fits TABLE_WIDTH: uses counted by source, long names cut, ages instead of dates.
     now = time.time()
     print_table(
-        ("Image ID", "Name", "Kind", "Allocated", "In use by", "Last used", "State"),
+        ("Image ID", "Name", "Format", "Kind", "Allocated", "In use by", "Last used", "State"),
         [
             (
                 e.image_id or "-",
                 e.image_name or "-",
+                e.format or "-",
                 e.kind,
                 _gib(e.allocated),
                 in_use_summary(e.in_use_by),

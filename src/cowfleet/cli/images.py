@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Iterator
 
 from cowfleet.cli.common import add_command, add_group, add_setting
 from cowfleet.config import Config
+from cowfleet.serving import graceful_server
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +64,7 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    server = _server_class()(config)
+    server = graceful_server(config)
     host = f"[{cfg.images_host}]" if ":" in cfg.images_host else cfg.images_host
     logging.getLogger("cowfleet").warning(
         "image service on http://%s:%d (data %s, %s)",
@@ -79,29 +76,3 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     server.run()
     logging.getLogger("cowfleet").info("image service stopped")
     return 0
-
-
-def _server_class() -> type:
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """SIGTERM/SIGINT finish in-flight requests, then exit 0.
-
-        (uvicorn re-raises the signal after its graceful shutdown, so the process
-        would end with 143; a clean stop on request is not a failure here.)
-        """
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return GracefulServer

@@ -7,6 +7,7 @@ import logging
 
 from cowfleet.cli.common import add_command, add_setting
 from cowfleet.config import Config
+from cowfleet.serving import graceful_server
 
 API_SETTINGS = (
     "api_host",
@@ -30,7 +31,6 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
 
     from cowfleet.api.app import create_app
     from cowfleet.api.settings import ApiSettings
-    from cowfleet.cli.images import _server_class
     from cowfleet.compute.flavors import all_flavors
     from cowfleet.tokens import load_tokens
 
@@ -61,7 +61,7 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
         settings.tokens_file,
         settings.image_url,
     )
-    _server_class()(config).run()
+    graceful_server(config).run()
     return 0
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import socket
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from cowfleet.config import Config
 from cowfleet.errors import ConfigError, CowfleetError
 from cowfleet.node import inventory
 from cowfleet.node.spec import validate_hostname
+from cowfleet.serving import graceful_server
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ class NodeService:
             timeout_graceful_shutdown=10,
             server_header=False,
         )
-        server = _GracefulServer(config)
+        server = graceful_server(config)
         threads = [
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
             threading.Thread(target=self._cache_loop, name="cache-manager", daemon=True),
@@ -246,33 +245,3 @@ class NodeService:
         self.driver.close()
         self.images.close()
         log.warning("node agent stopped")
-
-
-class _GracefulServer:
-    """uvicorn's server, with SIGTERM/SIGINT finishing requests and returning (no re-raise)."""
-
-    def __init__(self, config: Any) -> None:
-        import uvicorn
-
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                sigs = (signal.SIGINT, signal.SIGTERM)
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
-
-        self._server = Server(config)
-
-    @property
-    def started(self) -> bool:
-        return bool(self._server.started)
-
-    def run(self) -> None:
-        self._server.run()
