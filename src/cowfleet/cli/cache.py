@@ -97,6 +97,12 @@ def _plural(word: str, n: int) -> str:
     return word + ("es" if word.endswith("s") else "s")
 
 
+def _kind(kind: str, fmt: str | None) -> str:
+    """``raw base`` / ``qcow2 base``: an image base's format goes with its kind (ephemeral
+    and swap bases are always raw)."""
+    return f"{fmt} {kind}" if kind == "base" and fmt else kind
+
+
 def _gib(n: int | None) -> str:
     return "-" if n is None else human_bytes(n)
 
@@ -136,13 +142,12 @@ def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
     # Fits TABLE_WIDTH: uses counted by source, long names cut, ages instead of dates.
     now = time.time()
     print_table(
-        ("Image ID", "Name", "Format", "Kind", "Allocated", "In use by", "Last used", "State"),
+        ("Image ID", "Name", "Kind", "Allocated", "In use by", "Last used", "State"),
         [
             (
                 e.image_id or "-",
                 e.image_name or "-",
-                e.format or "-",
-                e.kind,
+                _kind(e.kind, e.format),
                 _gib(e.allocated),
                 in_use_summary(e.in_use_by),
                 _age(e.last_used, now),

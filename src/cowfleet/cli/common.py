@@ -193,6 +193,9 @@ def print_json(obj: Any) -> None:
 
 TABLE_WIDTH = 120  # the widest line a default table should print (a terminal, a log line)
 _GAP = 3  # spaces between two columns
+# A cut column keeps at least this many characters: names such as demo-ramdisk stay whole,
+# a longer one still tells itself apart from its neighbours (the line may then pass width).
+MIN_SHRUNK = 12
 
 
 def print_table(
@@ -205,7 +208,8 @@ def print_table(
     """A plain table in the spirit of ``virsh list`` (stable, greppable, no colour).
 
     ``shrink``: the index of a column (a name, say) whose cells are cut (ending ``...``)
-    so that the lines fit ``width``, if the other columns leave it room.
+    so that the lines fit ``width``, if the other columns leave it room (never below
+    ``MIN_SHRUNK`` characters).
     """
     cells = [["" if c is None else str(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
@@ -213,7 +217,7 @@ def print_table(
         widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
     if shrink is not None:
         total = 2 + sum(widths) + _GAP * (len(widths) - 1)  # the rule under the headers
-        room = max(len(headers[shrink]), 8, widths[shrink] - (total - width))
+        room = max(len(headers[shrink]), MIN_SHRUNK, widths[shrink] - (total - width))
         if widths[shrink] > room:
             for r in cells:
                 if len(r[shrink]) > room:
