@@ -32,6 +32,19 @@ def test_the_api_takes_the_nodes_state() -> None:
     assert [(u.id, u.vm_state, u.power_state) for u in p.updates] == [("a", "stopped", 4)]
 
 
+def test_a_heartbeat_older_than_a_fresh_change_does_not_undo_it() -> None:
+    """A start finished (event applied, row changed 2 s ago), then a heartbeat whose list
+    was taken before the start arrives saying SHUTOFF: the server stays active until that
+    state has stood past the grace; an event saying the same applies at once."""
+    fresh = known("a", "active", power=1, updated=NOW - 2)
+    stale = [Reported("a", "SHUTOFF", 4)]
+    assert plan("n", stale, [fresh], NOW, complete=True, absent_grace=30).updates == ()
+    later = plan("n", stale, [fresh], NOW + 40, complete=True, absent_grace=30)
+    assert [(u.vm_state, u.power_state) for u in later.updates] == [("stopped", 4)]
+    event = plan("n", stale, [fresh], NOW, complete=False, absent_grace=30)
+    assert [(u.vm_state, u.power_state) for u in event.updates] == [("stopped", 4)]
+
+
 def test_a_finished_build_becomes_active_and_a_failed_one_is_rescheduled() -> None:
     p = plan(
         "n",

@@ -115,7 +115,7 @@ def plan(
                         )
                     )
             continue
-        step = _compare(hostname, k, r, now)
+        step = _compare(hostname, k, r, now, settle=absent_grace if complete else 0.0)
         if isinstance(step, Update):
             updates.append(step)
         elif isinstance(step, Reschedule):
@@ -124,7 +124,9 @@ def plan(
     return Plan(tuple(updates), tuple(reschedules), tuple(deletes), tuple(forgets), unknown)
 
 
-def _compare(hostname: str, k: Known, r: Reported, now: float) -> Update | Reschedule | None:
+def _compare(
+    hostname: str, k: Known, r: Reported, now: float, *, settle: float
+) -> Update | Reschedule | None:
     if k.vm_state == states.BUILDING:
         if r.state == "ERROR":
             cause = r.fault or f"the build failed on {hostname}"
@@ -144,5 +146,10 @@ def _compare(hostname: str, k: Known, r: Reported, now: float) -> Update | Resch
             return Update(k.id, vm, power, True, fault)
         return None
     if (vm, power) != (k.vm_state, k.power_state):
+        # A heartbeat's list may have been taken before the change the API just applied
+        # (an action's event overtakes it): it corrects a state only once that state has
+        # stood for ``settle`` seconds. Events come in order and apply at once.
+        if now - k.updated_at < settle:
+            return None
         return Update(k.id, vm, power, False, fault)
     return None
