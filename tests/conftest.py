@@ -12,9 +12,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +171,13 @@ def evictable_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
         page_cache_eviction_works,
         "page-cache eviction (with cachestat(2) or RWF_NOWAIT reads to measure it)",
     )
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
+    """Call ``check`` until it returns something truthy and return that; fail after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+    return value

@@ -10,7 +10,6 @@ The node agents here are :mod:`tests.integration._node_stub` (real HTTP servers 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import wait_until as wait
 from tests.fixtures.compute_api import (
     MEMBER_TOKEN,
     NODE_TOKEN,
@@ -90,16 +90,6 @@ def fleet(tmp_path: Path, image_service_factory: Callable[..., ImageService]) ->
     f = Fleet(tmp_path, image_service_factory)
     yield f
     f.close()
-
-
-def wait(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
 
 
 def test_openstack_cli_runs_the_whole_life_cycle(fleet: Fleet) -> None:

@@ -8,7 +8,6 @@ instances path), driven by the unmodified ``openstack`` client.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import wait_until as wait
 from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
 from tests.fixtures.images import ImageService
 from tests.fixtures.node_agent import NodeAgent
@@ -73,14 +73,6 @@ def fleet(tmp_path: Path, image_service_factory: Callable[..., ImageService]) ->
     f = Fleet(tmp_path, image_service_factory)
     yield f
     f.close()
-
-
-def wait(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.3)
-    return value
 
 
 def test_openstack_boots_through_the_api_onto_real_node_agents(fleet: Fleet) -> None:
