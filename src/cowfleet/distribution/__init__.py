@@ -1,0 +1,1 @@
+"""Fleet image distribution: choosing each fetching node's sources (see assign.py)."""
