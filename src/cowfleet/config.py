@@ -192,6 +192,7 @@ class Config:
     api_heartbeat_interval: float = default("api_heartbeat_interval")
     api_max_body: int = default("api_max_body")
     api_build_workers: int = default("api_build_workers")
+    api_precache_concurrency: int = default("api_precache_concurrency")
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------

@@ -397,6 +397,10 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("api_build_workers", int, 32, "api.build_workers",
          "builds one compute API process dispatches to node agents at once", unit="builds",
          at_least=1, at_most=1024),
+    _row("api_precache_concurrency", int, 0, "api.precache_concurrency",
+         "nodes a pre-cache asks to fetch at once (`0`: every node at once, since peers "
+         "carry the load; Nova's `precache_concurrency` is 1)", unit="nodes",
+         at_least=0, at_most=100000),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTING_ROWS}
 

@@ -25,7 +25,9 @@ from cowfleet.api.db.models import FlavorRow
 from cowfleet.api.fleet import Fleet
 from cowfleet.api.images import ImageLookup
 from cowfleet.api.nodes_client import NodesClient
+from cowfleet.api.precache import Precaches
 from cowfleet.api.routes import aggregates, flavors, hypervisors, internal, servers
+from cowfleet.api.routes import precache as precache_routes
 from cowfleet.api.settings import ApiSettings
 from cowfleet.api.versions import version_doc, versions_doc
 from cowfleet.compute.flavors import BUILTIN, Flavor
@@ -147,12 +149,14 @@ def create_app(
         nodes or NodesClient(node_token, timeout=settings.node_timeout),
         clock=clock,
     )
+    precaches = Precaches(fleet)
     stop = threading.Event()
 
     def sweeper() -> None:
         while not stop.wait(settings.heartbeat_interval):
             try:
                 fleet.sweep()
+                precaches.sweep()
             except Exception as exc:  # keep sweeping; the next pass retries
                 log.error("sweep failed: %s", exc)
                 log.debug("traceback", exc_info=True)
@@ -178,6 +182,7 @@ def create_app(
     app.state.settings = settings
     app.state.tokens = tokens
     app.state.fleet = fleet
+    app.state.precaches = precaches
     faults.install(app)
 
     def _root_url(request: Request) -> str:
@@ -194,6 +199,8 @@ def create_app(
 
     for module in (servers, flavors, hypervisors, aggregates):
         app.include_router(module.router, prefix=PREFIX)
+    app.include_router(precache_routes.router, prefix=PREFIX)
     app.include_router(internal.router)
+    app.include_router(precache_routes.internal_router)
     app.add_middleware(Microversions, max_body=settings.max_body)
     return app

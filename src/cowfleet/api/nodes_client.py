@@ -85,3 +85,19 @@ class NodesClient:
             raise NodeConflict(f"node at {node_url} refused {action}: wrong state")
         if resp.status_code not in (200, 202, 204):
             raise NodeError(f"node at {node_url} refused {action}: HTTP {resp.status_code}")
+
+    def precache(self, node_url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a pre-cache request (``/v1/precache``); the node's job (202/200)."""
+        resp = self._call("POST", f"{node_url.rstrip('/')}/v1/precache", json=body)
+        if resp.status_code not in (200, 202):
+            raise NodeError(
+                f"node at {node_url} refused the pre-cache: HTTP {resp.status_code} "
+                f"{resp.text[:200]}"
+            )
+        try:
+            doc = resp.json()
+        except ValueError:
+            raise NodeError(f"node at {node_url} answered something that is not JSON") from None
+        if not isinstance(doc, dict):
+            raise NodeError(f"node at {node_url} answered an unexpected document")
+        return doc

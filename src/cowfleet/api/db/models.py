@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -113,3 +122,39 @@ class AggregateHostRow(Base):
         Integer, ForeignKey("compute_aggregates.id", ondelete="CASCADE")
     )
     host: Mapped[str] = mapped_column(String(255))
+
+
+class PrecacheRow(Base):
+    """A pre-cache of one image on a set of nodes (issue 16; docs/compute-api.md)."""
+
+    __tablename__ = "compute_precaches"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    image_id: Mapped[str] = mapped_column(String(36), index=True)
+    # What was asked: {"aggregate": id} | {"hosts": [...]} | {"all": true}
+    target: Mapped[dict[str, Any]] = mapped_column(JSON)
+    concurrency: Mapped[int] = mapped_column(Integer, default=0)  # 0: every node at once
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PrecacheNodeRow(Base):
+    """One node's progress in a pre-cache."""
+
+    __tablename__ = "compute_precache_nodes"
+    __table_args__ = (UniqueConstraint("precache_id", "host"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    precache_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("compute_precaches.id", ondelete="CASCADE"), index=True
+    )
+    host: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger)
+    rate: Mapped[float] = mapped_column(Float, default=0.0)
+    source: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(String(1024))
+    sources: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the peers it was given
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
