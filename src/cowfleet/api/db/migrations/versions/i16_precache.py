@@ -1,6 +1,6 @@
 """Pre-cache progress: one row per pre-cache, one per node in it (issue 16).
 
-Revision ID: i16-precache
+Revision ID: i16_precache
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "i16-precache"
+revision = "i16_precache"  # alembic refuses "-" in an id: the branch name with "_"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
