@@ -100,6 +100,9 @@ class ControllerClient:
     def event(self, body: dict[str, Any]) -> None:
         self._send("POST", f"/internal/nodes/{self.hostname}/events", body)
 
+    def precache_progress(self, precache_id: str, body: dict[str, Any]) -> None:
+        self._send("POST", f"/internal/nodes/{self.hostname}/precache/{precache_id}", body)
+
 
 def _interval(answer: dict[str, Any], current: float) -> float:
     raw = answer.get("heartbeat_interval", current)

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,6 +30,9 @@ from cowfleet.errors import (
 )
 from cowfleet.node.builds import Builds
 from cowfleet.node.spec import BuildSpec
+
+if TYPE_CHECKING:
+    from cowfleet.node.precache import Precacher
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,12 @@ class TokenGate:
         await response(scope, receive, send)
 
 
-def create_app(builds: Builds, status: Callable[[], dict[str, Any]], token: str) -> FastAPI:
+def create_app(
+    builds: Builds,
+    status: Callable[[], dict[str, Any]],
+    token: str,
+    precacher: Precacher | None = None,
+) -> FastAPI:
     """The node API over ``builds``; ``status`` gives the heartbeat body."""
     if not token:
         raise UsageError("the node token is empty")
@@ -185,4 +193,8 @@ def create_app(builds: Builds, status: Callable[[], dict[str, Any]], token: str)
     async def get_status() -> JSONResponse:
         return JSONResponse(await run_in_threadpool(status))
 
+    if precacher is not None:
+        from cowfleet.node.precache import install
+
+        install(app, precacher)
     return app

@@ -133,6 +133,11 @@ class NodeService:
             workers=cfg.node_build_workers,
         )
         self.heartbeat = Heartbeat(self.controller, self.status)
+        from cowfleet.node.precache import Precacher
+
+        self.precacher = Precacher(
+            self.cache, self.controller.precache_progress, workers=cfg.fetch_concurrency
+        )
         self.stop = threading.Event()
         self._last_instances: list[dict[str, Any]] = []
 
@@ -192,7 +197,7 @@ class NodeService:
         from cowfleet.node.app import create_app
 
         s = self.settings
-        app = create_app(self.builds, self.status, self.token)
+        app = create_app(self.builds, self.status, self.token, self.precacher)
         config = uvicorn.Config(
             app,
             host=s.host,
@@ -234,6 +239,7 @@ class NodeService:
         log.info("node agent stopping: %d jobs in flight", self.builds.in_flight)
         self.stop.set()
         self.builds.close(wait=True)
+        self.precacher.close()
         for t in threads or ():
             t.join(timeout=30)
         with contextlib.suppress(Exception):  # a last word: what is left, and how
