@@ -1,5 +1,7 @@
 """``cowfleet image create|upload|list|show|download|set|delete`` (the image client CLI).
 
+``image precache`` (the compute API's pre-cache) is :mod:`cowfleet.cli.precache`.
+
 IMAGE is an id or a unique name everywhere. The endpoint and token come from the
 configuration, ``--image-url`` / ``--token-file`` or ``COWFLEET_IMAGE_URL`` /
 ``COWFLEET_IMAGE_TOKEN``; no token at all is fine for a Glance without keystone.
@@ -98,6 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from cowfleet.cli import image_members
 
     image_members.register(cmds)
+
+    from cowfleet.cli import precache as precache_cli
+
+    precache_cli.register(cmds)
 
 
 def _endpoint_opts(p: argparse.ArgumentParser) -> None:
