@@ -130,7 +130,7 @@ def _message(doc: Any) -> str | None:
 def _token(args: argparse.Namespace) -> str:
     if args.api_token_file is not None:
         try:
-            token = args.api_token_file.read_text().strip()
+            token = str(args.api_token_file.read_text()).strip()
         except OSError as exc:
             raise UsageError(f"cannot read {args.api_token_file}: {exc.strerror}") from exc
     else:
