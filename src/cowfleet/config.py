@@ -192,6 +192,9 @@ class Config:
     api_heartbeat_interval: float = default("api_heartbeat_interval")
     api_max_body: int = default("api_max_body")
     api_build_workers: int = default("api_build_workers")
+    # metrics and logs
+    metrics_public: bool = default("metrics_public")
+    log_format: str = default("log_format")
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------

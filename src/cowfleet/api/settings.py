@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cowfleet.config import Config
+from cowfleet.metrics import metrics_open
 from cowfleet.scheduler.model import Ratios, Weighing
 from cowfleet.scheduler.select import DEFAULT_RATIOS, DEFAULT_WEIGHING
 
@@ -28,6 +29,7 @@ class ApiSettings:
     max_body: int = 1 << 20  # bytes of a request body (413 above)
     build_workers: int = 32  # builds dispatched to nodes at once, per replica
     page_limit: int = 1000  # the largest page of a list (Nova's osapi_max_limit)
+    metrics_open: bool = False  # /metrics without a token (loopback, or metrics_public)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ApiSettings:
@@ -50,4 +52,5 @@ class ApiSettings:
             heartbeat_interval=cfg.api_heartbeat_interval,
             max_body=cfg.api_max_body,
             build_workers=cfg.api_build_workers,
+            metrics_open=metrics_open(cfg.api_host, cfg.metrics_public),
         )
