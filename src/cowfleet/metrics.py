@@ -223,9 +223,6 @@ class NodeMetrics:
             buckets=LONG_BUCKETS,
             registry=r,
         )
-        self.builds = Counter(
-            "cowfleet_builds", "server builds finished, by result", ["result"], registry=r
-        )
         for source in FETCH_SOURCES:  # present from the start: rate() needs a zero
             self.fetch_bytes.labels(source)
             self.fetch_seconds.labels(source)
@@ -246,9 +243,6 @@ class NodeMetrics:
     def phase(self, phase: str, seconds: float) -> None:
         self.build_seconds.labels(phase).observe(seconds)
 
-    def build_done(self, ok: bool) -> None:
-        self.builds.labels("ok" if ok else "error").inc()
-
     def cleaned(self, decisions: Iterable[Any]) -> None:
         """Count what a clean pass did (its report's decisions that were carried out)."""
         for d in decisions:
@@ -260,35 +254,6 @@ class NodeMetrics:
             else:
                 self.removals.labels(reason).inc()
                 self.removed_bytes.labels(reason).inc(d.allocated)
-
-
-class Phases:
-    """Times the phases of one build: ``with phases("disks"): ...``."""
-
-    def __init__(
-        self,
-        observe: Callable[[str, float], None] | None,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.observe = observe
-        self.monotonic = monotonic
-
-    def __call__(self, phase: str) -> _Phase:
-        return _Phase(self, phase)
-
-
-class _Phase:
-    def __init__(self, owner: Phases, phase: str) -> None:
-        self.owner = owner
-        self.phase = phase
-        self.started = 0.0
-
-    def __enter__(self) -> None:
-        self.started = self.owner.monotonic()
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None and self.owner.observe is not None:
-            self.owner.observe(self.phase, self.owner.monotonic() - self.started)
 
 
 # -- compute API ------------------------------------------------------------------
