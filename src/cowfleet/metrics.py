@@ -358,10 +358,27 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+def route_template(path: str, route_path: str | None) -> str:
+    """The route template of a request to ``path`` answered by a route of ``route_path``.
+
+    A route included under a prefix knows only its own part (``/servers/{server_id}``);
+    the prefix is the request's leading segments, literal by construction (``/v2.1``).
+    """
+    if route_path is None:
+        return UNMATCHED
+    if ":path}" in route_path:
+        return route_path
+    own = route_path.strip("/").split("/") if route_path.strip("/") else []
+    given = path.strip("/").split("/") if path.strip("/") else []
+    if len(given) <= len(own):
+        return route_path
+    prefix = "/".join(given[: len(given) - len(own)])
+    return f"/{prefix}{route_path}" if route_path != "/" else f"/{prefix}"
+
+
 def _route_of(scope: Scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED
+    path = getattr(scope.get("route"), "path", None)
+    return route_template(scope.get("path", ""), path if isinstance(path, str) else None)
 
 
 class MetricsEndpoint:
