@@ -246,3 +246,32 @@ def test_route_template_keeps_the_prefix_and_never_a_value() -> None:
     assert route_template("/v1/servers/abc", "/v1/servers/{uuid}") == "/v1/servers/{uuid}"
     assert route_template("/v2.1/flavors/", "/flavors") == "/v2.1/flavors"
     assert route_template("/anything", None) == "unmatched"
+
+
+def test_node_and_image_service_metrics_follow_their_own_token(tmp_path: Path) -> None:
+    from cowfleet.images.server.app import create_app as image_app
+    from cowfleet.node.app import create_app as node_app
+
+    node = TestClient(
+        node_app(
+            None,  # type: ignore[arg-type]  # no route of the builds is called
+            dict,
+            "node-token-123",
+            metrics=NodeMetrics(),
+            metrics_open=False,
+        )
+    )
+    assert node.get("/metrics").status_code == 401
+    assert node.get("/metrics", headers={"X-Auth-Token": "other"}).status_code == 401
+    assert node.get("/metrics", headers={"X-Auth-Token": "node-token-123"}).status_code == 200
+    settings = ServerSettings(
+        data_dir=tmp_path / "images",
+        database_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
+        token="image-token-456",
+    )
+    with TestClient(image_app(settings)) as images:
+        assert images.get("/metrics").status_code == 401
+        ok = images.get("/metrics", headers={"X-Auth-Token": "image-token-456"})
+        assert ok.status_code == 200 and "cowfleet_upload_refusals_total" in ok.text
+    with TestClient(image_app(ServerSettings(**{**vars(settings), "metrics_open": True}))) as c:
+        assert c.get("/metrics").status_code == 200
