@@ -176,9 +176,7 @@ class RequestIdMiddleware:
     """Pure ASGI middleware: the request id (see the module docstring) and an access line
     (``cowfleet.access`` at INFO: method, path, status, seconds)."""
 
-    def __init__(
-        self, app: ASGIApp, *, monotonic: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self.monotonic = monotonic
 

@@ -426,20 +426,31 @@ class MetricsEndpoint:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.http.observe(
-                _route_of(scope), scope["method"], status, self.monotonic() - started
-            )
+            self.http.observe(_route_of(scope), scope["method"], status, self.monotonic() - started)
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
             await _answer(send, 405, b"only GET\n", "text/plain", [(b"allow", b"GET, HEAD")])
             return
-        token = next((v for k, v in scope["headers"] if k == b"x-auth-token"), b"")
-        if not self.open and not self.authorised(token.decode("latin-1")):
+        if not self.open and not self.authorised(_token_of(scope)):
             await _answer(send, 401, b"missing or wrong X-Auth-Token\n", "text/plain")
             return
         body = generate_latest(self.registry)
         await _answer(send, 200, b"" if scope["method"] == "HEAD" else body, CONTENT_TYPE_LATEST)
+
+
+def _token_of(scope: Scope) -> str:
+    """``X-Auth-Token``, else an ``Authorization: Bearer`` token (what Prometheus's
+    ``authorization`` scrape option sends)."""
+    bearer = ""
+    for name, value in scope["headers"]:
+        if name == b"x-auth-token":
+            return str(value.decode("latin-1"))
+        if name == b"authorization":
+            kind, _, rest = value.decode("latin-1").partition(" ")
+            if kind.lower() == "bearer":
+                bearer = rest.strip()
+    return bearer
 
 
 async def _answer(

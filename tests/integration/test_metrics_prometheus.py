@@ -282,8 +282,7 @@ def test_prometheus_scrapes_the_fleet_and_logs_follow_one_request(
             3,
         )
         prom.wait_value(
-            'sum(cowfleet_http_requests_total{job="node",route="/v1/servers/{uuid}",'
-            'method="PUT"})',
+            'sum(cowfleet_http_requests_total{job="node",route="/v1/servers/{uuid}",method="PUT"})',
             2,
         )
         prom.wait_value('count(cowfleet_node_heartbeat_age_seconds{node="node-a"} < 10)', 1)

@@ -94,6 +94,9 @@ def test_closed_metrics_need_the_service_token() -> None:
     assert ok.status_code == 200 and "cowfleet_fetch_bytes_total" in ok.text
     assert ok.headers["content-type"].startswith("text/plain")
     assert client.post("/metrics", headers={"X-Auth-Token": "right-token"}).status_code == 405
+    bearer = client.get("/metrics", headers={"Authorization": "Bearer right-token"})
+    assert bearer.status_code == 200  # Prometheus's own `authorization` option
+    assert client.get("/metrics", headers={"Authorization": "Basic right-token"}).status_code == 401
 
 
 def test_open_metrics_need_no_token_and_requests_count_by_route_template() -> None:
@@ -219,15 +222,18 @@ def test_compute_api_metrics_decisions_heartbeats_and_access(tmp_path: Path) -> 
         text = scrape()
         route = "/v2.1/servers/{server_id}"
         assert value(text, "cowfleet_http_requests_total", route=route, status="200") == 1
-        assert value(
-            text, "cowfleet_http_requests_total", route="/v2.1/servers", method="POST"
-        ) == 2
-        assert value(
-            text,
-            "cowfleet_http_requests_total",
-            route="/internal/nodes/{hostname}",
-            status="200",
-        ) == 1
+        assert (
+            value(text, "cowfleet_http_requests_total", route="/v2.1/servers", method="POST") == 2
+        )
+        assert (
+            value(
+                text,
+                "cowfleet_http_requests_total",
+                route="/internal/nodes/{hostname}",
+                status="200",
+            )
+            == 1
+        )
         assert client.get("/metrics", headers={"X-Auth-Token": NODE}).status_code == 200
 
 
