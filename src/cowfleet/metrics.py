@@ -331,10 +331,11 @@ class ApiMetrics:
 
 
 class ImageMetrics:
-    """The image service's families (uploads refused by the safety policy)."""
+    """The image service's families (HTTP, uploads refused by the safety policy)."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self.http = HttpMetrics(r)
         self.refused = Counter(
             "cowfleet_upload_refusals",
             "uploads the safety policy refused, by failure name",

@@ -285,6 +285,11 @@ def test_prometheus_scrapes_the_fleet_and_logs_follow_one_request(
             'sum(cowfleet_http_requests_total{job="node",route="/v1/servers/{uuid}",method="PUT"})',
             2,
         )
+        prom.wait_value(
+            'sum(cowfleet_http_requests_total{job="images",route="/v2/images/{image_id}/file",'
+            'method="GET",status="200"})',
+            1,
+        )
         prom.wait_value('count(cowfleet_node_heartbeat_age_seconds{node="node-a"} < 10)', 1)
         age = prom.scalar('cowfleet_node_heartbeat_age_seconds{node="node-a"}')
         assert age is not None and 0 <= age < 10

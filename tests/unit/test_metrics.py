@@ -277,7 +277,9 @@ def test_node_and_image_service_metrics_follow_their_own_token(tmp_path: Path) -
     )
     with TestClient(image_app(settings)) as images:
         assert images.get("/metrics").status_code == 401
+        assert images.get("/v2/images", headers={"X-Auth-Token": "image-token-456"}).is_success
         ok = images.get("/metrics", headers={"X-Auth-Token": "image-token-456"})
         assert ok.status_code == 200 and "cowfleet_upload_refusals_total" in ok.text
+        assert value(ok.text, "cowfleet_http_requests_total", route="/v2/images") == 1
     with TestClient(image_app(ServerSettings(**{**vars(settings), "metrics_open": True}))) as c:
         assert c.get("/metrics").status_code == 200

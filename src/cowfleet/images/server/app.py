@@ -114,6 +114,7 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         registry=metrics.registry,
         open=settings.metrics_open,
         authorised=TokenAuth(app, settings.token, settings.tokens).accepts,
+        http=metrics.http,
     )
     app.add_middleware(RequestIdMiddleware)
     # Outermost: sees every response, the 401s included (a no-op without a data plane).
