@@ -38,6 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,8 @@ class MetricsEndpoint:
         if not self.open and not self.authorised(_token_of(scope)):
             await _answer(send, 401, b"missing or wrong X-Auth-Token\n", "text/plain")
             return
-        body = generate_latest(self.registry)
+        # Collectors read files and the database: off the event loop.
+        body = await run_in_threadpool(generate_latest, self.registry)
         await _answer(send, 200, b"" if scope["method"] == "HEAD" else body, CONTENT_TYPE_LATEST)
 
 
