@@ -17,6 +17,7 @@ if [[ "${1:-}" == "--full" ]]; then
     busybox-static cpio         # the offline test guest
     dmsetup                     # a device-mapper error target under a base (I/O fault tests)
     btrfs-progs                 # ... or a btrfs checksum error where the kernel has no dm
+    prometheus                  # the metrics integration test scrapes all three services
   )
 fi
 missing=()

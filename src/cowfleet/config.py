@@ -193,6 +193,9 @@ class Config:
     api_max_body: int = default("api_max_body")
     api_build_workers: int = default("api_build_workers")
     api_precache_concurrency: int = default("api_precache_concurrency")
+    # metrics and logs
+    metrics_public: bool = default("metrics_public")
+    log_format: str = default("log_format")
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------

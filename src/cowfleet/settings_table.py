@@ -47,6 +47,7 @@ DEFAULT_NODE_PORT = 8775
 DEFAULT_NODE_BUILD_WORKERS = 8
 DRIVERS = ("libvirt", "none")
 VIRT_TYPES = ("kvm", "qemu")
+LOG_FORMATS = ("text", "json")
 # The filesystems compute.ephemeral can make (its MKFS_TEMPLATES; a unit test keeps both equal).
 EPHEMERAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "vfat")
 
@@ -401,6 +402,12 @@ SETTING_ROWS: tuple[Setting, ...] = (
          "nodes a pre-cache asks to fetch at once (`0`: every node at once, since peers "
          "carry the load; Nova's `precache_concurrency` is 1)", unit="nodes",
          at_least=0, at_most=100000),
+    _row("metrics_public", bool, False, "metrics.public",
+         "serve `/metrics` without a token on any address; otherwise it needs the service's "
+         "token unless the service is bound to loopback (docs/metrics.md)"),
+    _row("log_format", str, "text", "logging.format",
+         "log lines as `text` or one JSON object per line, each with its request id",
+         choices=LOG_FORMATS),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTING_ROWS}
 

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cowfleet.api import faults, microversion
 from cowfleet.api.db.engine import Database
-from cowfleet.api.db.models import FlavorRow
+from cowfleet.api.db.models import FlavorRow, NodeRow
 from cowfleet.api.fleet import Fleet
 from cowfleet.api.images import ImageLookup
 from cowfleet.api.nodes_client import NodesClient
@@ -32,6 +32,8 @@ from cowfleet.api.settings import ApiSettings
 from cowfleet.api.versions import version_doc, versions_doc
 from cowfleet.compute.flavors import BUILTIN, Flavor
 from cowfleet.errors import ConfigError
+from cowfleet.logs import RequestIdMiddleware
+from cowfleet.metrics import ApiMetrics, MetricsEndpoint
 from cowfleet.tokens import TokenTable
 
 log = logging.getLogger(__name__)
@@ -203,4 +205,25 @@ def create_app(
     app.include_router(internal.router)
     app.include_router(precache_routes.internal_router)
     app.add_middleware(Microversions, max_body=settings.max_body)
+    metrics = ApiMetrics(_heartbeats(database), clock)
+    fleet.metrics = app.state.metrics = metrics
+    app.add_middleware(
+        MetricsEndpoint,
+        registry=metrics.registry,
+        open=settings.metrics_open,
+        authorised=lambda token: tokens.lookup(token) is not None,
+        http=metrics.http,
+    )
+    app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _heartbeats(db: Database) -> Callable[[], list[tuple[str, float]]]:
+    """Each node's hostname and last heartbeat time, read when Prometheus scrapes."""
+
+    def read() -> list[tuple[str, float]]:
+        with db.read() as s:
+            rows = s.execute(select(NodeRow.hostname, NodeRow.last_heartbeat)).all()
+        return [(str(h), float(t)) for h, t in rows]
+
+    return read

@@ -28,6 +28,9 @@ from cowfleet.api.faults import ApiFault
 from cowfleet.api.images import ImageInfo, ImageLookup
 from cowfleet.api.nodes_client import NodeConflict, NodeError, NodesClient
 from cowfleet.api.settings import ApiSettings
+from cowfleet.logs import carry
+from cowfleet.metrics import NO_VALID_HOST as NO_VALID_HOST_OUTCOME
+from cowfleet.metrics import PLACED, ApiMetrics
 from cowfleet.scheduler.claims import need_of, release, try_claim
 from cowfleet.scheduler.model import Candidate, HostState, Request, Selection
 from cowfleet.scheduler.select import select as select_hosts
@@ -87,6 +90,7 @@ class Fleet:
         self._pool = ThreadPoolExecutor(settings.build_workers, thread_name_prefix="dispatch")
         self._queued: set[str] = set()
         self._queued_lock = threading.Lock()
+        self.metrics: ApiMetrics | None = None  # set by create_app
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -102,7 +106,7 @@ class Fleet:
                 log.debug("traceback", exc_info=True)
 
         try:
-            self._pool.submit(run)
+            self._pool.submit(carry(run))  # the request's id goes along
         except RuntimeError:  # shutting down: the sweep of any replica picks it up
             log.info("not submitting %s: shutting down", fn.__name__)
 
@@ -310,6 +314,7 @@ class Fleet:
                 snapshot = self.host_states(s)
             sel = select_hosts(req, snapshot, self.settings.ratios, self.settings.weighing)
             if not sel.candidates:
+                self._decided(NO_VALID_HOST_OUTCOME)
                 self._fail(server_id, f"{NO_VALID_HOST} {sel.why_none()}")
                 return
             chosen = self._claim_first(server_id, sel, need)
@@ -321,7 +326,12 @@ class Fleet:
             outcome = self._dispatch(server_id, chosen, sel)
             if outcome != "retry":
                 return
+        self._decided(NO_VALID_HOST_OUTCOME)
         self._fail(server_id, f"{NO_VALID_HOST} The hosts filled up while this server waited.")
+
+    def _decided(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decision(outcome)
 
     def _claim_first(self, server_id: str, sel: Selection, need: Any) -> Candidate | str | None:
         for cand in sel.candidates:
@@ -385,6 +395,7 @@ class Fleet:
             }
             url = s.scalars(select(NodeRow.url).where(NodeRow.hostname == cand.hostname)).one()
         log.info("server %s placed on %s (weight %s)", server_id, cand.hostname, cand.weight)
+        self._decided(PLACED)
         try:
             instance = self.nodes.build(url, spec)
         except NodeError as exc:

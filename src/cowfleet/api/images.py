@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from cowfleet.api.faults import ApiFault
+from cowfleet.logs import httpx_hooks
 
 # Image properties the scheduler reads.
 SCHEDULER_PROPS = ("hypervisor_type", "hw_architecture")
@@ -41,7 +42,9 @@ class ImageLookup:
     """``GET /v2/images/{id}`` on the image service, as the caller."""
 
     def __init__(self, image_url: str, *, timeout: float = 10.0) -> None:
-        self._client = httpx.Client(base_url=image_url.rstrip("/"), timeout=timeout)
+        self._client = httpx.Client(
+            base_url=image_url.rstrip("/"), timeout=timeout, event_hooks=httpx_hooks()
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from cowfleet.errors import BackendUnavailableError
+from cowfleet.logs import httpx_hooks
 
 NODE_STATES = ("BUILDING", "ACTIVE", "SHUTOFF", "ERROR", "DELETING")
 
@@ -30,6 +31,7 @@ class NodesClient:
             timeout=timeout,
             headers={"X-Auth-Token": token},
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            event_hooks=httpx_hooks(),  # the request id goes on to the node
         )
 
     def close(self) -> None:

@@ -308,7 +308,15 @@ class Precaches:
                     updated_at=fleet.clock(),
                 )
             )
-            return rows(done) == 1
+            moved = rows(done) == 1
+            image_id = None
+            if moved and fleet.metrics is not None:
+                image_id = s.scalars(
+                    select(PrecacheRow.image_id).where(PrecacheRow.id == pid)
+                ).one()
+        if image_id is not None and fleet.metrics is not None:
+            fleet.metrics.precache_progress(host, image_id, prog.bytes_done)
+        return moved
 
     # -- reads -------------------------------------------------------------------------
 

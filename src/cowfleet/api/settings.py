@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cowfleet.config import Config
+from cowfleet.metrics import metrics_open
 from cowfleet.scheduler.model import Ratios, Weighing
 from cowfleet.scheduler.select import DEFAULT_RATIOS, DEFAULT_WEIGHING
 
@@ -29,6 +30,7 @@ class ApiSettings:
     build_workers: int = 32  # builds dispatched to nodes at once, per replica
     page_limit: int = 1000  # the largest page of a list (Nova's osapi_max_limit)
     precache_concurrency: int = 0  # nodes a pre-cache asks at once (0: all)
+    metrics_open: bool = False  # /metrics without a token (loopback, or metrics_public)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ApiSettings:
@@ -52,4 +54,5 @@ class ApiSettings:
             max_body=cfg.api_max_body,
             build_workers=cfg.api_build_workers,
             precache_concurrency=cfg.api_precache_concurrency,
+            metrics_open=metrics_open(cfg.api_host, cfg.metrics_public),
         )

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from cowfleet.cache.listing import BaseEntry
     from cowfleet.cache.verify import VerifyResult
     from cowfleet.images.client import Image, ImageClient
+    from cowfleet.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,10 @@ class ImageCache:
         rand: Callable[[], float] = random.random,
         inspector_factory: Callable[[], InspectorLike] = _new_inspector,
         backoff: float = BACKOFF,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.layout = Layout(cfg.instances_path)
         self._client_src = client
         self._client: ImageClient | None = None
@@ -173,12 +176,16 @@ class ImageCache:
         paths = self.layout.paths(image_id)
         hit = self._hit(image_id, paths)
         if hit is not None:
+            if self.metrics is not None:
+                self.metrics.hit()
             return hit
         self._ensure_dirs()
         waiting_since = self.clock()
         with base_lock(self.layout.locks_dir, paths.name, timeout=self.cfg.fetch_deadline):
             hit = self._hit(image_id, paths)
-            if hit is not None:
+            if hit is not None:  # another caller fetched it while this one waited
+                if self.metrics is not None:
+                    self.metrics.hit()
                 return hit
             failures.raise_if_failed_since(paths, image_id, waiting_since)
             try:
@@ -217,8 +224,11 @@ class ImageCache:
             inspector_factory=self.inspector_factory,
         )
         self.downloads += 1
-        log.debug("image %s: fetched in %.2fs", image_id, self.monotonic() - started)
+        seconds = self.monotonic() - started
+        log.debug("image %s: fetched in %.2fs", image_id, seconds)
         inst = got.installed
+        if self.metrics is not None:
+            self.metrics.fetched("origin", got.image.size or inst.size, seconds)
         return CachedBase(
             image_id=image_id,
             path=paths.base,

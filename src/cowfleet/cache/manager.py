@@ -36,6 +36,7 @@ from cowfleet.errors import ConfigError, CowfleetError, NotFoundError
 
 if TYPE_CHECKING:
     from cowfleet.images.client import ImageClient
+    from cowfleet.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,10 @@ class CacheManager:
         sleep: Callable[[float], None] = time.sleep,
         sources: Callable[[Config], Sequence[HolderSource]] = node_sources,
         client: Callable[[], ImageClient] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.clock = clock
         self.monotonic = monotonic
         self.sleep = sleep
@@ -108,6 +111,8 @@ class CacheManager:
             sources=self.sources(self.cfg),
         )
         report = cleaner.run(stop=stopped)
+        if self.metrics is not None:
+            self.metrics.cleaned(report.decisions)
         restored = self._restore(report, stopped)
         self.passes += 1
         result = PassReport(

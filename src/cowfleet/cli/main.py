@@ -96,16 +96,19 @@ def group_in(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, fmt: str = "text") -> None:
+    from cowfleet import logs
+
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    logs.configure(level, fmt, stream=sys.stderr)
 
 
 def dispatch(args: argparse.Namespace) -> int:
     """Build the configuration, run the handler, map the error tree to exit codes."""
     try:
         cfg = build_config(args)
+        if cfg.log_format != "text":  # the setting is known only now
+            _setup_logging(getattr(args, "verbose", 0), cfg.log_format)
         rc: int = args.handler(args, cfg)
         return rc
     except CowfleetError as exc:

@@ -153,8 +153,13 @@ class Provisioner:
         runner: Callable[..., proc.Completed] = proc.run,
         durable: bool = True,
         reinspect_bases: bool = True,
+        observe: Callable[[str, float], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        # Build phases (fetch, disks, hypervisor) and their seconds, for metrics.
+        self.observe = observe
+        self.monotonic = monotonic
         self.images = images
         self.cache = cache
         self.driver = driver
@@ -291,10 +296,12 @@ class Provisioner:
         # The pins keep the cache manager off these bases until the folder naming them
         # is in place (see cowfleet.cache.pins).
         with self.pin_bases(plan):
+            started = self.monotonic()
             root = self.cache.ensure_cached(plan.image.id)
             self._check_root_size(plan.flavor, plan.image.id, root.virtual_size)
             kernel = self.cache.ensure_cached(plan.kernel.id) if plan.kernel else None
             ramdisk = self.cache.ensure_cached(plan.ramdisk.id) if plan.ramdisk else None
+            self._phase("fetch", started)
             return self.build(plan, root, kernel, ramdisk, start=start, uuid=uuid, spec=spec)
 
     def base_names(self, plan: Plan) -> list[str]:
@@ -358,6 +365,7 @@ class Provisioner:
         disks: list[inst.DiskRecord] = []
         made = renamed = defined = False
         claim: Path | None = None
+        started = self.monotonic()
         try:
             try:
                 try:
@@ -432,10 +440,12 @@ class Provisioner:
                 renamed = True
             if self.durable:  # the rename is the commit point (the claim is only a hint)
                 _fsync_path(cfg.instances_path)
+            started = self._phase("disks", started)
             self.driver.define(domain_spec(cfg, record))
             defined = True
             if start and self.driver.can_run:
                 self.driver.start(uuid)
+            self._phase("hypervisor", started)
         except BaseException as exc:
             self._rollback(
                 tmp if made else None, final if renamed else None, uuid if defined else None
@@ -456,6 +466,13 @@ class Provisioner:
             self.driver.name,
         )
         return record
+
+    def _phase(self, phase: str, started: float) -> float:
+        """Report ``phase`` as lasting since ``started``; the time now (the next start)."""
+        now = self.monotonic()
+        if self.observe is not None:
+            self.observe(phase, now - started)
+        return now
 
     def _fsync_all(self, paths: list[Path]) -> None:
         with self._pool_guard:

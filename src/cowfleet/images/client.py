@@ -53,6 +53,7 @@ from cowfleet.images.http import raise_for_status, send, transport_error
 from cowfleet.images.models import Image, Member
 from cowfleet.images.token_file import read_token_file
 from cowfleet.images.transport import DataTransport
+from cowfleet.logs import httpx_hooks
 
 if TYPE_CHECKING:
     from cowfleet.config import Config
@@ -167,6 +168,7 @@ class ImageClient:
             transport=transport,
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
             follow_redirects=False,
+            event_hooks=httpx_hooks(),  # a request id, when serving one, goes along
         )
 
     @classmethod

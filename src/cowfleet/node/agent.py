@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import httpx
 
 from cowfleet.errors import BackendUnavailableError, CowfleetError, RemoteError, UsageError
+from cowfleet.logs import httpx_hooks
 from cowfleet.node.spec import InstanceView
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class ControllerClient:
             timeout=httpx.Timeout(timeout),
             transport=transport,
             follow_redirects=False,
+            event_hooks=httpx_hooks(),
         )
 
     def close(self) -> None:

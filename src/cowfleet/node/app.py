@@ -28,6 +28,8 @@ from cowfleet.errors import (
     UsageError,
     ValidationError,
 )
+from cowfleet.logs import RequestIdMiddleware
+from cowfleet.metrics import MetricsEndpoint, NodeMetrics
 from cowfleet.node.builds import Builds
 from cowfleet.node.spec import BuildSpec
 
@@ -118,8 +120,14 @@ def create_app(
     status: Callable[[], dict[str, Any]],
     token: str,
     precacher: Precacher | None = None,
+    *,
+    metrics: NodeMetrics | None = None,
+    metrics_open: bool = False,
 ) -> FastAPI:
-    """The node API over ``builds``; ``status`` gives the heartbeat body."""
+    """The node API over ``builds``; ``status`` gives the heartbeat body.
+
+    ``metrics``: served on ``/metrics`` (without the node token when ``metrics_open``).
+    """
     if not token:
         raise UsageError("the node token is empty")
     expected = token.encode()
@@ -197,4 +205,13 @@ def create_app(
         from cowfleet.node.precache import install
 
         install(app, precacher)
+    if metrics is not None:
+        app.add_middleware(
+            MetricsEndpoint,
+            registry=metrics.registry,
+            open=metrics_open,
+            authorised=lambda given: hmac.compare_digest(given.encode(), expected),
+            http=metrics.http,
+        )
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -43,6 +43,7 @@ from cowfleet.errors import (
     NotFoundError,
     ValidationError,
 )
+from cowfleet.logs import carry
 from cowfleet.node.inventory import POWER_FILE, POWER_OFF, instance_view, instance_views
 from cowfleet.node.spec import (
     ACTIVE,
@@ -164,7 +165,7 @@ class Builds:
             else:
                 view = InstanceView(uuid, BUILDING, NOSTATE, None, spec.name, spec.image_id)
                 self._tasks[uuid] = _Task(view, spec)
-                self._futures[uuid] = self._pool.submit(self._build, spec)
+                self._futures[uuid] = self._pool.submit(carry(self._build), spec)
                 known = view
         if known is None:
             return self.get(uuid)
@@ -268,7 +269,7 @@ class Builds:
             if submit:
                 if self._closing:
                     raise ShuttingDown("the node agent is stopping", server=uuid)
-                self._futures[uuid] = self._pool.submit(self._delete, uuid)
+                self._futures[uuid] = self._pool.submit(carry(self._delete), uuid)
         self.notify(view)
         return True
 
@@ -322,7 +323,7 @@ class Builds:
                     state=view.state,
                 )
             self._tasks[uuid] = _Task(view)
-            self._futures[uuid] = self._pool.submit(self._act, uuid, action, kind)
+            self._futures[uuid] = self._pool.submit(carry(self._act), uuid, action, kind)
         return view
 
     def _act(self, uuid: str, action: str, kind: str) -> None:

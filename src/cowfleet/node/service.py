@@ -18,6 +18,7 @@ from typing import Any
 
 from cowfleet.config import Config
 from cowfleet.errors import ConfigError, CowfleetError
+from cowfleet.metrics import NodeMetrics, metrics_open
 from cowfleet.node import inventory
 from cowfleet.node.spec import validate_hostname
 from cowfleet.serving import graceful_server
@@ -111,8 +112,9 @@ class NodeService:
             ) from exc
         self.capacity = inventory.capacity(cfg)
         self.arch = inventory.host_arch()
+        self.metrics = NodeMetrics(cfg.instances_path)
         self.images = ImageClient(s.image_url, self.token)
-        self.cache = ImageCache(cfg, self.images)
+        self.cache = ImageCache(cfg, self.images, metrics=self.metrics)
         self.driver = make_driver(cfg.driver, cfg)
 
         def drivers(name: str) -> Any:
@@ -120,7 +122,11 @@ class NodeService:
 
         self.manager = ServerManager(cfg, drivers=drivers)
         self.provisioner = Provisioner(
-            cfg, images=SharedLookups(self.images), cache=self.cache, driver=self.driver
+            cfg,
+            images=SharedLookups(self.images),
+            cache=self.cache,
+            driver=self.driver,
+            observe=self.metrics.phase,
         )
         self.controller = ControllerClient(s.api_url, self.token, s.hostname)
         self.events = EventSender(self.controller)
@@ -178,7 +184,7 @@ class NodeService:
         def client() -> ImageClient:
             return ImageClient(s.image_url, self.token)
 
-        manager = CacheManager(self.cfg, client=client)
+        manager = CacheManager(self.cfg, client=client, metrics=self.metrics)
         while not self.stop.is_set():
             try:
                 manager.run(self.stop)
@@ -197,7 +203,14 @@ class NodeService:
         from cowfleet.node.app import create_app
 
         s = self.settings
-        app = create_app(self.builds, self.status, self.token, self.precacher)
+        app = create_app(
+            self.builds,
+            self.status,
+            self.token,
+            self.precacher,
+            metrics=self.metrics,
+            metrics_open=metrics_open(s.host, self.cfg.metrics_public),
+        )
         config = uvicorn.Config(
             app,
             host=s.host,

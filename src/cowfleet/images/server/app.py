@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from cowfleet import __version__
-from cowfleet.errors import CowfleetError
+from cowfleet.errors import CowfleetError, UnsafeImageError
 from cowfleet.images.server.api import Service, router
 from cowfleet.images.server.auth import TokenAuth
 from cowfleet.images.server.catalog import Catalog
@@ -24,6 +24,8 @@ from cowfleet.images.server.settings import ServerSettings
 from cowfleet.images.server.slots import UploadSlots
 from cowfleet.images.server.store import FilesystemStore
 from cowfleet.images.server.upload import BlockPool
+from cowfleet.logs import RequestIdMiddleware
+from cowfleet.metrics import ImageMetrics, MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,12 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
     app.include_router(router)
     app.include_router(members_router)
 
+    metrics = app.state.metrics = ImageMetrics()
+
     @app.exception_handler(CowfleetError)
     async def _cowfleet_error(_req: Request, exc: CowfleetError) -> JSONResponse:
+        if isinstance(exc, UnsafeImageError):
+            metrics.upload_refused(exc.failures)
         status = status_for(exc)
         if status >= 500:
             log.error("request failed: %s", exc)
@@ -102,6 +108,15 @@ def create_app(settings: ServerSettings, *, catalog: Catalog | None = None) -> F
         )
 
     app.add_middleware(TokenAuth, token=settings.token, tokens=settings.tokens)
+    # /metrics answers before the token check (its own rule: cowfleet.metrics).
+    app.add_middleware(
+        MetricsEndpoint,
+        registry=metrics.registry,
+        open=settings.metrics_open,
+        authorised=TokenAuth(app, settings.token, settings.tokens).accepts,
+        http=metrics.http,
+    )
+    app.add_middleware(RequestIdMiddleware)
     # Outermost: sees every response, the 401s included (a no-op without a data plane).
     app.add_middleware(DataPlaneMiddleware)
     return app

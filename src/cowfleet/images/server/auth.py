@@ -56,6 +56,10 @@ class TokenAuth:
         )
         await send({"type": "http.response.body", "body": body})
 
+    def accepts(self, token: str) -> bool:
+        """Whether ``token`` passes this check (``/metrics`` asks, see cowfleet.metrics)."""
+        return self._caller({"headers": [(HEADER, token.encode("latin-1"))]}) is not None
+
     def _caller(self, scope: Scope) -> Caller | None:
         if self._tokens is None and self._token is None:
             return SINGLE_TOKEN_ADMIN

@@ -17,6 +17,7 @@ from cowfleet.config import (
     DEFAULT_PROPERTY_QUOTA,
     Config,
 )
+from cowfleet.metrics import metrics_open
 from cowfleet.tokens import TokenTable
 
 # Bytes per block handed to the hashing/writing threads during an upload.
@@ -68,6 +69,8 @@ class ServerSettings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     # A store file no catalog record explains is removed at start once this old (s).
     orphan_grace: float = DEFAULT_ORPHAN_GRACE
+    # /metrics without a token (bound to loopback, or the metrics_public setting).
+    metrics_open: bool = False
 
     @property
     def images_dir(self) -> Path:
@@ -96,4 +99,5 @@ class ServerSettings:
             max_header_bytes=cfg.images_max_header_bytes,
             header_timeout=cfg.images_header_timeout,
             orphan_grace=cfg.images_orphan_grace,
+            metrics_open=metrics_open(cfg.images_host, cfg.metrics_public),
         )
