@@ -27,6 +27,7 @@ from cowfleet.api.images import ImageLookup
 from cowfleet.api.nodes_client import NodesClient
 from cowfleet.api.routes import aggregates, flavors, hypervisors, internal, servers
 from cowfleet.api.settings import ApiSettings
+from cowfleet.api.status import routes as status_routes
 from cowfleet.api.versions import version_doc, versions_doc
 from cowfleet.compute.flavors import BUILTIN, Flavor
 from cowfleet.errors import ConfigError
@@ -195,5 +196,6 @@ def create_app(
     for module in (servers, flavors, hypervisors, aggregates):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(internal.router)
+    app.include_router(status_routes.router)
     app.add_middleware(Microversions, max_body=settings.max_body)
     return app
