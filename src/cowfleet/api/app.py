@@ -25,7 +25,7 @@ from cowfleet.api.db.models import FlavorRow
 from cowfleet.api.fleet import Fleet
 from cowfleet.api.images import ImageLookup
 from cowfleet.api.nodes_client import NodesClient
-from cowfleet.api.routes import aggregates, flavors, hypervisors, internal, servers
+from cowfleet.api.routes import aggregates, flavors, hypervisors, internal, servers, whoami
 from cowfleet.api.settings import ApiSettings
 from cowfleet.api.status import routes as status_routes
 from cowfleet.api.versions import version_doc, versions_doc
@@ -197,5 +197,6 @@ def create_app(
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(internal.router)
     app.include_router(status_routes.router)
+    app.include_router(whoami.router)
     app.add_middleware(Microversions, max_body=settings.max_body)
     return app
