@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cowfleet.cli.common import add_command, add_setting, print_json
+from cowfleet.cli.common import GROUP_HELP, add_command, add_setting, print_json
 from cowfleet.config import Config
 
 SETTINGS = (
@@ -50,8 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         sub,
         "doctor",
         cmd_doctor,
-        "check this node (programs, KVM, permissions, space, clock, services, _base) "
-        "and say what to fix; exit 11 when a check fails",
+        GROUP_HELP["doctor"],
     )
     for setting in SETTINGS:
         add_setting(p, setting)
