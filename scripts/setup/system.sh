@@ -17,6 +17,7 @@ if [[ "${1:-}" == "--full" ]]; then
     busybox-static cpio         # the offline test guest
     dmsetup                     # a device-mapper error target under a base (I/O fault tests)
     btrfs-progs                 # ... or a btrfs checksum error where the kernel has no dm
+    systemd                     # systemd-analyze verify of deploy/systemd (no running systemd needed)
   )
 fi
 missing=()
