@@ -130,7 +130,7 @@ def test_page_needs_a_token_and_a_cookie_login_is_httponly_strict(tmp_path: Path
             client.get("/status", headers={"X-Auth-Token": "wrong-token-000000"}).status_code == 401
         )
         assert client.get("/status", headers={"X-Auth-Token": NODE}).status_code == 403
-        assert client.get("/status.json").status_code == 401
+        assert client.get("/status/data").status_code == 401
 
         bad = client.post("/status/login", data={"token": "nope-nope-nope-nope"})
         assert bad.status_code == 401 and "not accepted" in bad.text
@@ -141,6 +141,21 @@ def test_page_needs_a_token_and_a_cookie_login_is_httponly_strict(tmp_path: Path
         assert cross.status_code == 403 and "cowfleet_status" not in cross.headers.get(
             "set-cookie", ""
         )
+        for fetch_site in ("cross-site", "same-site"):
+            hdrs = {"Sec-Fetch-Site": fetch_site, "Origin": "http://testserver"}
+            assert (
+                client.post("/status/login", data={"token": ADMIN}, headers=hdrs).status_code == 403
+            )
+        hidden = client.post("/status/login", data={"token": ADMIN}, headers={"Origin": "null"})
+        assert hidden.status_code == 403
+        same = client.post(
+            "/status/login",
+            data={"token": ADMIN},
+            headers={"Sec-Fetch-Site": "same-origin", "Origin": "null"},
+            follow_redirects=False,
+        )
+        assert same.status_code == 303
+        client.cookies.clear()
 
         ok = client.post("/status/login", data={"token": ADMIN}, follow_redirects=False)
         assert ok.status_code == 303 and ok.headers["location"] == "/status"
@@ -150,6 +165,8 @@ def test_page_needs_a_token_and_a_cookie_login_is_httponly_strict(tmp_path: Path
         assert "secure" not in cookie  # plain http on loopback
         page = client.get("/status")  # the client keeps the cookie
         assert page.status_code == 200 and 'id="who">admin (admin)' in page.text
+        # the page's poll sends the same cookie (its path covers /status/...)
+        assert client.get("/status/data").json()["admin"] is True
         csp = page.headers["content-security-policy"]
         assert "script-src 'nonce-" in csp and "frame-ancestors 'none'" in csp
 
@@ -207,7 +224,7 @@ def test_page_shows_nodes_cache_matrix_and_builds_by_role(tmp_path: Path) -> Non
         assert "<script>alert" not in page and "&lt;script&gt;" in page
         assert f'data-server="{sid}"' in page and ">web<" in page and ">other<" in page
 
-        doc = client.get("/status.json", headers={"X-Auth-Token": ADMIN}).json()
+        doc = client.get("/status/data", headers={"X-Auth-Token": ADMIN}).json()
         assert doc["precache"] == [
             {
                 "node": "node-a",
@@ -224,7 +241,7 @@ def test_page_shows_nodes_cache_matrix_and_builds_by_role(tmp_path: Path) -> Non
         member = client.get("/status", headers={"X-Auth-Token": MEMBER_A}).text
         assert ">web<" in member and ">other<" not in member
         assert 'data-node="node-a"' not in member and 'id="member-note"' in member
-        mdoc = client.get("/status.json", headers={"X-Auth-Token": MEMBER_A}).json()
+        mdoc = client.get("/status/data", headers={"X-Auth-Token": MEMBER_A}).json()
         assert mdoc["nodes"] == [] and [b["name"] for b in mdoc["builds"]] == ["web"]
 
 
@@ -273,3 +290,18 @@ def test_heartbeat_inventory_reports_state_percent_and_name(tmp_path: Path) -> N
     assert got[IMG2]["state"] == "fetching" and got[IMG2]["percent"] == 25.0
     assert got[IMG2]["size"] == 4000
     assert got[IMG3]["state"] == "quarantined" and got[IMG3]["verified"] is False
+
+
+def test_heartbeat_cache_details_are_validated_by_the_api() -> None:
+    from cowfleet.api.nodes import cache_detail
+
+    good = {"state": "fetching", "percent": 12.5, "size": 4096, "name": "n" * 300}
+    assert cache_detail(good) == {
+        "state": "fetching",
+        "percent": 12.5,
+        "size": 4096,
+        "name": "n" * 255,
+    }
+    bad = {"state": "<b>", "percent": 101, "size": -1, "name": 7}
+    assert cache_detail(bad) == {}
+    assert cache_detail({"percent": True, "size": True}) == {}

@@ -115,7 +115,8 @@ CACHE_STATES = ("verified", "unverified", "failed", "fetching", "quarantined")
 
 
 def cache_detail(c: dict[str, Any]) -> dict[str, Any]:
-    """The optional parts of a cache entry (state, fetch percent, image name), validated."""
+    """The optional parts of a cache entry (state, fetch percent and size, image name),
+    validated."""
     out: dict[str, Any] = {}
     if c.get("state") in CACHE_STATES:
         out["state"] = c["state"]
@@ -125,6 +126,9 @@ def cache_detail(c: dict[str, Any]) -> dict[str, Any]:
     name = c.get("name")
     if isinstance(name, str) and name:
         out["name"] = name[:255]
+    size = c.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        out["size"] = size
     return out
 
 

@@ -5,5 +5,5 @@
   recent builds);
 - :mod:`.render`: the HTML, every value escaped, no front-end build;
 - :mod:`.auth`: who is looking (``X-Auth-Token``, or the login form's cookie);
-- :mod:`.routes`: ``/status``, ``/status.json``, ``/status/login``, ``/status/logout``.
+- :mod:`.routes`: ``/status``, ``/status/data``, ``/status/login``, ``/status/logout``.
 """

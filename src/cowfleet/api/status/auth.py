@@ -42,12 +42,20 @@ def is_https(request: Request) -> bool:
 
 
 def same_origin(request: Request) -> bool:
-    """False when the browser says the form was posted from another site."""
+    """False when the browser says the form was posted from another site.
+
+    Browsers send ``Sec-Fetch-Site``; older ones only ``Origin`` (``null`` when a page's
+    referrer policy hides it). A client that sends neither (a script) is not a browser
+    another site could drive, and is let through.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return origin is None
+    if origin is None:
+        return True
     host = request.headers.get("host", "")
-    return urlsplit(origin).netloc.lower() == host.lower()
+    return origin != "null" and urlsplit(origin).netloc.lower() == host.lower()
 
 
 def form_token(body: bytes) -> str:

@@ -3,8 +3,8 @@
 Image names, server names and hostnames are user strings, so nothing reaches the page
 unescaped; the one inline script and style carry a per-response nonce that the
 ``Content-Security-Policy`` header names, so no injected script could run either.
-The script polls ``/status.json`` and rewrites the pre-cache table with
-``textContent`` (never ``innerHTML``).
+The script polls ``/status/data`` and rewrites the pre-cache table and the cache
+matrix's cells with ``textContent`` (never ``innerHTML``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ th{background:#eee} td.num{text-align:right}
 .muted{color:#666} form.inline{display:inline} progress{width:8em}
 """
 
-# The poller: rebuilds the pre-cache rows from /status.json with textContent only.
+# The poller: rebuilds the pre-cache rows from /status/data with textContent only.
 _SCRIPT = """
 (function(){
   var body=document.getElementById('precache-rows');
@@ -48,10 +48,17 @@ _SCRIPT = """
       if(r.percent!==null){bar.value=r.percent;}p.appendChild(bar);
       p.appendChild(document.createTextNode(' '+(r.percent===null?'?':r.percent.toFixed(0)+'%')));
       cell(tr,fmt(r.bytes),'num');cell(tr,fmt(r.size),'num');body.appendChild(tr);});}
+  function cells(list){
+    var byKey={};list.forEach(function(c){byKey[c.node+'|'+c.image_id]=c;});
+    document.querySelectorAll('#cache td[data-node]').forEach(function(td){
+      var c=byKey[td.dataset.node+'|'+td.dataset.image];
+      if(!c){return;}
+      td.className=c.state==='verified'?'cached':c.state;td.dataset.state=c.state;
+      td.firstChild.textContent=c.label;td.lastChild.textContent=fmt(c.bytes);});}
   function poll(){
-    fetch('/status.json',{credentials:'same-origin',headers:{'Accept':'application/json'}})
+    fetch('/status/data',{credentials:'same-origin',headers:{'Accept':'application/json'}})
       .then(function(r){if(!r.ok){throw new Error(r.status);}return r.json();})
-      .then(function(doc){draw(doc.precache||[]);
+      .then(function(doc){draw(doc.precache||[]);cells(doc.cache||[]);
         stamp.textContent=new Date(doc.now*1000).toISOString();
         document.body.setAttribute('data-polls',
           String(1+Number(document.body.getAttribute('data-polls')||0)));})
@@ -153,8 +160,9 @@ def _matrix(view: StatusView) -> str:
                 continue
             css = "cached" if c.state == "verified" else c.state
             cells.append(
-                f'<td class="{_e(css)}" data-state="{_e(c.state)}">{_e(c.label)}'
-                f'<br><span class="muted">{_e(human_bytes(c.bytes))}</span></td>'
+                f'<td class="{_e(css)}" data-state="{_e(c.state)}" data-node="{_e(n.hostname)}" '
+                f'data-image="{_e(i.image_id)}"><span>{_e(c.label)}</span><br>'
+                f'<span class="muted">{_e(human_bytes(c.bytes))}</span></td>'
             )
         rows.append(f"<tr><th>{_e(n.hostname)}</th>{''.join(cells)}</tr>")
     return (

@@ -1,4 +1,4 @@
-"""``/status`` (HTML), ``/status.json`` (the same data, polled by the page),
+"""``/status`` (HTML), ``/status/data`` (the same data, polled by the page),
 ``POST /status/login`` and ``POST /status/logout``.
 
 Status codes: 200 the page; 401 the sign-in form (no token, or one the tokens file
@@ -35,7 +35,7 @@ def _headers(nonce: str) -> dict[str, str]:
         ),
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
+        "Referrer-Policy": "same-origin",
         "X-Frame-Options": "DENY",
     }
 
@@ -122,7 +122,7 @@ def status_page(request: Request) -> Response:
     return HTMLResponse(page, headers=_headers(nonce))
 
 
-@router.get("/status.json", include_in_schema=False)
+@router.get("/status/data", include_in_schema=False)
 def status_json(request: Request) -> Response:
     principal = _caller(request)
     if principal is None:
