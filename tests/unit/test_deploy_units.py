@@ -37,3 +37,22 @@ def test_unit_runs_sandboxed_as_its_own_user_and_restarts(path: Path) -> None:
 def test_the_node_unit_lets_qemu_read_what_it_creates() -> None:
     svc = _unit(ROOT / "deploy" / "systemd" / "cowfleet-node.service")["Service"]
     assert svc["UMask"] == "0022" and "libvirt" in svc["SupplementaryGroups"]
+
+
+def test_the_deploy_guide_configuration_examples_load(tmp_path: Path) -> None:
+    import re
+
+    from cowfleet import config
+
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert len(blocks) == 3  # the tokens file, the controller's file, a node's file
+    loaded = []
+    for i, block in enumerate(blocks[1:]):
+        path = tmp_path / f"deploy-example-{i}.toml"
+        path.write_text(block)
+        loaded.append(config.load(path, env={"COWFLEET_HOME": "/nonexistent"}))
+    controller, node = loaded
+    assert controller.images_tokens_file == Path("/etc/cowfleet/tokens.toml")
+    assert node.node_api_url == "https://cloud.example.org/compute"
+    assert node.node_token_file == Path("/etc/cowfleet/node-token")
