@@ -305,3 +305,18 @@ def test_heartbeat_cache_details_are_validated_by_the_api() -> None:
     bad = {"state": "<b>", "percent": 101, "size": -1, "name": 7}
     assert cache_detail(bad) == {}
     assert cache_detail({"percent": True, "size": True}) == {}
+
+
+def test_a_quarantined_copy_is_no_cache_hit_for_the_scheduler(tmp_path: Path) -> None:
+    with api(tmp_path) as (client, _nodes, _clock):
+        quarantined = {"image_id": IMAGE, "verified": False, "bytes": 1, "state": "quarantined"}
+        register(client, "node-1", cache=[quarantined])
+        fetching = {"image_id": IMAGE, "verified": False, "bytes": 1, "state": "fetching"}
+        register(client, "node-2", cache=[fetching], ram_mb=4096)  # less RAM: spread avoids it
+        resp = create(client, "vm1")
+        sid = resp.json()["server"]["id"]
+        wait_for(lambda: status_of(client, sid) == "ACTIVE")
+        s = client.get(f"/v2.1/servers/{sid}", headers={"X-Auth-Token": ADMIN}).json()["server"]
+        # the download in flight on node-2 counts as holding the image; node-1's
+        # quarantined copy does not
+        assert s["OS-EXT-SRV-ATTR:host"] == "node-2"
