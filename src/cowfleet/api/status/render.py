@@ -215,9 +215,9 @@ def status_page(view: StatusView, nonce: str, *, role: str) -> str:
     parts = [
         "<h1>cowfleet fleet status</h1>",
         f'<p class="muted">signed in as <b id="who">{who}</b>; '
-        f'updated <span id="updated">{_e(iso(view.now))}</span> '
-        '<form class="inline" method="post" action="/status/logout">'
-        '<button type="submit">sign out</button></form></p>',
+        f'updated <span id="updated">{_e(iso(view.now))}</span></p>'
+        '<form method="post" action="/status/logout">'
+        '<button type="submit">sign out</button></form>',
     ]
     if view.admin:
         parts += [
