@@ -78,7 +78,7 @@ def test_prometheus_alert_rules_pass_promtool(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
     bad.write_text(
         RULES.read_text().replace(
-            "expr: cowfleet_heartbeat_age_seconds > 60", "expr: cowfleet_heartbeat_age_seconds >"
+            "expr: cowfleet_node_heartbeat_age_seconds > 60", "expr: cowfleet_node_heartbeat_age_seconds >"
         )
     )
     assert (
