@@ -15,6 +15,7 @@ source scripts/setup/libvirt.sh       # starts virtlogd + libvirtd
 source scripts/setup/glance.sh        # installs real Glance in its own venv, exports COWFLEET_TEST_GLANCE_*
 source scripts/setup/guest.sh         # builds the offline test guest, exports COWFLEET_TEST_GUEST_DIR
 source scripts/setup/prometheus.sh    # Debian's Prometheus server, exports COWFLEET_TEST_PROMETHEUS
+source scripts/setup/chromium.sh      # headless Chromium (status page e2e), exports COWFLEET_TEST_CHROMIUM
 phase "ruff"; python3 -m ruff check src tests bench
 phase "mypy"; python3 -m mypy
 phase "pytest"; python3 -m pytest tests --durations=15 "$@"

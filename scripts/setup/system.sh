@@ -18,6 +18,7 @@ if [[ "${1:-}" == "--full" ]]; then
     dmsetup                     # a device-mapper error target under a base (I/O fault tests)
     btrfs-progs                 # ... or a btrfs checksum error where the kernel has no dm
     prometheus                  # the metrics integration test scrapes all three services
+    systemd                     # systemd-analyze verify of deploy/systemd (no running systemd needed)
   )
 fi
 missing=()

@@ -134,7 +134,15 @@ def test_registers_and_heartbeats_capacity_and_cache(fleet: Fleet) -> None:
     assert fleet.agent.request("PUT", f"/v1/servers/{spec['uuid']}", json=spec).status_code == 202
     fleet.agent.wait_state(spec["uuid"], "ACTIVE")
     hb = fleet.controller.wait_heartbeat(lambda b: bool(b["cache"] and b["instances"]))
-    assert hb["cache"] == [{"image_id": iid, "verified": True, "bytes": hb["cache"][0]["bytes"]}]
+    assert hb["cache"] == [
+        {
+            "image_id": iid,
+            "verified": True,
+            "bytes": hb["cache"][0]["bytes"],
+            "state": "verified",
+            "name": "cirros",
+        }
+    ]
     assert hb["instances"] == [
         {
             "uuid": spec["uuid"],

@@ -26,9 +26,10 @@ from cowfleet.api.fleet import Fleet
 from cowfleet.api.images import ImageLookup
 from cowfleet.api.nodes_client import NodesClient
 from cowfleet.api.precache import Precaches
-from cowfleet.api.routes import aggregates, flavors, hypervisors, internal, servers
+from cowfleet.api.routes import aggregates, flavors, hypervisors, internal, servers, whoami
 from cowfleet.api.routes import precache as precache_routes
 from cowfleet.api.settings import ApiSettings
+from cowfleet.api.status import routes as status_routes
 from cowfleet.api.versions import version_doc, versions_doc
 from cowfleet.compute.flavors import BUILTIN, Flavor
 from cowfleet.errors import ConfigError
@@ -204,6 +205,8 @@ def create_app(
     app.include_router(precache_routes.router, prefix=PREFIX)
     app.include_router(internal.router)
     app.include_router(precache_routes.internal_router)
+    app.include_router(status_routes.router)
+    app.include_router(whoami.router)
     app.add_middleware(Microversions, max_body=settings.max_body)
     metrics = ApiMetrics(_heartbeats(database), clock)
     fleet.metrics = app.state.metrics = metrics

@@ -276,7 +276,11 @@ class Fleet:
                 incoming.setdefault(host, set()).add(image)
         out = []
         for n in session.scalars(select(NodeRow)):
-            cached = {str(c.get("image_id")) for c in n.cache or () if isinstance(c, dict)}
+            cached = {
+                str(c.get("image_id"))
+                for c in n.cache or ()
+                if isinstance(c, dict) and c.get("state") != "quarantined"  # not a cache hit
+            }
             out.append(
                 HostState(
                     hostname=n.hostname,

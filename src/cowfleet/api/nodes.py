@@ -103,11 +103,33 @@ def parse_report(hostname: str, doc: dict[str, Any]) -> Report:
                 "image_id": str(c.get("image_id")),
                 "verified": bool(c.get("verified")),
                 "bytes": c.get("bytes") if isinstance(c.get("bytes"), int) else None,
+                **cache_detail(c),
             }
             for c in cache
         ),
         instances=tuple(parse_instance(i) for i in instances),
     )
+
+
+CACHE_STATES = ("verified", "unverified", "failed", "fetching", "quarantined")
+
+
+def cache_detail(c: dict[str, Any]) -> dict[str, Any]:
+    """The optional parts of a cache entry (state, fetch percent and size, image name),
+    validated."""
+    out: dict[str, Any] = {}
+    if c.get("state") in CACHE_STATES:
+        out["state"] = c["state"]
+    pct = c.get("percent")
+    if isinstance(pct, (int, float)) and not isinstance(pct, bool) and 0 <= pct <= 100:
+        out["percent"] = float(pct)
+    name = c.get("name")
+    if isinstance(name, str) and name:
+        out["name"] = name[:255]
+    size = c.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        out["size"] = size
+    return out
 
 
 def heartbeat(fleet: Fleet, report: Report) -> NodeRow:

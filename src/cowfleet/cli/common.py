@@ -118,6 +118,7 @@ GROUP_HELP: dict[str, str] = {
     "node": "the long-running node process (cache manager)",
     "demo": "start an image service, upload a test guest, boot 3 instances on each of 2 "
     "nodes and narrate what happens (cleans up unless --keep)",
+    "doctor": "check this node and say what to fix (exit 11 when a check fails)",
 }
 
 

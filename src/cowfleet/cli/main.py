@@ -39,6 +39,7 @@ GROUPS: dict[str, str] = {
     "flavor": "cowfleet.cli.flavor",
     "node": "cowfleet.cli.node",
     "demo": "cowfleet.cli.demo",
+    "doctor": "cowfleet.cli.doctor",
 }
 
 

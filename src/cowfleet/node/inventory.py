@@ -14,7 +14,7 @@ import platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cowfleet.compute import instance as inst
 from cowfleet.compute.drivers.base import NO_HYPERVISOR, DomainInfo
@@ -33,6 +33,9 @@ from cowfleet.node.spec import (
     SUSPENDED,
     InstanceView,
 )
+
+if TYPE_CHECKING:
+    from cowfleet.cache.layout import Layout
 
 GIB = 1024**3
 MIB = 1024**2
@@ -92,7 +95,9 @@ def disk_free_gb(path: Path, *, statvfs: Callable[[Path], os.statvfs_result] = o
 
 
 def cache_inventory(instances_path: Path) -> list[dict[str, Any]]:
-    """The image bases in ``_base``: image id, verified or not, bytes on disk.
+    """The image bases in ``_base``: image id, verified or not, bytes on disk, and the
+    base's ``state`` (``verified``, ``unverified``, ``failed``; ``fetching`` with a
+    ``percent`` for a ``.part`` in progress; ``quarantined`` for a base moved aside).
 
     Read from the cache listing without scanning instance disks (a heartbeat must
     stay cheap with hundreds of instances).
@@ -107,9 +112,46 @@ def cache_inventory(instances_path: Path) -> list[dict[str, Any]]:
     for e in list_entries(layout, nobody):
         if e.kind == "base" and e.image_id:
             out.append(
-                {"image_id": e.image_id, "verified": e.state == "verified", "bytes": e.allocated}
+                {
+                    "image_id": e.image_id,
+                    "verified": e.state == "verified",
+                    "bytes": e.allocated,
+                    "state": e.state,
+                    "name": e.image_name,
+                }
+            )
+        elif e.kind == "part" and e.image_id:
+            out.append(_fetching(layout, e.name, e.image_id, e.size, e.allocated))
+        elif e.kind == "quarantined" and e.image_id:
+            out.append(
+                {
+                    "image_id": e.image_id,
+                    "verified": False,
+                    "bytes": e.allocated,
+                    "state": "quarantined",
+                    "name": e.image_name,
+                }
             )
     return out
+
+
+def _fetching(
+    layout: Layout, name: str, image_id: str, size: int, allocated: int
+) -> dict[str, Any]:
+    """A download in progress: how far its ``.part`` is (``percent`` when its size is known)."""
+    from cowfleet.cache import metadata as md
+
+    record = md.read_part_meta(layout.paths_for_name(name.partition(".")[0]).part_meta)
+    total = record.image_size if record is not None else 0
+    percent = round(min(100.0, 100.0 * size / total), 1) if total > 0 else None
+    return {
+        "image_id": image_id,
+        "verified": False,
+        "bytes": allocated,
+        "state": "fetching",
+        "percent": percent,
+        "size": total or None,
+    }
 
 
 # libvirt state words (drivers.base.STATE_NAMES) -> node state and Nova power_state
