@@ -320,3 +320,18 @@ def test_a_quarantined_copy_is_no_cache_hit_for_the_scheduler(tmp_path: Path) ->
         # the download in flight on node-2 counts as holding the image; node-1's
         # quarantined copy does not
         assert s["OS-EXT-SRV-ATTR:host"] == "node-2"
+
+
+def test_precache_nodes_of_the_api_show_with_their_state_over_heartbeat_rows() -> None:
+    nodes = [node("n1", [{"image_id": IMG2, "state": "fetching", "bytes": 100, "percent": 10}])]
+    queued = v.PrecacheRow("n2", IMG2, None, None, 0, None, state="queued")
+    newer = v.PrecacheRow("n1", IMG2, None, 50.0, 500, 1000, state="verifying")
+    view = v.build_view(
+        nodes, [], now=100, down_after=60, admin=True, project="admin", precaching=[queued, newer]
+    )
+    assert [(r.node, r.state, r.percent) for r in view.precache] == [
+        ("n1", "verifying", 50.0),
+        ("n2", "queued", None),
+    ]
+    html = status_page(view, "n", role="admin")
+    assert "verifying" in html and "queued" in html
