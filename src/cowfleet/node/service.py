@@ -132,6 +132,16 @@ class NodeService:
             notify=self.events.post,
             workers=cfg.node_build_workers,
         )
+        from cowfleet.node.snapshots import Snapshots
+
+        self.snapshots = Snapshots(
+            cfg.instances_path,
+            self.driver,
+            lambda token: ImageClient(s.image_url, token),
+            fmt=cfg.snapshot_format,
+            can_start=self.builds.check_idle,
+        )
+        self.snapshots.recover()
         self.heartbeat = Heartbeat(self.controller, self.status)
         self.stop = threading.Event()
         self._last_instances: list[dict[str, Any]] = []
@@ -192,7 +202,7 @@ class NodeService:
         from cowfleet.node.app import create_app
 
         s = self.settings
-        app = create_app(self.builds, self.status, self.token)
+        app = create_app(self.builds, self.status, self.token, self.snapshots)
         config = uvicorn.Config(
             app,
             host=s.host,
@@ -234,6 +244,7 @@ class NodeService:
         log.info("node agent stopping: %d jobs in flight", self.builds.in_flight)
         self.stop.set()
         self.builds.close(wait=True)
+        self.snapshots.close()
         for t in threads or ():
             t.join(timeout=30)
         with contextlib.suppress(Exception):  # a last word: what is left, and how
