@@ -25,7 +25,6 @@ from cowfleet.api.context import Ctx
 from cowfleet.api.db.models import ServerRow
 from cowfleet.api.faults import ApiFault
 from cowfleet.api.fleet import Fleet, rows
-from cowfleet.api.images import create_image, delete_image, image_doc
 from cowfleet.api.nodes_client import NodeConflict, NodeError
 
 log = logging.getLogger(__name__)
@@ -114,8 +113,8 @@ def create(fleet: Fleet, ctx: Ctx, server_id: str, arg: Any) -> str:
             )
         s.expunge(row)
     host = row.host
-    source = image_doc(fleet.images, row.image_id, ctx.token)
-    doc = create_image(fleet.images, _properties(row, name, meta, source), ctx.token)
+    source = fleet.images.doc(row.image_id, ctx.token)
+    doc = fleet.images.create_image(_properties(row, name, meta, source), ctx.token)
     image_id = str(doc.get("id", ""))
     if not image_id:
         raise ApiFault(503, "The image service created an image without an id.")
@@ -133,7 +132,7 @@ def create(fleet: Fleet, ctx: Ctx, server_id: str, arg: Any) -> str:
             )
         )
     if not won:
-        delete_image(fleet.images, image_id, ctx.token)
+        fleet.images.delete_image(image_id, ctx.token)
         raise ApiFault(
             409, f"Cannot 'createImage' instance {server_id}: another task started first."
         )
@@ -190,7 +189,7 @@ def run(
         log.warning("snapshot of %s failed: %s", server_id, exc)
     finally:
         if outcome != "done":
-            delete_image(fleet.images, image_id, token)
+            fleet.images.delete_image(image_id, token)
         with fleet.db.write() as s:
             s.execute(
                 update(ServerRow)
