@@ -35,8 +35,8 @@ POLL = 0.5  # seconds between two looks at the node's job
 NODE_LOST_AFTER = 120  # consecutive failed looks before the job counts as lost
 # Properties of the source image a snapshot keeps (Nova keeps the image's metadata).
 INHERITED = ("kernel_id", "ramdisk_id", "os_command_line")
-INHERITED_PREFIXES = ("hw_", "os_")
-INHERITED_EXTRA = ("hypervisor_type", "architecture", "os_distro", "os_type")
+INHERITED_PREFIXES = ("hw_",)
+INHERITED_EXTRA = ("hypervisor_type", "architecture", "os_distro", "os_type", "os_version")
 
 
 def parse(arg: Any) -> tuple[str, dict[str, str]]:
