@@ -102,7 +102,7 @@ class Flattened:
     allocated: int  # guest data bytes of the chain
     layout: qcow2_stream.StreamLayout | None
 
-    def chunks(self, chain: ChainMap) -> Iterator[bytes]:
+    def chunks(self, chain: ChainMap) -> Iterator[bytes | bytearray]:
         if self.format == "raw":
             return _raw_chunks(chain)
         assert self.layout is not None
@@ -191,7 +191,9 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += n
 
 
-def _qcow2_chunks(chain: ChainMap, layout: qcow2_stream.StreamLayout) -> Iterator[bytes]:
+def _qcow2_chunks(
+    chain: ChainMap, layout: qcow2_stream.StreamLayout
+) -> Iterator[bytes | bytearray]:
     yield from qcow2_stream.metadata(layout)
     cs = layout.cluster_size
     per_batch = max(1, BATCH // cs)
@@ -204,13 +206,13 @@ def _qcow2_chunks(chain: ChainMap, layout: qcow2_stream.StreamLayout) -> Iterato
                 n = min(per_batch, first + count - c)
                 buf = bytearray(n * cs)
                 i = layers.fill(memoryview(buf), c * cs, chain.extents, i)
-                yield bytes(buf)
+                yield buf
                 c += n
     finally:
         layers.close()
 
 
-def _raw_chunks(chain: ChainMap) -> Iterator[bytes]:
+def _raw_chunks(chain: ChainMap) -> Iterator[bytes | bytearray]:
     layers = _Layers(chain)
     try:
         i = 0
@@ -219,7 +221,7 @@ def _raw_chunks(chain: ChainMap) -> Iterator[bytes]:
             n = min(BATCH, chain.virtual_size - pos)
             buf = bytearray(n)
             i = layers.fill(memoryview(buf), pos, chain.extents, i)
-            yield bytes(buf)
+            yield buf
             pos += n
     finally:
         layers.close()
