@@ -29,10 +29,13 @@ from xml.sax.saxutils import quoteattr
 from cowfleet import proc
 from cowfleet.compute.domain_xml import parse_disks
 from cowfleet.errors import CommandError, ConflictError, TimeoutError_
+from cowfleet.formats.overlay import create_overlay
+from cowfleet.formats.qcow2 import parse_header
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FLAGS = 16 | 4 | 128  # DISK_ONLY | NO_METADATA | ATOMIC
+REUSE_EXT = 32  # the overlay is made beforehand (our own writer), not inside the call
 COMMIT_FLAGS = 4 | 1  # ACTIVE | SHALLOW
 ABORT_PIVOT = 2
 XML_INACTIVE = 2
@@ -68,9 +71,20 @@ def disk_snapshot(driver: Any, uuid: str, target: str, overlay: Path) -> float:
     if overlay.exists():
         raise ConflictError(f"{overlay} exists: an unfinished snapshot", server=uuid)
     xml = snapshot_xml(target, overlay, targets)
+    # The overlay is written before the call (no qemu-img inside libvirt's call: the
+    # call then only switches the disk, which is what the guest may notice).
+    disk = Path(_source(dom, target) or "")
+    with disk.open("rb") as fh:
+        head = parse_header(fh.read(4096))
+    create_overlay(overlay, disk, "qcow2", backing_virtual_size=head.virtual_size, replace=False)
     start = time.monotonic()
-    with driver._translate("external disk snapshot", uuid):
-        dom.snapshotCreateXML(xml, SNAPSHOT_FLAGS)
+    try:
+        with driver._translate("external disk snapshot", uuid):
+            dom.snapshotCreateXML(xml, SNAPSHOT_FLAGS | REUSE_EXT)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            overlay.unlink()
+        raise
     seconds = time.monotonic() - start
     log.info("server %s now writes to %s (snapshot call %.1f ms)", uuid, overlay, seconds * 1e3)
     return seconds
