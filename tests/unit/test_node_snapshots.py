@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from cowfleet.compute import flatten
 from cowfleet.compute.drivers.base import DomainInfo
 from cowfleet.compute.drivers.libvirt_snapshot import _strip_overlay, snapshot_xml
 from cowfleet.errors import ConflictError, StorageFullError
-from cowfleet.formats.overlay import create_overlay
 from cowfleet.node import snapshots as snap
 
 MiB = 1 << 20
@@ -65,15 +65,18 @@ def _instance(tmp_path: Path) -> tuple[Path, str]:
     uuid = str(uuidlib.uuid4())
     folder = tmp_path / uuid
     folder.mkdir()
-    base = tmp_path / "base.raw"
-    base.write_bytes(b"\x42" * MiB)
-    create_overlay(folder / "disk", base, "raw", size=4 * MiB)
+    (folder / "disk").write_bytes(b"\x42" * MiB)  # read as the chain's only layer
     return folder, uuid
+
+
+def _chain(path: Path) -> flatten.ChainMap:
+    """What ``qemu-img map`` says of a 4 MiB disk whose first MiB holds data."""
+    return flatten.ChainMap(4 * MiB, ((str(path), "raw"),), (flatten.Extent(0, MiB, 0, 0),))
 
 
 def _run(tmp_path: Path, images: FakeImages, driver: Any) -> tuple[snap.SnapshotView, Path]:
     folder, uuid = _instance(tmp_path)
-    s = snap.Snapshots(tmp_path, driver, lambda token: images)
+    s = snap.Snapshots(tmp_path, driver, lambda token: images, chain_map=_chain)
     image_id = str(uuidlib.uuid4())
     s.start(uuid, image_id, "tok")
     return s.wait(uuid, 60), folder
@@ -87,6 +90,7 @@ def test_a_live_snapshot_switches_streams_then_commits(tmp_path: Path) -> None:
     assert images.calls[0] == ("update", {"disk_format": "qcow2", "container_format": "bare"})
     assert ("upload", view.bytes_sent) in images.calls
     assert images.received[:4] == b"QFI\xfb" and view.allocated == MiB
+    assert images.received[-MiB:] == b"\x42" * MiB  # the one data run, last
     assert not (folder / snap.MARKER).exists()
 
 

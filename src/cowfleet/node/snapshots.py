@@ -69,6 +69,8 @@ class SnapshotView:
     allocated: int = 0
     seconds: float = 0.0
     pause_ms: float = 0.0  # snapshot call + pivot: the time the guest may be held
+    snapshot_ms: float = 0.0  # the disk-only external snapshot call
+    pivot_ms: float = 0.0  # the block commit's pivot
     fault: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +87,7 @@ class Snapshots:
         fmt: str = "qcow2",
         can_start: Callable[[str], None] = lambda _uuid: None,
         clock: Callable[[], float] = time.monotonic,
+        chain_map: Callable[[Path], flatten.ChainMap] = flatten.chain_map,
     ) -> None:
         if fmt not in flatten.FORMATS:
             raise ValidationError(f"snapshot format {fmt!r}: use qcow2 or raw")
@@ -94,6 +97,7 @@ class Snapshots:
         self.fmt = fmt
         self.can_start = can_start  # raises ConflictError/NotFoundError when the instance is busy
         self.clock = clock
+        self.chain_map = chain_map  # qemu-img map (tests: a fake)
         self._lock = threading.Lock()
         self._jobs: dict[str, SnapshotView] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -167,7 +171,7 @@ class Snapshots:
         uuid, image_id = view.uuid, view.image_id
         folder = self.instances_path / uuid
         started = self.clock()
-        pause = 0.0
+        snap_s = pivot_s = 0.0
         sent = 0
         fault: str | None = None
         live = False
@@ -178,8 +182,8 @@ class Snapshots:
                 folder, {"image_id": image_id, "token": token, "overlay": OVERLAY, "live": live}
             )
             if live:
-                pause += self.driver.disk_snapshot(uuid, ROOT_TARGET, folder / OVERLAY)
-            chain = flatten.chain_map(folder / ROOT)
+                snap_s = self.driver.disk_snapshot(uuid, ROOT_TARGET, folder / OVERLAY)
+            chain = self.chain_map(folder / ROOT)
             flat = flatten.plan(chain, self.fmt)
             self._set(replace(view, live=live, allocated=chain.allocated))
             images.update(image_id, {"disk_format": flat.format, "container_format": "bare"})
@@ -205,7 +209,7 @@ class Snapshots:
             _delete_image(images, image_id)
         try:
             if live:
-                pause += self.driver.commit_back(uuid, ROOT_TARGET, folder / OVERLAY)
+                pivot_s = self.driver.commit_back(uuid, ROOT_TARGET, folder / OVERLAY)
             _remove(folder / MARKER)
         except Exception as exc:  # the marker stays: the next agent start merges it
             msg = one_line(f"merging the temporary overlay back failed: {exc}")
@@ -219,7 +223,9 @@ class Snapshots:
             live=live,
             bytes_sent=sent,
             seconds=round(self.clock() - started, 3),
-            pause_ms=round(pause * 1000, 1),
+            pause_ms=round((snap_s + pivot_s) * 1000, 1),
+            snapshot_ms=round(snap_s * 1000, 1),
+            pivot_ms=round(pivot_s * 1000, 1),
             fault=fault,
         )
         self._set(done)
