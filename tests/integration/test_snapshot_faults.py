@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -142,5 +143,50 @@ def test_an_agent_restart_mid_snapshot_deletes_the_image_and_the_overlay(
         assert not marker.exists() and not (folder / "disk.snap").exists()
         assert _digest(folder / "disk") == before
         assert fleet.agent.request("GET", f"/v1/servers/{vm['id']}").json()["state"] == "ACTIVE"
+    finally:
+        fleet.close()
+
+
+def test_bad_requests_on_the_real_fleet(tmp_path: Path) -> None:
+    from tests.fixtures.compute_api import OTHER_TOKEN
+
+    fleet = OneNode(tmp_path, tmp_path / "svc")
+    try:
+        vm = fleet.server("vm1")
+        long = fleet.snapshot(vm["id"], "x" * 256)
+        assert long.status_code == 400 and "longer than 255" in long.text
+        other = httpx.post(
+            f"{fleet.api.endpoint}/servers/{vm['id']}/action",
+            json={"createImage": {"name": "mine"}},
+            headers={"X-Auth-Token": OTHER_TOKEN},
+            timeout=30,
+        )
+        assert other.status_code == 404
+        first = fleet.snapshot(vm["id"], "one")
+        second = fleet.snapshot(vm["id"], "two")
+        assert first.status_code == 202
+        assert second.status_code == 409 and "task_state image_" in second.text
+        wait(lambda: fleet.image_status(first.json()["image_id"]) == "active", timeout=60)
+        # ERROR: no node has room for m1.xlarge
+        body = {"name": "big", "imageRef": fleet.image_id, "flavorRef": "5", "networks": "none"}
+        big = fleet.http.post("/servers", json={"server": body}).json()["server"]["id"]
+        wait(lambda: fleet.show(big)["status"] == "ERROR", timeout=60)
+        resp = fleet.snapshot(big, "err")
+        assert resp.status_code == 409 and "vm_state error" in resp.text
+        # BUILD: the node is frozen, so the build cannot end while we ask
+        assert fleet.agent.proc is not None
+        fleet.agent.proc.send_signal(signal.SIGSTOP)
+        try:
+            body = {"name": "slow", "imageRef": fleet.image_id, "flavorRef": "1",
+                    "networks": "none"}  # fmt: skip
+            slow = fleet.http.post("/servers", json={"server": body}).json()["server"]["id"]
+            resp = fleet.snapshot(slow, "building")
+            assert resp.status_code == 409 and "vm_state building" in resp.text
+        finally:
+            fleet.agent.proc.send_signal(signal.SIGCONT)
+        # deleted
+        assert fleet.http.delete(f"/servers/{vm['id']}").status_code == 204
+        resp = fleet.snapshot(vm["id"], "gone")
+        assert resp.status_code == 409 and "vm_state deleted" in resp.text
     finally:
         fleet.close()
