@@ -188,6 +188,28 @@ def test_snapshot_of_a_running_guest_boots_on_the_other_node(stack: Stack) -> No
               f"if={out}", f"of={first}"])  # fmt: skip
     assert first.read_bytes().startswith(f"COWFLEET-MARKER {marker}\n".encode())
 
+    # the agent dies mid-snapshot (the guest already writes to the temporary overlay, the
+    # image is queued, the marker is there): at its next start it merges the overlay back
+    # (active commit + pivot), deletes the image, and the guest runs on
+    agent.stop()
+    with ImageClient(stack.images.url, ADMIN_TOKEN) as client:
+        half = client.create(name="half", disk_format="qcow2", container_format="bare")
+    subprocess.run(
+        ["virsh", "-c", stack.uri, "snapshot-create-as", vm["id"], "--disk-only",
+         "--no-metadata", "--atomic", "--diskspec", f"vda,file={folder}/disk.snap"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert "disk.snap" in stack.virsh("dumpxml", vm["id"])
+    (folder / ".snapshot.json").write_text(json.dumps({"image_id": half.id, "token": ADMIN_TOKEN}))
+    agent.start()
+    for flags in ((), ("--inactive",)):
+        xml = stack.virsh("dumpxml", *flags, vm["id"])
+        assert f"{folder}/disk'" in xml and "disk.snap" not in xml
+    assert not (folder / "disk.snap").exists() and not (folder / ".snapshot.json").exists()
+    assert stack.virsh("domstate", vm["id"]).strip() == "running"
+    with ImageClient(stack.images.url, ADMIN_TOKEN) as client:
+        assert half.id not in {i.id for i in client.list()}
+
     # the guest goes on after the snapshot: it reaches its power-off line
     _wait(lambda: _console_has(console, "cowfleet-guest: powering off"), HOLD + 120)
 
