@@ -169,6 +169,7 @@ class Config:
     node_ram_mb: int = default("node_ram_mb")
     node_disk_gb: int = default("node_disk_gb")
     node_build_workers: int = default("node_build_workers")
+    snapshot_format: str = default("snapshot_format")
     # compute
     driver: str = default("driver")
     libvirt_uri: str = default("libvirt_uri")

@@ -65,3 +65,50 @@ class ImageLookup:
         if not isinstance(doc, dict):
             raise ApiFault(503, "The image service answered an unexpected document.")
         return _info(doc)
+
+    # -- createImage (api/snapshots.py): the whole document, a new image, a delete ----
+
+    def doc(self, image_id: str, token: str) -> dict[str, Any] | None:
+        """The image's whole document as the caller sees it; None when it is gone."""
+        try:
+            resp = self._client.get(f"/v2/images/{image_id}", headers={"X-Auth-Token": token})
+        except httpx.HTTPError as exc:
+            raise ApiFault(503, f"The image service cannot be reached: {exc}") from exc
+        if resp.status_code in (401, 403, 404):
+            return None
+        if resp.status_code != 200:
+            raise ApiFault(503, f"The image service answered HTTP {resp.status_code}.")
+        return _doc(resp)
+
+    def create_image(self, body: dict[str, Any], token: str) -> dict[str, Any]:
+        """``POST /v2/images`` as the caller: a new ``queued`` image."""
+        try:
+            resp = self._client.post("/v2/images", json=body, headers={"X-Auth-Token": token})
+        except httpx.HTTPError as exc:
+            raise ApiFault(503, f"The image service cannot be reached: {exc}") from exc
+        if resp.status_code in (400, 403, 409, 413):
+            raise ApiFault(
+                403 if resp.status_code == 403 else 400,
+                f"The image service refused the snapshot image: {resp.text[:300]}",
+            )
+        if resp.status_code not in (200, 201):
+            raise ApiFault(503, f"The image service answered HTTP {resp.status_code}.")
+        return _doc(resp)
+
+    def delete_image(self, image_id: str, token: str) -> bool:
+        """``DELETE /v2/images/{id}`` as the caller; True when it is gone."""
+        try:
+            resp = self._client.delete(f"/v2/images/{image_id}", headers={"X-Auth-Token": token})
+        except httpx.HTTPError:
+            return False
+        return resp.status_code in (204, 404)
+
+
+def _doc(resp: httpx.Response) -> dict[str, Any]:
+    try:
+        doc = resp.json()
+    except ValueError:
+        raise ApiFault(503, "The image service answered something that is not JSON.") from None
+    if not isinstance(doc, dict):
+        raise ApiFault(503, "The image service answered an unexpected document.")
+    return doc

@@ -103,3 +103,33 @@ class NodesClient:
         if not isinstance(doc, dict):
             raise NodeError(f"node at {node_url} answered an unexpected document")
         return doc
+
+    # -- createImage (api/snapshots.py) --------------------------------------------------
+    def snapshot(self, node_url: str, uuid: str, image_id: str, token: str) -> dict[str, Any]:
+        """Ask the node to stream the instance's root disk into ``image_id``."""
+        url = f"{node_url.rstrip('/')}/v1/servers/{uuid}/snapshot"
+        resp = self._call("POST", url, json={"image_id": image_id, "token": token})
+        if resp.status_code == 409:
+            raise NodeConflict(f"node at {node_url} refused the snapshot: {resp.text[:300]}")
+        if resp.status_code != 202:
+            raise NodeError(f"node at {node_url} refused the snapshot: HTTP {resp.status_code}")
+        return self._snapshot_doc(resp, node_url)
+
+    def snapshot_status(self, node_url: str, uuid: str) -> dict[str, Any] | None:
+        """The node's snapshot job of ``uuid``; None when the node has none (restarted)."""
+        resp = self._call("GET", f"{node_url.rstrip('/')}/v1/servers/{uuid}/snapshot")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise NodeError(f"node at {node_url}: snapshot status HTTP {resp.status_code}")
+        return self._snapshot_doc(resp, node_url)
+
+    @staticmethod
+    def _snapshot_doc(resp: httpx.Response, node_url: str) -> dict[str, Any]:
+        try:
+            doc = resp.json()
+        except ValueError:
+            raise NodeError(f"node at {node_url} answered something that is not JSON") from None
+        if not isinstance(doc, dict) or doc.get("state") not in ("running", "done", "failed"):
+            raise NodeError(f"node at {node_url} answered an unexpected snapshot document")
+        return doc

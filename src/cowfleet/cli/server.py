@@ -197,3 +197,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     co = add_command(ssub, "console", _console, "print the serial console log", output=False)
     _node_options(co)
     co.add_argument("server", metavar="NAME|UUID")
+
+    from cowfleet.cli import server_image
+
+    server_image.register(ssub)

@@ -31,6 +31,7 @@ from cowfleet.errors import (
 from cowfleet.logs import RequestIdMiddleware
 from cowfleet.metrics import MetricsEndpoint, NodeMetrics
 from cowfleet.node.builds import Builds
+from cowfleet.node.snapshots import Snapshots
 from cowfleet.node.spec import BuildSpec
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ def create_app(
     status: Callable[[], dict[str, Any]],
     token: str,
     precacher: Precacher | None = None,
+    snapshots: Snapshots | None = None,
     *,
     metrics: NodeMetrics | None = None,
     metrics_open: bool = False,
@@ -196,6 +198,28 @@ def create_app(
             raise ValidationError("type must be SOFT or HARD")
         view = await run_in_threadpool(builds.action, _uuid(uuid), body["action"], kind.upper())
         return JSONResponse(view.to_dict(), status_code=202)
+
+    @app.post("/v1/servers/{uuid}/snapshot")
+    async def start_snapshot(uuid: str, request: Request) -> JSONResponse:
+        body = await _json_body(request)
+        if snapshots is None:
+            raise ValidationError("this node agent takes no snapshots")
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("image_id"), str)
+            or not isinstance(body.get("token"), str)
+        ):
+            raise ValidationError('the body must be {"image_id": "<uuid>", "token": "<token>"}')
+        view = await run_in_threadpool(
+            snapshots.start, _uuid(uuid), body["image_id"], body["token"]
+        )
+        return JSONResponse(view.to_dict(), status_code=202)
+
+    @app.get("/v1/servers/{uuid}/snapshot")
+    async def get_snapshot(uuid: str) -> JSONResponse:
+        if snapshots is None:
+            raise NotFoundError("this node agent takes no snapshots")
+        return JSONResponse(snapshots.get(_uuid(uuid)).to_dict())
 
     @app.get("/v1/status")
     async def get_status() -> JSONResponse:

@@ -393,6 +393,18 @@ class Builds:
                 log.warning("build %s not started: the agent is stopping", uuid)
                 self._report(uuid, view)
 
+    def check_idle(self, uuid: str) -> None:
+        """NotFoundError, or ConflictError unless ``uuid`` is ACTIVE or SHUTOFF with no
+        work in flight (a snapshot may start)."""
+        view = self.get(uuid)
+        with self._lock:
+            if self._closing:
+                raise ShuttingDown("the node agent is stopping", server=uuid)
+            if uuid in self._tasks or view.state not in (ACTIVE, SHUTOFF):
+                raise ConflictError(
+                    f"server {uuid} is {view.state} or busy: no snapshot now", server=uuid
+                )
+
     @property
     def in_flight(self) -> int:
         with self._lock:

@@ -138,6 +138,16 @@ class NodeService:
             notify=self.events.post,
             workers=cfg.node_build_workers,
         )
+        from cowfleet.node.snapshots import Snapshots
+
+        self.snapshots = Snapshots(
+            cfg.instances_path,
+            self.driver,
+            lambda token: ImageClient(s.image_url, token),
+            fmt=cfg.snapshot_format,
+            can_start=self.builds.check_idle,
+        )
+        self.snapshots.recover()
         self.heartbeat = Heartbeat(self.controller, self.status)
         from cowfleet.node.precache import Precacher
 
@@ -208,6 +218,7 @@ class NodeService:
             self.status,
             self.token,
             self.precacher,
+            self.snapshots,
             metrics=self.metrics,
             metrics_open=metrics_open(s.host, self.cfg.metrics_public),
         )
@@ -253,6 +264,7 @@ class NodeService:
         self.stop.set()
         self.builds.close(wait=True)
         self.precacher.close()
+        self.snapshots.close()
         for t in threads or ():
             t.join(timeout=30)
         with contextlib.suppress(Exception):  # a last word: what is left, and how

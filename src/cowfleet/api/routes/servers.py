@@ -260,6 +260,14 @@ def action(
         if not isinstance(kind, str) or kind.upper() not in ("SOFT", "HARD"):
             raise ApiFault(400, "Invalid input for field 'type': must be SOFT or HARD.")
         fleet.action(server_id, ctx.project, ctx.is_admin, "reboot", kind.upper())
+    elif name == "createImage":
+        from cowfleet.api import snapshots
+
+        image_id = snapshots.create(fleet, ctx, server_id, arg)
+        if ctx.at_least("2.45"):
+            return JSONResponse({"image_id": image_id}, status_code=202)
+        location = f"{fleet.settings.image_url.rstrip('/')}/v2/images/{image_id}"
+        return Response(status_code=202, headers={"Location": location})
     else:
         with fleet.db.read() as s:
             fleet.visible(s, server_id, ctx.project, ctx.is_admin)

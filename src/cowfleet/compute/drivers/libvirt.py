@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cowfleet.compute.domain_xml import (
@@ -254,6 +255,24 @@ class LibvirtDriver:
         with self._translate("read domain XML", uuid):
             xml = dom.XMLDesc(0)
         return parse_disks(xml)
+
+    # createImage (compute/drivers/libvirt_snapshot.py) --------------------------------
+    def disk_snapshot(self, uuid: str, target: str, overlay: Path) -> float:
+        """The guest writes to a new ``overlay`` from now on; the call's seconds."""
+        from cowfleet.compute.drivers import libvirt_snapshot
+
+        return libvirt_snapshot.disk_snapshot(self, uuid, target, overlay)
+
+    def commit_back(self, uuid: str, target: str, overlay: Path) -> float:
+        """Merge ``overlay`` back and pivot the guest to its disk; the pivot's seconds."""
+        from cowfleet.compute.drivers import libvirt_snapshot
+
+        return libvirt_snapshot.commit_back(self, uuid, target, overlay)
+
+    def recover_overlay(self, uuid: str, target: str, disk: Path, overlay: Path) -> None:
+        from cowfleet.compute.drivers import libvirt_snapshot
+
+        libvirt_snapshot.recover_overlay(self, uuid, target, disk, overlay)
 
     def domain_disks(self) -> list[DomainDisk]:
         """Every file the disks (and kernel/initrd) of every defined domain read.
