@@ -192,6 +192,10 @@ class Config:
     api_heartbeat_interval: float = default("api_heartbeat_interval")
     api_max_body: int = default("api_max_body")
     api_build_workers: int = default("api_build_workers")
+    # client of the compute API (server, flavor, hypervisor commands)
+    api_url: str | None = None  # unset: the commands work on this node
+    api_token: str | None = None  # unset: read from api_token_file
+    api_token_file: Path | None = None
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------
