@@ -19,9 +19,9 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 
 
 def _detail(client: TestClient) -> list[dict[str, Any]]:
-    servers: list[dict[str, Any]] = client.get(
-        "/v2.1/servers/detail", headers=headers()
-    ).json()["servers"]
+    servers: list[dict[str, Any]] = client.get("/v2.1/servers/detail", headers=headers()).json()[
+        "servers"
+    ]
     return servers
 
 

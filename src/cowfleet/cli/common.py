@@ -115,7 +115,7 @@ GROUP_HELP: dict[str, str] = {
     "cache": "the node image cache (_base)",
     "server": "instances: create, list, disks, start, stop, delete",
     "flavor": "instance sizes",
-    "hypervisor": "the compute API's nodes: capacity, usage, cached images",
+    "hypervisor": "the nodes of the compute API, with their usage",
     "node": "the long-running node process (cache manager)",
     "demo": "start an image service, upload a test guest, boot 3 instances on each of 2 "
     "nodes and narrate what happens (cleans up unless --keep)",

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         fsub, "create", _api_only(compute_api.flavor_create), "create a flavor (compute API, admin)"
     )
     compute_api.add_api_options(cr)
-    cr.add_argument("--vcpus", type=int, required=True, metavar="N")
+    cr.add_argument("--vcpus", type=int, required=True, metavar="N", help="in vCPUs")
     cr.add_argument("--ram", type=int, required=True, metavar="MIB", help="memory in MiB")
     cr.add_argument("--disk", type=int, default=0, metavar="GIB", help="root disk in GiB")
     cr.add_argument("--ephemeral", type=int, default=0, metavar="GIB", help="in GiB (default 0)")

@@ -210,11 +210,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     compute_api.add_api_options(c)
     c.add_argument(
         "--min", dest="min_count", type=int, default=1, metavar="N",
-        help="compute API: fail the request unless at least N servers fit (default 1)",
+        help="compute API: fail the request unless at least N servers fit (in servers; default 1)",
     )  # fmt: skip
     c.add_argument(
         "--max", dest="max_count", type=int, default=None, metavar="N",
-        help="compute API: boot up to N servers in one request, named NAME-1 ... NAME-N",
+        help="compute API: up to N servers in one request (NAME-1 ... NAME-N; in servers)",
     )  # fmt: skip
     _wait_options(c, "every server is ACTIVE or ERROR (exit 1 if one is ERROR)")
     c.add_argument("name", metavar="NAME", help="server name (1-63 of A-Z a-z 0-9 . _ -)")
