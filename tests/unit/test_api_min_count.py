@@ -62,3 +62,17 @@ def test_min_count_within_room_boots_the_minimum_and_the_extra_end_in_error(
     ok = [s for s in servers if s["status"] == "ACTIVE"]
     assert all(s["cowfleet:placement"]["host"] == "node-1" for s in ok)
     assert _used(client) == {"node-1": 1024}
+
+
+def test_the_servers_of_one_request_follow_each_other_onto_one_host(
+    client: TestClient,
+) -> None:
+    # Two equal hosts, neither holding the image: the first server goes to node-1 (ties go
+    # to the name first), and every sibling follows it there, whether it looks at the hosts
+    # before, while or after the first one's claim turns into a placement.
+    register(client, "node-1", vcpus=8, ram_mb=8192, disk_gb=100)
+    register(client, "node-2", vcpus=8, ram_mb=8192, disk_gb=100)
+    create(client, "herd", min_count=4, max_count=4)
+    servers = _settled(client)
+    assert {s["cowfleet:placement"]["host"] for s in servers} == {"node-1"}
+    assert sum(s["cowfleet:placement"]["image_on_host"] for s in servers) >= 3

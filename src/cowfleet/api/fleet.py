@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -314,9 +314,14 @@ class Fleet:
         """The scheduler's snapshot: every node, its usage, and the images on it."""
         now = self.clock()
         incoming: dict[str, set[str]] = {}
+        # A claim counts as much as a placement: a server that holds a claim on a host
+        # fetches its image there next, so the servers of one request scheduled at once
+        # follow each other (none of them sees a host that only its sibling claimed as
+        # fuller and cache-less).
+        where = func.coalesce(ServerRow.host, ServerRow.claim_host)
         for host, image in session.execute(
-            select(ServerRow.host, ServerRow.image_id)
-            .where(ServerRow.deleted.is_(False), ServerRow.host.is_not(None))
+            select(where, ServerRow.image_id)
+            .where(ServerRow.deleted.is_(False), where.is_not(None))
             .distinct()
         ):
             if host is not None:
