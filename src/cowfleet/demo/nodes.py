@@ -81,7 +81,7 @@ AGENT_CAPACITY = {"vcpus": 2, "ram_mb": 768, "disk_gb": 9}
 
 
 def api_toml(home: Path, data_dir: Path, port: int, tokens_file: Path, image_url: str) -> str:
-    tables = {
+    tables: dict[str, dict[str, Any]] = {
         "api": {
             "host": "127.0.0.1",
             "port": port,
@@ -123,7 +123,7 @@ def agent_toml(
 
 def client_toml(home: Path, api_url: str, token_file: Path, image_url: str) -> str:
     """What the ``cowfleet`` CLI needs to work through the compute API."""
-    tables = {
+    tables: dict[str, dict[str, Any]] = {
         "client": {"api_url": api_url, "api_token_file": str(token_file)},
         "images": {"url": image_url, "token_file": str(token_file)},
     }
