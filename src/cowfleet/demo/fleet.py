@@ -262,7 +262,7 @@ class FleetTour:
 
     def kept(self, fs: FleetState) -> tuple[list[str], list[str]]:
         """Lines for the kept-state block, and the commands that remove the fleet."""
-        lines = [f"{p.name + ':':<16}pid {p.pid}" for p in fs.processes() if p.running]
+        lines = [f"{p.name}: pid {p.pid}" for p in fs.processes() if p.running]
         lines += [f"fleet server:   {n}" for n in fs.servers]
         cmds = [
             f"cowfleet server delete --config {fs.client_config} --wait {n}" for n in fs.servers
