@@ -118,7 +118,8 @@ GROUP_HELP: dict[str, str] = {
     "hypervisor": "the nodes of the compute API, with their usage",
     "node": "the long-running node process (cache manager)",
     "demo": "start an image service, upload a test guest, boot 3 instances on each of 2 "
-    "nodes and narrate what happens (cleans up unless --keep)",
+    "nodes, then boot through a compute API onto 2 node agents, and narrate what happens "
+    "(cleans up unless --keep)",
 }
 
 
