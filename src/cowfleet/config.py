@@ -197,6 +197,10 @@ class Config:
     # metrics and logs
     metrics_public: bool = default("metrics_public")
     log_format: str = default("log_format")
+    # client of the compute API (server, flavor, hypervisor commands)
+    api_url: str | None = None  # unset: the commands work on this node
+    api_token: str | None = None  # unset: read from api_token_file
+    api_token_file: Path | None = None
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------

@@ -411,6 +411,17 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("log_format", str, "text", "logging.format",
          "log lines as `text` or one JSON object per line, each with its request id",
          choices=LOG_FORMATS),
+    _row("api_url", str, None, "client.api_url",
+         "the compute API the CLI talks to (`http://HOST:PORT`, with or without `/v2.1`); when "
+         "set, `server`, `flavor` and `hypervisor` commands go through it instead of this node",
+         flags=("--api-url",), derived="(none: the commands work on this node)", metavar="URL"),
+    _row("api_token", str, None, "client.api_token",
+         "token the CLI sends to the compute API as `X-Auth-Token` (and to the image service "
+         "for image names; one tokens file serves both)",
+         derived="(none: read from the token file)"),
+    _row("api_token_file", Path, None, "client.api_token_file",
+         "file holding the CLI's compute API token (mode 0600)",
+         flags=("--api-token-file",), derived="(none)", metavar="FILE"),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTING_ROWS}
 

@@ -16,7 +16,7 @@ import pytest
 
 from cowfleet.demo.transcript import virsh_table
 from tests.conftest import missing, require_program
-from tests.fixtures.demo import parse_size, pid_alive, run_demo
+from tests.fixtures.demo import assert_fleet_part, parse_size, pid_alive, run_demo
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +92,15 @@ def test_demo_boots_six_guests_on_two_nodes_and_leaves_nothing_behind() -> None:
     # cache list per node shows the three images as verified bases
     assert len(re.findall(r"^\s+[0-9a-f-]{36}\s+demo-root\s+raw\s+base\s", out, re.M)) == 2
 
+    # the fleet part: compute API and two libvirt node agents, boots through the API
+    assert_fleet_part(run, 3)
+    fleet_ids = re.findall(
+        r"^\s+([0-9a-f-]{36})\s+demo-\w+-(?:web-[12]|app|db)\s+ACTIVE", out, re.M
+    )
+    assert len(set(fleet_ids)) == 4
+
     # nothing left behind
     assert not [d for d in _domains() if d.startswith(prefix)]
+    assert not {f"instance-{u}" for u in fleet_ids} & set(_domains())
     assert not pid_alive(run.service_pid)
     assert not home.exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_program
-from tests.fixtures.demo import DemoRun, parse_size, pid_alive, run_demo
+from tests.fixtures.demo import DemoRun, assert_fleet_part, parse_size, pid_alive, run_demo
 from tests.fixtures.images import ImageService
 
 pytestmark = pytest.mark.integration
@@ -41,6 +41,8 @@ def test_demo_with_the_none_driver_says_so_and_cleans_up() -> None:
     assert m and re.fullmatch(rf"{re.escape(str(home))}/node-a/_base/[0-9a-f]{{40}}", m.group(1))
     assert "image refused (HTTP 415)" in out
     assert len(re.findall(r"^\s+-\s+demo-\w+-[ab][123]\s+", out, re.M)) == 6  # server list
+    images = int(fetches["node-a"][2])
+    assert_fleet_part(run, images)  # compute API, two node agents, boots through the API
 
     assert not pid_alive(run.service_pid)
     assert not home.exists()
@@ -167,6 +169,13 @@ def test_keep_says_where_everything_was_kept(tmp_path: Path) -> None:
         for node in ("node-a", "node-b"):
             assert len(list((kept / node / "_base").iterdir())) >= 3, node
         assert {k: v for k, v in _snapshot(home).items() if not k.startswith(kept.name)} == before
+        fleet = re.findall(
+            r"^\s+(?:the compute API|node agent fleet-[ab]): pid (\d+)$", run.out, re.M
+        )
+        assert len(fleet) == 3 and all(pid_alive(int(p)) for p in fleet), run.out
+        assert re.search(r"^\s+fleet server:\s+demo-\w+-db$", run.out, re.M)
     finally:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
+        pids = [pid, *(int(p) for p in re.findall(r": pid (\d+)$", run.out, re.M))]
+        for p in pids:
+            if pid_alive(p):
+                os.kill(p, signal.SIGTERM)

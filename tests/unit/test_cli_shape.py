@@ -150,7 +150,7 @@ def test_common_options_anywhere_through_the_entry_point(tmp_path: Path) -> None
 
 
 # -- every option's help names its unit and its choices --------------------------------
-UNITS = ("GiB", "MiB", "bytes", "seconds", "K/M/G/T")
+UNITS = ("GiB", "MiB", "bytes", "seconds", "K/M/G/T", "servers", "vCPUs")
 NUMERIC = {"min_disk", "min_ram", "size", "cluster_size", "min_age", "timeout"}
 
 

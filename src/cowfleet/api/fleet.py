@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -155,9 +155,60 @@ class Fleet:
                 )
                 s.add(row)
                 created.append(row)
-        for row in created:
-            self._queue_schedule(row.id)
+        ids = [row.id for row in created]
+        if req.min_count > 1:
+            held = self._claim_minimum(ids[: req.min_count])
+            if held is None:
+                message = (
+                    f"{NO_VALID_HOST} There are not enough hosts available: fewer than "
+                    f"min_count={req.min_count} servers of this request fit."
+                )
+                for server_id in ids:
+                    self._fail(server_id, message)  # gives back the claims taken so far
+                return created
+            for server_id, cand, sel in held:
+                self.submit(self._dispatch_held, server_id, cand, sel)
+            ids = ids[req.min_count :]
+        for server_id in ids:
+            self._queue_schedule(server_id)
         return created
+
+    def _claim_minimum(self, ids: list[str]) -> list[tuple[str, Candidate, Selection]] | None:
+        """Claims for all of ``ids`` (a request's first ``min_count`` servers), or None.
+
+        Nova's ``min_count``: when fewer than that many servers can be placed, the
+        request fails as a whole (every server of it ends in ERROR, no valid host).
+        The claims are taken here, before any build, so two requests racing for the
+        last room cannot both get half of what they need. Claims already taken stay
+        held on None: the caller fails the servers, which gives them back.
+        """
+        held: list[tuple[str, Candidate, Selection]] = []
+        for server_id in ids:
+            got: tuple[str, Candidate, Selection] | None = None
+            for _ in range(_CLAIM_ROUNDS):
+                with self.db.read() as s:
+                    row = s.scalars(select(ServerRow).where(ServerRow.id == server_id)).one()
+                    need = need_of(row.flavor)
+                    req = Request(need, row.image_id, dict(row.image_props or {}), frozenset())
+                    snapshot = self.host_states(s)
+                sel = select_hosts(req, snapshot, self.settings.ratios, self.settings.weighing)
+                if not sel.candidates:
+                    break
+                chosen = self._claim_first(server_id, sel, need)
+                if isinstance(chosen, Candidate):
+                    got = (server_id, chosen, sel)
+                    break
+                if chosen == "taken":
+                    break
+            if got is None:
+                return None
+            held.append(got)
+        return held
+
+    def _dispatch_held(self, server_id: str, cand: Candidate, sel: Selection) -> None:
+        """Build a server whose claim its request took; a failed build is placed anew."""
+        if self._dispatch(server_id, cand, sel) == "retry":
+            self.schedule(server_id)
 
     def visible(self, session: Session, server_id: str, project: str, admin: bool) -> ServerRow:
         """The server, or a 404 alike for a missing one and another project's."""
@@ -267,9 +318,14 @@ class Fleet:
         """The scheduler's snapshot: every node, its usage, and the images on it."""
         now = self.clock()
         incoming: dict[str, set[str]] = {}
+        # A claim counts as much as a placement: a server that holds a claim on a host
+        # fetches its image there next, so the servers of one request scheduled at once
+        # follow each other (none of them sees a host that only its sibling claimed as
+        # fuller and cache-less).
+        where = func.coalesce(ServerRow.host, ServerRow.claim_host)
         for host, image in session.execute(
-            select(ServerRow.host, ServerRow.image_id)
-            .where(ServerRow.deleted.is_(False), ServerRow.host.is_not(None))
+            select(where, ServerRow.image_id)
+            .where(ServerRow.deleted.is_(False), where.is_not(None))
             .distinct()
         ):
             if host is not None:

@@ -115,9 +115,11 @@ GROUP_HELP: dict[str, str] = {
     "cache": "the node image cache (_base)",
     "server": "instances: create, list, disks, start, stop, delete",
     "flavor": "instance sizes",
+    "hypervisor": "the nodes of the compute API, with their usage",
     "node": "the long-running node process (cache manager)",
     "demo": "start an image service, upload a test guest, boot 3 instances on each of 2 "
-    "nodes and narrate what happens (cleans up unless --keep)",
+    "nodes, then boot through a compute API onto 2 node agents, and narrate what happens "
+    "(cleans up unless --keep)",
     "doctor": "check this node and say what to fix (exit 11 when a check fails)",
 }
 

@@ -37,6 +37,7 @@ GROUPS: dict[str, str] = {
     "cache": "cowfleet.cli.cache",
     "server": "cowfleet.cli.server",
     "flavor": "cowfleet.cli.flavor",
+    "hypervisor": "cowfleet.cli.hypervisor",
     "node": "cowfleet.cli.node",
     "demo": "cowfleet.cli.demo",
     "doctor": "cowfleet.cli.doctor",

@@ -3,6 +3,12 @@
 ``server list`` and ``server disks`` print what ``virsh list --all`` and
 ``virsh domblklist`` would, for cowfleet's instances (Id is the hypervisor's
 domain id while running, ``-`` otherwise; the UUID is in ``--output json``).
+
+With a compute API configured (``api_url``: ``COWFLEET_API_URL``, ``--api-url``),
+``create``, ``list``, ``show``, ``delete``, ``start``, ``stop`` and ``reboot`` go
+through it instead (:mod:`cowfleet.cli.compute_api`); ``disks`` and ``console``
+stay local. Locally, ``create`` runs the node agent's provisioning code
+(:class:`cowfleet.compute.provision.Provisioner`), the one path that builds disks.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cowfleet.cli import compute_api
 from cowfleet.cli.common import (
     add_command,
     add_group,
@@ -20,6 +27,7 @@ from cowfleet.cli.common import (
 )
 from cowfleet.compute.manager import ServerManager
 from cowfleet.config import Config
+from cowfleet.errors import UsageError
 
 
 def _node_options(p: argparse.ArgumentParser) -> None:
@@ -30,6 +38,10 @@ def _node_options(p: argparse.ArgumentParser) -> None:
 
 
 def _create(args: argparse.Namespace, cfg: Config) -> int:
+    if compute_api.configured(cfg):
+        return compute_api.create(args, cfg)
+    if args.max_count not in (None, 1) or args.min_count != 1:
+        raise UsageError("--min/--max need the compute API (COWFLEET_API_URL or --api-url)")
     from cowfleet.cache import ImageCache
     from cowfleet.compute.drivers import make_driver
     from cowfleet.compute.provision import Provisioner
@@ -51,6 +63,8 @@ def _create(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _list(args: argparse.Namespace, cfg: Config) -> int:
+    if compute_api.configured(cfg):
+        return compute_api.list_(args, cfg)
     with ServerManager(cfg) as mgr:
         rows = mgr.list_servers()
     if args.output == "json":
@@ -69,6 +83,8 @@ def _list(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _show(args: argparse.Namespace, cfg: Config) -> int:
+    if compute_api.configured(cfg):
+        return compute_api.show(args, cfg)
     with ServerManager(cfg) as mgr:
         detail = mgr.show(args.server)
     if args.output == "json":
@@ -121,21 +137,45 @@ def _disks(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _start(args: argparse.Namespace, cfg: Config) -> int:
+    if compute_api.configured(cfg):
+        return compute_api.start(args, cfg)
     with ServerManager(cfg) as mgr:
         row = mgr.start(args.server)
     return _print_row(args, row.to_dict(), f"server {row.name} started")
 
 
 def _stop(args: argparse.Namespace, cfg: Config) -> int:
+    if compute_api.configured(cfg):
+        return compute_api.stop(args, cfg)
     with ServerManager(cfg) as mgr:
         row = mgr.stop(args.server, force=args.force, timeout=args.timeout)
     return _print_row(args, row.to_dict(), f"server {row.name} stopped ({row.state})")
 
 
 def _delete(args: argparse.Namespace, cfg: Config) -> int:
+    if compute_api.configured(cfg):
+        return compute_api.delete(args, cfg)
     with ServerManager(cfg) as mgr:
         row = mgr.delete(args.server)
     return _print_row(args, row.to_dict(), f"server {row.name} ({row.uuid}) deleted")
+
+
+def _reboot(args: argparse.Namespace, cfg: Config) -> int:
+    if compute_api.configured(cfg):
+        return compute_api.reboot(args, cfg)
+    raise UsageError("server reboot needs the compute API (COWFLEET_API_URL or --api-url)")
+
+
+def _wait_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--wait`` and ``--wait-timeout`` (compute API only: local commands finish at once)."""
+    p.add_argument("--wait", action="store_true", help=f"wait until {what} (compute API)")
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=compute_api.DEFAULT_WAIT,
+        metavar="S",
+        help=f"give up waiting after S seconds (exit 10; default {compute_api.DEFAULT_WAIT:.0f})",
+    )
 
 
 def _print_row(args: argparse.Namespace, data: dict[str, object], text: str) -> int:
@@ -167,23 +207,48 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_setting(c, "image_url")
     add_setting(c, "image_token_file")
     c.add_argument("--no-start", action="store_true", help="define the domain, do not start it")
+    compute_api.add_api_options(c)
+    c.add_argument(
+        "--min", dest="min_count", type=int, default=1, metavar="N",
+        help="compute API: fail the request unless at least N servers fit (in servers; default 1)",
+    )  # fmt: skip
+    c.add_argument(
+        "--max", dest="max_count", type=int, default=None, metavar="N",
+        help="compute API: up to N servers in one request (NAME-1 ... NAME-N; in servers)",
+    )  # fmt: skip
+    _wait_options(c, "every server is ACTIVE or ERROR (exit 1 if one is ERROR)")
     c.add_argument("name", metavar="NAME", help="server name (1-63 of A-Z a-z 0-9 . _ -)")
 
     ls = add_command(ssub, "list", _list, "list servers and their states (like virsh list --all)")
     _node_options(ls)
+    compute_api.add_api_options(ls)
+    ls.add_argument(
+        "--all-projects", action="store_true", help="compute API, admin: every project's servers"
+    )
 
-    for name, handler, text in (
-        ("show", _show, "show one server"),
-        ("disks", _disks, "disks of a server, as virsh domblklist"),
-        ("start", _start, "start a server"),
-        ("delete", _delete, "destroy the domain and remove the instance folder (never a base)"),
-    ):
+    for name, handler, text, api, wait in (
+        ("show", _show, "show one server (with the compute API: why its host was chosen)",
+         True, ""),
+        ("disks", _disks, "disks of a server, as virsh domblklist", False, ""),
+        ("start", _start, "start a server", True, "it is ACTIVE"),
+        ("delete", _delete, "destroy the domain and remove the instance folder (never a base)",
+         True, "it is gone"),
+        ("reboot", _reboot, "reboot a server (compute API only)", True, "it is ACTIVE again"),
+    ):  # fmt: skip
         sp = add_command(ssub, name, handler, text)
         _node_options(sp)
+        if api:
+            compute_api.add_api_options(sp)
+        if wait:
+            _wait_options(sp, wait)
+        if name == "reboot":
+            sp.add_argument("--hard", action="store_true", help="a HARD reboot (default SOFT)")
         sp.add_argument("server", metavar="NAME|UUID")
 
     st = add_command(ssub, "stop", _stop, "shut a server down (ACPI, then power off)")
     _node_options(st)
+    compute_api.add_api_options(st)
+    _wait_options(st, "it is SHUTOFF")
     st.add_argument("--force", action="store_true", help="power off at once")
     st.add_argument(
         "--timeout",

@@ -27,7 +27,15 @@ from typing import Any
 
 from cowfleet import proc
 from cowfleet.demo import guest as guest_mod
-from cowfleet.demo.nodes import FLAVOR, NodeSpec, node_toml, server_names, service_toml
+from cowfleet.demo.fleet import FleetState, FleetTour, new_node_token, node_token_file
+from cowfleet.demo.nodes import (
+    FLAVOR,
+    NodeSpec,
+    node_toml,
+    server_names,
+    service_toml,
+    tokens_toml,
+)
 from cowfleet.demo.service import PREFERRED_PORT, ImageService, pick_port
 from cowfleet.demo.transcript import (
     FetchSummary,
@@ -77,6 +85,7 @@ class State:
     driver: str
     service: ImageService | None = None
     servers: list[Server] = field(default_factory=list)
+    fleet: FleetState | None = None
 
 
 def default_guest_cache() -> Path:
@@ -114,6 +123,7 @@ class Demo:
         self.opts = opts
         self.t = t
         self.env = child_env()
+        self.tour = FleetTour(t, self.cli, self.cli_json, self.env)
 
     # -- running the CLI ---------------------------------------------------------
     def cli(
@@ -168,12 +178,15 @@ class Demo:
                 t.step(f"The image cache of {node.name}: one base per image, used by 3 instances")
                 self.cli(["cache", "list", "--config", str(node.config_file)])
             self._show_clean(nodes[0])
+            self._fleet(st, ids)
             t.step("What this showed")
             t.say(
                 f"{len(nodes) * self.opts.per_node} instances on {len(nodes)} nodes cost "
                 f"{len(nodes)} downloads of each image: every node fetched each image once "
                 "into its _base, and each instance's disks are thin qcow2 overlays on those "
-                f"bases. The demo took {time.monotonic() - started:.0f} s before cleanup."
+                "bases. Through the compute API, one request booted several servers, and the "
+                "scheduler sent servers to the node that already held their image while it had "
+                f"room. The demo took {time.monotonic() - started:.0f} s before cleanup."
             )
         return 0
 
@@ -254,13 +267,38 @@ class Demo:
         )
         return None
 
+    def _fleet(self, st: State, ids: dict[str, str]) -> None:
+        assert st.service is not None
+        st.fleet = FleetState(client_config=st.home / "fleet.toml")
+        self.tour.start(
+            st.fleet,
+            st.home,
+            image_url=st.service.url,
+            tokens_file=st.home / "tokens.toml",
+            admin_token_file=st.home / "images" / "token",
+            driver=st.driver,
+            uri=self.opts.libvirt_uri,
+        )
+        self.tour.boot(st.fleet, st.run_id, len(ids))
+
     def _start_service(self, st: State) -> None:
         t = self.t
         port = pick_port(PREFERRED_PORT)
         data = st.home / "images"
         token = data / "token"
+        # One tokens file for the image service and the compute API: the demo's token
+        # (admin; also in the token file its commands read) and the node agents' token.
+        data.mkdir(mode=0o700, exist_ok=True)
+        admin, node = secrets.token_urlsafe(32), new_node_token()
+        for path, text in (
+            (token, admin + "\n"),
+            (node_token_file(st.home), node + "\n"),
+            (st.home / "tokens.toml", tokens_toml(admin, node)),
+        ):
+            path.write_text(text)
+            path.chmod(0o600)
         cfg = st.home / "service.toml"
-        cfg.write_text(service_toml(st.home, data, port, token))
+        cfg.write_text(service_toml(st.home, data, port, token, st.home / "tokens.toml"))
         url = f"http://127.0.0.1:{port}"
         svc = ImageService(cfg, url, st.home / "images-serve.log", self.env)
         t.step("Start the image service (Glance v2 API) in the background")
@@ -271,7 +309,7 @@ class Demo:
         st.service = svc
         t.say(
             f"Listening on {url} (loopback only), pid {svc.pid}. Every request needs the "
-            f"X-Auth-Token held in {token} (mode 0600, created on first start)."
+            f"X-Auth-Token held in {token} (mode 0600), one of the tokens of tokens.toml."
         )
 
     def _build_guest(self, st: State) -> guest_mod.GuestSet:
@@ -548,8 +586,12 @@ class Demo:
             lines.append(f"image service:  pid {st.service.pid} on {st.service.url}")
         for s in st.servers:
             lines.append(f"server:         {s.name} ({s.node.name})")
+        fleet_cmds: list[str] = []
+        if st.fleet is not None:
+            fleet_lines, fleet_cmds = self.tour.kept(st.fleet)
+            lines += fleet_lines
         t.block("\n".join(lines))
-        cmds = [
+        cmds = fleet_cmds + [
             f"cowfleet server delete --config {s.node.config_file} {s.name}" for s in st.servers
         ]
         if st.service is not None and st.service.running:
@@ -571,6 +613,8 @@ class Demo:
                     timeout=120,
                 )
 
+        if st.fleet is not None:
+            self.tour.cleanup(st.fleet)
         with ThreadPoolExecutor(max_workers=3) as pool:
             list(pool.map(delete, st.servers))
         if st.driver == "libvirt" and st.servers:

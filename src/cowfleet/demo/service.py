@@ -1,4 +1,4 @@
-"""The image service as a background ``cowfleet serve images`` process.
+"""The demo's background processes: ``cowfleet serve images``, ``serve api``, ``serve node``.
 
 A long-running child cannot go through :func:`cowfleet.proc.run` (which waits
 for its child); this module is the one place the demo starts a process it does
@@ -135,3 +135,74 @@ class ImageService:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+
+class Background:
+    """Another ``cowfleet serve ...`` of the demo (the compute API, a node agent).
+
+    Started with its own configuration file, waited for until ``probe`` answers
+    (any HTTP status), and stopped like the image service (SIGTERM, then SIGKILL).
+    """
+
+    def __init__(
+        self, name: str, argv: list[str], probe: str, log_file: Path, env: dict[str, str]
+    ) -> None:
+        self.name = name
+        self.argv = argv  # as a user types it: ["cowfleet", "serve", ...]
+        self.probe = probe
+        self.log_file = log_file
+        self._env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 60.0) -> None:
+        try:
+            out = self.log_file.open("ab")
+        except OSError as exc:
+            raise LocalIOError(f"cannot open {self.log_file}: {exc.strerror}") from exc
+        with out:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "cowfleet", *self.argv[1:]],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=self._env,
+                start_new_session=True,  # Ctrl-C reaches the demo, which stops it in order
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BackendUnavailableError(
+                    f"{self.name} exited with {self._proc.returncode}: {self._tail()}"
+                )
+            try:
+                httpx.get(self.probe, timeout=2.0)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise BackendUnavailableError(f"{self.name} did not answer in {timeout:.0f} s")
+
+    def _tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_file.read_text(errors="replace")[-2000:].strip()
+        return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        p = self._proc
+        if p is None or p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
