@@ -263,10 +263,17 @@ class Fleet:
         """The scheduler's snapshot: every node, its usage, and the images on it."""
         now = self.clock()
         incoming: dict[str, set[str]] = {}
+        # A claim counts as soon as it is taken, before the build is dispatched (host set):
+        # the usage it adds and the image it brings show in the same snapshot, so
+        # concurrent placements of one image follow each other to the node that has it.
         for host, image in session.execute(
-            select(ServerRow.host, ServerRow.image_id)
-            .where(ServerRow.deleted.is_(False), ServerRow.host.is_not(None))
-            .distinct()
+            select(ServerRow.claim_host, ServerRow.image_id)
+            .where(ServerRow.deleted.is_(False), ServerRow.claim_host.is_not(None))
+            .union(
+                select(ServerRow.host, ServerRow.image_id).where(
+                    ServerRow.deleted.is_(False), ServerRow.host.is_not(None)
+                )
+            )
         ):
             if host is not None:
                 incoming.setdefault(host, set()).add(image)
