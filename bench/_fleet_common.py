@@ -73,6 +73,8 @@ class Fleet:
     database: str | None = None
     replicas: int = 1
     node_env: dict[str, str] = field(default_factory=dict)
+    # Per agent, when they differ (else ``capacity`` for every agent).
+    capacities: list[tuple[int, int, int]] = field(default_factory=list)
     images: ImageService | None = None
     proxy: CountingProxy | None = None
     apis: list[ComputeApi] = field(default_factory=list)
@@ -121,7 +123,7 @@ class Fleet:
                 node_token,
                 host=f"127.0.0.{i + 2}",
                 hostname=f"node-{i:02d}",
-                capacity=self.capacity,
+                capacity=self.capacities[i] if self.capacities else self.capacity,
                 extra_env=self.node_env,
             )
             agent.start()
