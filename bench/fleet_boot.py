@@ -108,7 +108,7 @@ def run_variant(
                 f"{not_active[0]['status']} {not_active[0].get('fault')}"
             )
         launched = {s["name"]: parse_ts(s["OS-SRV-USG:launched_at"]) for s in servers}
-        lat = [launched[k] - t for k, t in sent.items() if launched.get(k) is not None]  # type: ignore[operator]
+        lat = [v - sent[k] for k, v in launched.items() if v is not None and k in sent]
         per_host: dict[str, int] = {}
         for s in servers:
             host = s["OS-EXT-SRV-ATTR:host"]
