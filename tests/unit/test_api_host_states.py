@@ -1,11 +1,16 @@
-"""The scheduler's snapshot counts a claim at once: the image it brings shows on its node
-before the build is dispatched, so concurrent placements of one image follow it there."""
+"""Fixes found by the fleet benchmarks (bench/fleet_boot.py, bench/no_overcommit.py).
+
+The scheduler's snapshot counts a claim at once: the image it brings shows on its node
+before the build is dispatched, so concurrent placements of one image follow it there.
+SQLite writers of one API process queue on a lock instead of SQLite's busy handler."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from cowfleet.api.db.engine import Database
 from cowfleet.api.db.models import ServerRow
@@ -47,4 +52,49 @@ def test_a_claimed_but_undispatched_server_brings_its_image_to_the_snapshot(
         assert sel.candidates[0].hostname == "node-b"
     finally:
         fleet.close()
+        db.close()
+
+
+def test_sqlite_writers_of_one_process_queue_on_a_lock_not_in_the_busy_handler(
+    tmp_path: Path,
+) -> None:
+    """A second writer waits for the first before it begins its transaction (no BEGIN
+    IMMEDIATE spinning in SQLite's busy handler, which sleeps up to 100 ms per try)."""
+    db = Database.open(f"sqlite:///{tmp_path / 'compute.sqlite'}")
+    with db.engine.connect(), db.engine.connect():
+        pass  # two pooled connections, their pragmas run: the writers below only BEGIN
+    begins: list[str] = []
+    event.listen(
+        db.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, stmt, *_a: (
+            begins.append(threading.current_thread().name) if stmt.startswith("BEGIN") else None
+        ),
+    )
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with db.write() as s:
+            s.execute(update(ServerRow).values(name="y"))  # holds SQLite's write lock
+            holding.set()
+            release.wait(10)
+
+    def second() -> None:
+        with db.write() as s:
+            s.execute(update(ServerRow).values(name="x"))
+
+    a = threading.Thread(target=first, name="first")
+    b = threading.Thread(target=second, name="second")
+    try:
+        a.start()
+        assert holding.wait(10)
+        b.start()
+        time.sleep(0.3)
+        assert begins == ["first"]  # the second has not sent its BEGIN IMMEDIATE yet
+        release.set()
+        a.join(10)
+        b.join(10)
+        assert begins == ["first", "second"]
+    finally:
+        release.set()
         db.close()
