@@ -8,6 +8,7 @@ header means the oldest (2.1). A value that is not ``X.Y`` is a 400, one outside
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class UnsupportedVersion(UsageError):
     """A well-formed version outside the range served (HTTP 406)."""
 
 
+@functools.lru_cache(maxsize=128)  # views ask at_least("2.x") several times per server
 def parse(text: str) -> Version:
     match = _VERSION.match(text.strip())
     if not match:

@@ -18,13 +18,15 @@ PLACEMENT_KEY = "cowfleet:placement"
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, cut: the same text as strftime("%Y-%m-%dT%H:%M:%SZ") in less than half the
+    # time (three per server in a page of 1,000: bench/server_list.py).
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")[:19] + "Z"
 
 
 def iso_micro(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")[:26]
 
 
 def link(base: str, kind: str, ident: str) -> list[dict[str, str]]:

@@ -10,8 +10,9 @@ under an advisory lock, so replicas starting together migrate once.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
@@ -96,6 +97,13 @@ class Database:
         self._write = sessionmaker(
             engine.execution_options(cowfleet_write=True), expire_on_commit=False
         )
+        # SQLite has one writer at a time. The writers of this process wait on a lock
+        # (blocking, woken when it is free) rather than in SQLite's busy handler, which
+        # polls with sleeps of up to 100 ms: under 400 concurrent creates it let a writer
+        # wait 5-9 s while later ones went first (bench/no_overcommit.py, p99 POST).
+        self._write_lock: AbstractContextManager[object] = (
+            threading.RLock() if engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     @classmethod
     def open(cls, url: str) -> Database:
@@ -118,7 +126,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         try:
-            with self._write.begin() as session:
+            with self._write_lock, self._write.begin() as session:
                 yield session
         except OperationalError as exc:
             raise BackendUnavailableError(f"compute database error: {exc.orig}") from exc
