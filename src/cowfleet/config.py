@@ -169,6 +169,7 @@ class Config:
     node_ram_mb: int = default("node_ram_mb")
     node_disk_gb: int = default("node_disk_gb")
     node_build_workers: int = default("node_build_workers")
+    node_peer_stall_timeout: float = default("node_peer_stall_timeout")
     # compute
     driver: str = default("driver")
     libvirt_uri: str = default("libvirt_uri")
@@ -192,6 +193,7 @@ class Config:
     api_heartbeat_interval: float = default("api_heartbeat_interval")
     api_max_body: int = default("api_max_body")
     api_build_workers: int = default("api_build_workers")
+    api_peer_fanout: int = default("api_peer_fanout")
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------

@@ -336,6 +336,10 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("node_build_workers", int, DEFAULT_NODE_BUILD_WORKERS, "node.build_workers",
          "builds the node agent runs at once (more wait in line as BUILDING)",
          flags=("--build-workers",), unit="builds", metavar="N", at_least=1, at_most=256),
+    _row("node_peer_stall_timeout", float, 10.0, "node.peer_stall_timeout",
+         "a peer that sends no byte for this long is given up (the next source resumes at "
+         "the same offset); also how long a peer serving its own download waits for a byte "
+         "to land", unit=SECONDS, above=0),
     _row("driver", str, "libvirt", "compute.driver", "hypervisor driver",
          flags=("--driver",), choices=DRIVERS),
     _row("libvirt_uri", str, DEFAULT_LIBVIRT_URI, "compute.libvirt_uri",
@@ -397,6 +401,10 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("api_build_workers", int, 32, "api.build_workers",
          "builds one compute API process dispatches to node agents at once", unit="builds",
          at_least=1, at_most=1024),
+    _row("api_peer_fanout", int, 2, "api.peer_fanout",
+         "nodes one holder of an image (a peer, or the origin) feeds at once when the API "
+         "assigns sources (`0`: every node fetches from the image service)", unit="nodes",
+         at_least=0, at_most=1000),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTING_ROWS}
 

@@ -28,6 +28,7 @@ class ApiSettings:
     max_body: int = 1 << 20  # bytes of a request body (413 above)
     build_workers: int = 32  # builds dispatched to nodes at once, per replica
     page_limit: int = 1000  # the largest page of a list (Nova's osapi_max_limit)
+    peer_fanout: int = 2  # nodes one holder feeds at once (0: origin only)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ApiSettings:
@@ -50,4 +51,5 @@ class ApiSettings:
             heartbeat_interval=cfg.api_heartbeat_interval,
             max_body=cfg.api_max_body,
             build_workers=cfg.api_build_workers,
+            peer_fanout=cfg.api_peer_fanout,
         )

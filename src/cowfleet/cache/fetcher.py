@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,11 +34,14 @@ from cowfleet.errors import (
     UnsafeImageError,
     ValidationError,
 )
-from cowfleet.fetch.engine import InspectorLike, Want, fetch
+from cowfleet.fetch.engine import InspectorLike, OpenStream, Sink, Want, fetch
 from cowfleet.fetch.retry import Budget
 from cowfleet.formats.inspection import GLANCE_DISK_FORMATS
 
 if TYPE_CHECKING:
+    from cowfleet.cache.live import LiveFetch
+    from cowfleet.cache.peering import Peering
+    from cowfleet.fetch.sources import Peer
     from cowfleet.images.client import Image, ImageClient
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,11 @@ def fetch_base(
     *,
     now: Callable[[], float],
     inspector_factory: Callable[[], InspectorLike],
+    peering: Peering | None = None,
+    peers: Sequence[Peer] = (),
 ) -> FetchedBase:
-    """Fetch, verify, check and install ``image_id`` (see the module doc)."""
+    """Fetch, verify, check and install ``image_id`` (see the module doc); with
+    ``peering`` and a hash tree, from ``peers`` first (see :mod:`.peering`)."""
     image = budget.call(lambda: client.get(image_id), what=f"image {image_id}")
     ok = judge(image, cfg.max_image_size)
     # The hash tree when the image has one (checked against its published root), else
@@ -117,16 +123,35 @@ def fetch_base(
                 started_at=now(),
             )
             sink = claim_part(dir_fd, paths, record, inspector_factory)
+            live: LiveFetch | None = None
+            ok_fetch = False
             try:
-                done = fetch(
-                    lambda offset, pool: client.open_download(
-                        image_id, offset=offset, buffers=pool
-                    ),
-                    sink,
-                    want,
-                    budget,
+                open_stream: OpenStream = lambda offset, pool: client.open_download(  # noqa: E731
+                    image_id, offset=offset, buffers=pool
                 )
+                into: Sink = sink
+                if peering is not None and tree is not None:
+                    from cowfleet.cache.live import TrackingSink
+                    from cowfleet.digest import tree_and_digest
+                    from cowfleet.fetch.sources import OriginSource, Sources
+
+                    open_stream = Sources(
+                        peering.sources(image_id, peers, OriginSource(open_stream)),
+                        tree,
+                        image_id,
+                        on_corrupt=peering.corrupt(image_id),
+                    )
+                    want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
+                    live = peering.live.begin(image_id, ok.size, sink.fd)
+                    into = TrackingSink(sink, live)
+                elif peers:
+                    log.info("image %s: no hash tree to check peers' pieces; origin only", image_id)
+                done = fetch(open_stream, into, want, budget)
+                ok_fetch = True
             finally:
+                if live is not None:
+                    assert peering is not None
+                    peering.live.end(live, ok_fetch)
                 sink.close()
         assert done.inspection is not None
         install.check(

@@ -110,8 +110,15 @@ class TokenGate:
         await response(scope, receive, send)
 
 
-def create_app(builds: Builds, status: Callable[[], dict[str, Any]], token: str) -> FastAPI:
-    """The node API over ``builds``; ``status`` gives the heartbeat body."""
+def create_app(
+    builds: Builds,
+    status: Callable[[], dict[str, Any]],
+    token: str,
+    *,
+    peer_routes: Callable[[FastAPI], None] | None = None,
+) -> FastAPI:
+    """The node API over ``builds``; ``status`` gives the heartbeat body; ``peer_routes``
+    adds the routes other nodes fetch bases from (:mod:`cowfleet.node.peers`)."""
     if not token:
         raise UsageError("the node token is empty")
     expected = token.encode()
@@ -185,4 +192,6 @@ def create_app(builds: Builds, status: Callable[[], dict[str, Any]], token: str)
     async def get_status() -> JSONResponse:
         return JSONResponse(await run_in_threadpool(status))
 
+    if peer_routes is not None:
+        peer_routes(app)
     return app

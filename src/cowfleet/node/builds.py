@@ -206,6 +206,7 @@ class Builds:
                 uuid=uuid,
                 spec=spec.to_dict(),
                 start=True,
+                **({"sources": spec.sources} if spec.sources else {}),
             )
         except CowfleetError as exc:
             fault = one_line(str(exc))
