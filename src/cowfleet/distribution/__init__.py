@@ -1,0 +1,1 @@
+"""Getting an image to many nodes: which node fetches from which (:mod:`.assign`)."""
