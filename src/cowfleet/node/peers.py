@@ -61,8 +61,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return max(0, size - n), size - 1
     first = int(first_s)
     last = int(last_s) if last_s else size - 1
-    if last < first:
-        return None
+    if last_s and last < first:
+        return None  # invalid: ignored
     if first >= size:
         raise Unsatisfiable
     return first, min(last, size - 1)
