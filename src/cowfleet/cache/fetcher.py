@@ -112,6 +112,10 @@ def fetch_base(
     want = Want(image_id, ok.size, verifier_for(image_id, ok.digest, tree))
     limiter = SlotLimiter(layout.locks_dir, cfg.fetch_concurrency)
     dir_fd = safeopen.open_dir(layout.base_dir)
+    # A download peers may read as it lands: ended once the base is installed (a reader
+    # arriving in between finds the live entry, after it the base).
+    live: LiveFetch | None = None
+    installed_ok = False
     try:
         with limiter.hold(deadline=budget.deadline):
             record = md.PartMeta(
@@ -123,8 +127,6 @@ def fetch_base(
                 started_at=now(),
             )
             sink = claim_part(dir_fd, paths, record, inspector_factory)
-            live: LiveFetch | None = None
-            ok_fetch = False
             try:
                 open_stream: OpenStream = lambda offset, pool: client.open_download(  # noqa: E731
                     image_id, offset=offset, buffers=pool
@@ -147,11 +149,7 @@ def fetch_base(
                 elif peers:
                     log.info("image %s: no hash tree to check peers' pieces; origin only", image_id)
                 done = fetch(open_stream, into, want, budget)
-                ok_fetch = True
             finally:
-                if live is not None:
-                    assert peering is not None
-                    peering.live.end(live, ok_fetch)
                 sink.close()
         assert done.inspection is not None
         install.check(
@@ -174,6 +172,7 @@ def fetch_base(
             source=cfg.endpoint,
             now=now(),
         )
+        installed_ok = True
     except (BackendUnavailableError, TimeoutError_):
         # Transport trouble: keep the .part and its record for a later resume.
         raise
@@ -185,6 +184,9 @@ def fetch_base(
             log.warning("image %s: fetch refused: %s", image_id, exc)
         raise
     finally:
+        if live is not None:
+            assert peering is not None
+            peering.live.end(live, installed_ok)
         os.close(dir_fd)
     log.info(
         "image %s: cached %s (%d bytes, %d attempts, resumed from %d, verified with %s)",
