@@ -133,6 +133,9 @@ def test_b_fetches_from_a_and_the_origin_sends_the_image_once(fleet: Fleet) -> N
     )
     assert fleet.proxy.count(iid) == 1  # node-b's bytes all came from node-a
     assert fleet.base("node-b", iid) == data
+    # the whole-image digest still ran over node-b's own stream, beside the tree
+    log = fleet.agents["node-b"].log_path.read_text()
+    assert f"image {iid}: cached" in log and "verified with sha256 tree + sha512" in log
 
 
 def test_peer_route_ranges_tokens_and_what_is_never_served(fleet: Fleet) -> None:

@@ -137,13 +137,12 @@ def fetch_base(
                     from cowfleet.digest import tree_and_digest
                     from cowfleet.fetch.sources import OriginSource, Sources
 
+                    chain = peering.sources(image_id, peers, OriginSource(open_stream))
                     open_stream = Sources(
-                        peering.sources(image_id, peers, OriginSource(open_stream)),
-                        tree,
-                        image_id,
-                        on_corrupt=peering.corrupt(image_id),
+                        chain, tree, image_id, on_corrupt=peering.corrupt(image_id)
                     )
-                    want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
+                    if len(chain) > 1:  # bytes from peers: the digest runs too
+                        want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
                     live = peering.live.begin(image_id, ok.size, sink.fd)
                     into = TrackingSink(sink, live)
                 elif peers:
