@@ -28,6 +28,7 @@ already gets an empty plan.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,10 @@ def _spread(image_id: str, host: str) -> bytes:
     return hashlib.sha256(f"{image_id}\0{host}".encode()).digest()
 
 
+def _key(image_id: str, f: _Feeder) -> tuple[bool, int, int, bytes]:
+    return (not f.complete, f.depth, f.children, _spread(image_id, f.host))
+
+
 def assign_sources(
     image_id: str, fetchers: Sequence[str], holders: Sequence[Holder], *, fanout: int
 ) -> dict[str, SourcePlan]:
@@ -73,6 +78,12 @@ def assign_sources(
         if old is not None and (old.complete or not h.complete):
             continue  # a host listed twice: complete wins
         feeders[h.host] = _Feeder(h.host, h.complete, 0 if h.complete else 1, len(feeders), None)
+    complete = sorted(
+        (f for f in feeders.values() if f.complete), key=lambda f: _spread(image_id, f.host)
+    )
+    # Feeders with a free slot, best first; an entry whose key is stale is skipped.
+    heap = [(_key(image_id, f), f.order, f.host) for f in feeders.values()]
+    heapq.heapify(heap)
     plans: dict[str, SourcePlan] = {}
     for host in fetchers:
         if host in plans:
@@ -81,44 +92,49 @@ def assign_sources(
         if me is not None and me.complete:
             plans[host] = SourcePlan(host, ())
             continue
-        free = [
-            f
-            for f in feeders.values()
-            if f.host != host and f.children < fanout and (me is None or f.order < me.order)
-        ]
-        if free:
-            parent: _Feeder | None = min(
-                free,
-                key=lambda f: (not f.complete, f.depth, f.children, _spread(image_id, f.host)),
-            )
-            assert parent is not None
+        parent: _Feeder | None = None
+        skipped = []
+        while heap:
+            key, order, name = heapq.heappop(heap)
+            f = feeders[name]
+            if key != _key(image_id, f) or f.children >= fanout:
+                continue  # stale, or full
+            if name == host or (me is not None and order > me.order):
+                skipped.append((key, order, name))  # not for this fetcher: keep it
+                continue
+            parent = f
+            break
+        for item in skipped:
+            heapq.heappush(heap, item)
+        if parent is not None:
             parent.children += 1
+            if parent.children < fanout:
+                heapq.heappush(heap, (_key(image_id, parent), parent.order, parent.host))
             depth = parent.depth + 1
         else:
-            parent = None  # no peer can feed it: the origin does (the first fetcher only)
-            depth = 1
+            depth = 1  # no peer can feed it: the origin does (the first fetcher only)
         up = parent.host if parent is not None else None
         if me is None:
-            feeders[host] = _Feeder(host, False, depth, len(feeders), up)
+            me = feeders[host] = _Feeder(host, False, depth, len(feeders), up)
         else:  # already fetching (in-progress holder): keep its place, note its parent
             me.depth, me.parent = depth, up
-        plans[host] = SourcePlan(host, _chain(image_id, host, parent, feeders))
+        heapq.heappush(heap, (_key(image_id, me), me.order, me.host))
+        plans[host] = SourcePlan(host, _chain(host, parent, feeders, complete))
     return plans
 
 
 def _chain(
-    image_id: str, host: str, parent: _Feeder | None, feeders: dict[str, _Feeder]
+    host: str, parent: _Feeder | None, feeders: dict[str, _Feeder], complete: list[_Feeder]
 ) -> tuple[str, ...]:
     """The parent, then up to BACKUPS fallbacks (complete holders, then ancestors)."""
     if parent is None:
         return ()
     out = [parent.host]
-    complete = sorted(
-        (f for f in feeders.values() if f.complete and f.host not in (host, parent.host)),
-        key=lambda f: _spread(image_id, f.host),
-    )
-    for f in complete[:BACKUPS]:
-        out.append(f.host)
+    for f in complete:
+        if len(out) > BACKUPS:
+            break
+        if f.host not in (host, parent.host):
+            out.append(f.host)
     up = parent.parent
     while up is not None and len(out) < 1 + BACKUPS:
         if up not in out and up != host:
