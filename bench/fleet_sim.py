@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from cowfleet.distribution.assign import assign_sources  # noqa: E402
-from cowfleet.hashtree import DEFAULT_LEAF_SIZE  # noqa: E402
+from cowfleet.distribution.assign import assign_sources
+from cowfleet.hashtree import DEFAULT_LEAF_SIZE
 
 IMAGE = "00000000-0000-4000-8000-000000000001"
 GIB = 1024**3
