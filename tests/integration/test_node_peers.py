@@ -246,3 +246,18 @@ def test_sources_in_a_build_spec_are_checked(fleet: Fleet) -> None:
     assert resp.status_code == 400 and "source url" in resp.json()["error"]["message"]
     with pytest.raises(httpx.HTTPError):  # nothing listens there: the test's own check
         httpx.get("http://127.0.0.1:1/", timeout=1)
+
+
+def test_a_chain_of_three_started_at_once_takes_one_copy_from_the_origin(fleet: Fleet) -> None:
+    iid, data = fleet.upload(3 * LEAF, 8)
+    fleet.proxy.rate = 16 * MIB
+    try:
+        ua = fleet.build("node-a", iid)  # no wait: node-b asks before node-a has started
+        ub = fleet.build("node-b", iid, [fleet.source("node-a")])
+        uc = fleet.build("node-c", iid, [fleet.source("node-b"), fleet.source("node-a")])
+        for name, uuid in (("node-a", ua), ("node-b", ub), ("node-c", uc)):
+            fleet.agents[name].wait_state(uuid, "ACTIVE")
+    finally:
+        fleet.proxy.rate = None
+    assert fleet.proxy.count(iid) == 1  # one copy from the origin fed a chain of three
+    assert fleet.base("node-c", iid) == data

@@ -179,6 +179,14 @@ class ImageCache:
         hit = self._hit(image_id, paths)
         if hit is not None:
             return hit
+        if self.peering is not None:  # peers asking for it meanwhile wait for the download
+            with self.peering.live.expect(image_id):
+                return self._ensure_missing(image_id, paths, sources)
+        return self._ensure_missing(image_id, paths, sources)
+
+    def _ensure_missing(
+        self, image_id: str, paths: BasePaths, sources: Sequence[Peer]
+    ) -> CachedBase:
         self._ensure_dirs()
         waiting_since = self.clock()
         with base_lock(self.layout.locks_dir, paths.name, timeout=self.cfg.fetch_deadline):

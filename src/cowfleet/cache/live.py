@@ -11,10 +11,11 @@ reader; the descriptor is closed once the fetch has ended and its last reader is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from cowfleet.errors import BackendUnavailableError, NotFoundError, TimeoutError_
 from cowfleet.fetch.engine import InspectorLike, Sink
@@ -113,7 +114,28 @@ class LiveFetches:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._live: dict[str, LiveFetch] = {}
+        self._expected: dict[str, int] = {}
         self._clock = clock
+
+    @contextlib.contextmanager
+    def expect(self, image_id: str) -> Iterator[None]:
+        """While this runs, ``image_id`` is on its way here (a peer asking for it waits
+        a little for its download to start, rather than being told 404 at once)."""
+        with self._lock:
+            self._expected[image_id] = self._expected.get(image_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._expected[image_id] - 1
+                if left:
+                    self._expected[image_id] = left
+                else:
+                    del self._expected[image_id]
+
+    def expected(self, image_id: str) -> bool:
+        with self._lock:
+            return image_id in self._expected
 
     def begin(self, image_id: str, size: int, fd: int) -> LiveFetch:
         entry = LiveFetch(image_id, size, os.dup(fd), clock=self._clock)

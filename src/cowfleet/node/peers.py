@@ -10,7 +10,10 @@ a request path reaches the filesystem. Served, in this order:
   ``_base``): ``404`` otherwise;
 - a download in progress on this node (:mod:`cowfleet.cache.live`): only bytes of
   leaves that passed the hash-tree check; bytes not landed yet are waited for up to
-  ``wait`` seconds each, then the answer is cut short (the reader takes another source).
+  ``wait`` seconds each, then the answer is cut short (the reader takes another source);
+- an image on its way here (a build of it queued, ``ensure_cached`` running) is waited
+  for, up to ``wait`` seconds, to become one of the above: a node asked to feed others
+  at the same moment it was asked to fetch does not send them to the origin.
 
 ``Range: bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` gives ``206`` with ``Content-Range``;
 a range starting past the end is ``416`` (``Content-Range: bytes */size``); no range,
@@ -19,21 +22,22 @@ or one this parser does not take (several ranges), is the whole image with ``200
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import Layout, canonical_image_id, is_image_id
 from cowfleet.cache.live import LiveFetch, LiveFetches
-from cowfleet.errors import NotFoundError, ValidationError
+from cowfleet.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +149,44 @@ def _body(held: _Held, first: int, last: int, wait: float) -> Iterator[bytes]:
         _release(held)
 
 
-def add_peer_routes(app: FastAPI, layout: Layout, live: LiveFetches, *, wait: float) -> None:
-    """Add the peer routes to the node API ``app`` (behind its token gate)."""
+POLL = 0.05
+
+
+def _error(code: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=code)
+
+
+def add_peer_routes(
+    app: FastAPI,
+    layout: Layout,
+    live: LiveFetches,
+    *,
+    wait: float,
+    expecting: Callable[[str], bool] = lambda _image_id: False,
+) -> None:
+    """Add the peer routes to the node API ``app`` (behind its token gate).
+
+    ``expecting(image_id)``: whether the image is on its way to this node (a build or a
+    pre-cache of it has started); a request for it then waits up to ``wait`` seconds
+    for its download to begin instead of answering 404 at once.
+    """
 
     @app.api_route("/peer/v1/images/{image_id}", methods=["GET", "HEAD"])
     async def peer_image(image_id: str, request: Request) -> Response:
         if not is_image_id(image_id):
-            raise ValidationError(f"image id must be a UUID, not {image_id!r}")
+            return _error(400, f"image id must be a UUID, not {image_id!r}")
         iid = canonical_image_id(image_id)
         held = await run_in_threadpool(resolve, layout, live, iid)
+        if held is None and (expecting(iid) or live.expected(iid)):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait
+            while held is None and loop.time() < deadline:
+                await asyncio.sleep(POLL)
+                held = await run_in_threadpool(resolve, layout, live, iid)
+                if held is None and not (expecting(iid) or live.expected(iid)):
+                    break
         if held is None:
-            raise NotFoundError(f"image {iid} is not held by this node")
+            return _error(404, f"image {iid} is not held by this node")
         size = held.size
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         try:

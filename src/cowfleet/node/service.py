@@ -212,6 +212,7 @@ class NodeService:
                 Layout(self.cfg.instances_path),
                 self.peering.live,
                 wait=self.cfg.node_peer_stall_timeout,
+                expecting=self.builds.building,
             )
 
         app = create_app(self.builds, self.status, self.token, peer_routes=peer_routes)
