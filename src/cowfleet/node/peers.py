@@ -115,8 +115,8 @@ def resolve(layout: Layout, live: LiveFetches, image_id: str) -> _Held | None:
         return None
     try:
         entry.open_reader()
-    except NotFoundError:
-        return None
+    except NotFoundError:  # it ended just now: installed, or failed
+        return _open_base(layout, image_id)
     return _Held(entry.size, live=entry)
 
 
