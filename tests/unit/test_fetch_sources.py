@@ -188,3 +188,18 @@ def test_parse_sources_refuses_bad_entries() -> None:
     ):
         with pytest.raises(ValidationError):
             parse_sources(bad)
+
+
+def test_peering_leaves_out_this_node_and_peers_caught_for_this_image() -> None:
+    from cowfleet.cache.peering import Peering
+    from cowfleet.fetch.sources import OriginSource
+
+    peering = Peering("tok", host="me")
+    peering.corrupt(ID)("bad", "leaf 1")
+    peers = [Peer(h, f"http://{h}:1") for h in ("me", "bad", "good")]
+    names = [s.name for s in peering.sources(ID, peers, OriginSource(lambda o, p: None))]  # type: ignore[arg-type,return-value]
+    assert names == ["good", "origin"]
+    other = "0f1c2b0e-8d7a-4c3e-9f10-0123456789ab"
+    names = [s.name for s in peering.sources(other, peers, OriginSource(lambda o, p: None))]  # type: ignore[arg-type,return-value]
+    assert names == ["bad", "good", "origin"]
+    peering.close()

@@ -51,6 +51,7 @@ class Peering:
     live: LiveFetches = field(default_factory=LiveFetches)
     bad: BadPeers = field(default_factory=BadPeers)
     report: Reporter = lambda _host, _image, _reason: None
+    host: str = ""  # this node's hostname: never its own peer
     _client: httpx.Client | None = None
 
     @property
@@ -60,11 +61,12 @@ class Peering:
         return self._client
 
     def sources(self, image_id: str, peers: Sequence[Peer], origin: OriginSource) -> list[Source]:
-        """The peers not known bad for ``image_id``, in order, then the origin."""
+        """The peers (not this node, none known bad for ``image_id``) in order, then
+        the origin."""
         out: list[Source] = [
             PeerSource(p, image_id, self.token, self.client, stall=self.stall)
             for p in peers
-            if not self.bad.has(image_id, p.host)
+            if p.host != self.host and not self.bad.has(image_id, p.host)
         ]
         out.append(origin)
         return out

@@ -115,7 +115,10 @@ class NodeService:
         from cowfleet.cache.peering import Peering
 
         self.peering = Peering(
-            self.token, stall=cfg.node_peer_stall_timeout, report=self._report_peer
+            self.token,
+            stall=cfg.node_peer_stall_timeout,
+            report=self._report_peer,
+            host=s.hostname,
         )
         self.cache = ImageCache(cfg, self.images, peering=self.peering)
         self.driver = make_driver(cfg.driver, cfg)
