@@ -170,6 +170,7 @@ class Config:
     node_disk_gb: int = default("node_disk_gb")
     node_build_workers: int = default("node_build_workers")
     snapshot_format: str = default("snapshot_format")
+    node_peer_stall_timeout: float = default("node_peer_stall_timeout")
     # compute
     driver: str = default("driver")
     libvirt_uri: str = default("libvirt_uri")
@@ -201,6 +202,7 @@ class Config:
     api_url: str | None = None  # unset: the commands work on this node
     api_token: str | None = None  # unset: read from api_token_file
     api_token_file: Path | None = None
+    api_peer_fanout: int = default("api_peer_fanout")
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------

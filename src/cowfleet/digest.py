@@ -100,6 +100,23 @@ class TreeCheck:
         self._verifier.finish()
 
 
+class AllOf:
+    """Several verifiers over one stream (a hash tree and the whole-image digest): every
+    one must pass."""
+
+    def __init__(self, *verifiers: Verifier) -> None:
+        self._verifiers = verifiers
+        self.name = " + ".join(v.name for v in verifiers)
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        for v in self._verifiers:
+            v.update(chunk)
+
+    def verify(self) -> None:
+        for v in self._verifiers:
+            v.verify()
+
+
 class SizeOnly:
     """No digest to check (an image service that gives none): the size alone is checked."""
 
@@ -137,6 +154,16 @@ def verifier_for(
         new_hasher(algo)  # refuse an unknown algorithm before any byte is fetched
         return lambda: DigestVerifier(algo, value, image_id=image_id)
     return SizeOnly
+
+
+def tree_and_digest(image_id: str, digest: tuple[str, str], tree: Tree) -> VerifierFactory:
+    """The hash tree (each leaf as it lands) *and* the whole-image digest: a fetch that
+    takes bytes from peers still checks ``os_hash_value`` over its own stream."""
+    algo, value = digest
+    new_hasher(algo)
+    return lambda: AllOf(
+        TreeCheck(tree, image_id=image_id), DigestVerifier(algo, value, image_id=image_id)
+    )
 
 
 def hash_file(path: Path, algo: str, *, limit: Pacer | None = None) -> str:

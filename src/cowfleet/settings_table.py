@@ -340,6 +340,10 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("snapshot_format", str, "qcow2", "node.snapshot_format",
          "disk format of the images `createImage` makes (qcow2: allocated data only)",
          choices=("qcow2", "raw")),
+    _row("node_peer_stall_timeout", float, 10.0, "node.peer_stall_timeout",
+         "a peer that sends no byte for this long is given up (the next source resumes at "
+         "the same offset); also how long a peer serving its own download waits for a byte "
+         "to land", unit=SECONDS, above=0),
     _row("driver", str, "libvirt", "compute.driver", "hypervisor driver",
          flags=("--driver",), choices=DRIVERS),
     _row("libvirt_uri", str, DEFAULT_LIBVIRT_URI, "compute.libvirt_uri",
@@ -422,6 +426,10 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("api_token_file", Path, None, "client.api_token_file",
          "file holding the CLI's compute API token (mode 0600)",
          flags=("--api-token-file",), derived="(none)", metavar="FILE"),
+    _row("api_peer_fanout", int, 2, "api.peer_fanout",
+         "nodes one holder of an image (a peer, or the origin) feeds at once when the API "
+         "assigns sources (`0`: every node fetches from the image service)", unit="nodes",
+         at_least=0, at_most=1000),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTING_ROWS}
 

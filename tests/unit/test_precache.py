@@ -226,7 +226,7 @@ def test_node_passes_sources_only_to_a_fetch_that_takes_them(tmp_path: Path) -> 
     runner = Precacher(PeerCache(tmp_path), reports, interval=0.02)
     runner.submit(_req(sources=[{"host": "node-b", "url": "http://127.0.0.3:1"}]))
     wait(lambda: reports.sent)
-    assert seen == [[{"host": "node-b", "url": "http://127.0.0.3:1"}]]
+    assert [[(p.host, p.url) for p in got] for got in seen] == [[("node-b", "http://127.0.0.3:1")]]
     assert reports.last()["source"] == "node-b"
     # A fetch without the parameter still runs (origin only).
     reports2 = Reports()

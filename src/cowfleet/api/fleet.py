@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from cowfleet.api import states
 from cowfleet.api.db.engine import Database
 from cowfleet.api.db.models import FlavorRow, NodeRow, ServerRow
+from cowfleet.api.distribution import PeerFlags, peer_sources
 from cowfleet.api.faults import ApiFault
 from cowfleet.api.images import ImageInfo, ImageLookup
 from cowfleet.api.nodes_client import NodeConflict, NodeError, NodesClient
@@ -91,6 +92,7 @@ class Fleet:
         self._queued: set[str] = set()
         self._queued_lock = threading.Lock()
         self.metrics: ApiMetrics | None = None  # set by create_app
+        self.peer_flags = PeerFlags()  # peers reported for bad pieces (api.distribution)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -439,7 +441,7 @@ class Fleet:
             if rows(placed) != 1:
                 release(s, server_id)
                 return "done"
-            spec = {
+            spec: dict[str, Any] = {
                 "uuid": row.id,
                 "name": row.name,
                 "project_id": row.project_id,
@@ -454,6 +456,17 @@ class Fleet:
                 },
             }
             url = s.scalars(select(NodeRow.url).where(NodeRow.hostname == cand.hostname)).one()
+            sources = peer_sources(
+                s,
+                row.image_id,
+                cand.hostname,
+                fanout=self.settings.peer_fanout,
+                now=now,
+                down_after=self.settings.node_down_after,
+                flags=self.peer_flags,
+            )
+            if sources:  # peers that hold the image or are fetching it (docs/fleet-protocol.md)
+                spec["sources"] = sources
         log.info("server %s placed on %s (weight %s)", server_id, cand.hostname, cand.weight)
         self._decided(PLACED)
         try:

@@ -35,7 +35,6 @@ from cowfleet.distribution.assign import Holder, assign_sources
 
 log = logging.getLogger(__name__)
 
-FANOUT = 4  # peers one node serves at once in the source tree
 _POLL = 0.2  # s between looks at the active count when concurrency is bounded
 
 
@@ -198,7 +197,8 @@ class Precaches:
             if host not in holders and host in nodes:
                 holders[host] = Holder(host, nodes[host].url, False)
         fetchers = [h for h in hosts if h not in holders or not holders[h].complete]
-        plans = assign_sources(p.image_id, fetchers, list(holders.values()), fanout=FANOUT)
+        fanout = self.fleet.settings.peer_fanout
+        plans = assign_sources(p.image_id, fetchers, list(holders.values()), fanout=fanout)
         out: dict[str, list[dict[str, str]]] = {}
         for host in hosts:
             peers = plans[host].peers if host in plans else ()

@@ -31,6 +31,7 @@ class ApiSettings:
     page_limit: int = 1000  # the largest page of a list (Nova's osapi_max_limit)
     precache_concurrency: int = 0  # nodes a pre-cache asks at once (0: all)
     metrics_open: bool = False  # /metrics without a token (loopback, or metrics_public)
+    peer_fanout: int = 2  # nodes one holder feeds at once (0: origin only)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ApiSettings:
@@ -55,4 +56,5 @@ class ApiSettings:
             build_workers=cfg.api_build_workers,
             precache_concurrency=cfg.api_precache_concurrency,
             metrics_open=metrics_open(cfg.api_host, cfg.metrics_public),
+            peer_fanout=cfg.api_peer_fanout,
         )

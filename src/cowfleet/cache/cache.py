@@ -19,7 +19,7 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -37,7 +37,9 @@ from cowfleet.formats.inspection import qemu_format_name
 
 if TYPE_CHECKING:
     from cowfleet.cache.listing import BaseEntry
+    from cowfleet.cache.peering import Peering
     from cowfleet.cache.verify import VerifyResult
+    from cowfleet.fetch.sources import Peer
     from cowfleet.images.client import Image, ImageClient
     from cowfleet.metrics import NodeMetrics
 
@@ -90,6 +92,7 @@ class ImageCache:
         inspector_factory: Callable[[], InspectorLike] = _new_inspector,
         backoff: float = BACKOFF,
         metrics: NodeMetrics | None = None,
+        peering: Peering | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -104,6 +107,7 @@ class ImageCache:
         self.retry = RetryPolicy(
             retries=cfg.fetch_retries, backoff=backoff, deadline=cfg.fetch_deadline
         )
+        self.peering = peering  # the node agent's: fetch from peers, serve downloads
         self.downloads = 0  # downloads completed by this object (for tests and benches)
         self._dirs_ready = False
 
@@ -170,8 +174,9 @@ class ImageCache:
         )
 
     # -- public API -------------------------------------------------------
-    def ensure_cached(self, image_id: str) -> CachedBase:
-        """Return the verified base of ``image_id``, fetching it once per node."""
+    def ensure_cached(self, image_id: str, *, sources: Sequence[Peer] = ()) -> CachedBase:
+        """Return the verified base of ``image_id``, fetching it once per node (from the
+        peers in ``sources`` first, when the cache has :attr:`peering`)."""
         image_id = canonical_image_id(image_id)
         paths = self.layout.paths(image_id)
         hit = self._hit(image_id, paths)
@@ -179,6 +184,14 @@ class ImageCache:
             if self.metrics is not None:
                 self.metrics.hit()
             return hit
+        if self.peering is not None:  # peers asking for it meanwhile wait for the download
+            with self.peering.live.expect(image_id):
+                return self._ensure_missing(image_id, paths, sources)
+        return self._ensure_missing(image_id, paths, sources)
+
+    def _ensure_missing(
+        self, image_id: str, paths: BasePaths, sources: Sequence[Peer]
+    ) -> CachedBase:
         self._ensure_dirs()
         waiting_since = self.clock()
         with base_lock(self.layout.locks_dir, paths.name, timeout=self.cfg.fetch_deadline):
@@ -189,7 +202,7 @@ class ImageCache:
                 return hit
             failures.raise_if_failed_since(paths, image_id, waiting_since)
             try:
-                result = self._fetch(image_id, paths)
+                result = self._fetch(image_id, paths, sources)
             except CowfleetError as exc:
                 failures.record(paths, image_id, exc, self.clock())
                 raise
@@ -210,7 +223,7 @@ class ImageCache:
         ramdisk = self.ensure_cached(ramdisk_id) if ramdisk_id else None
         return CachedSet(root=root, kernel=kernel, ramdisk=ramdisk)
 
-    def _fetch(self, image_id: str, paths: BasePaths) -> CachedBase:
+    def _fetch(self, image_id: str, paths: BasePaths, sources: Sequence[Peer] = ()) -> CachedBase:
         started = self.monotonic()
         budget = self.retry.start(clock=self.monotonic, sleep=self.sleep, rand=self.rand)
         got = fetch_base(
@@ -222,6 +235,8 @@ class ImageCache:
             budget,
             now=self.clock,
             inspector_factory=self.inspector_factory,
+            peering=self.peering,
+            peers=sources,
         )
         self.downloads += 1
         seconds = self.monotonic() - started

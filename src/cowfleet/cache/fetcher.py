@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,11 +34,14 @@ from cowfleet.errors import (
     UnsafeImageError,
     ValidationError,
 )
-from cowfleet.fetch.engine import InspectorLike, Want, fetch
+from cowfleet.fetch.engine import InspectorLike, OpenStream, Sink, Want, fetch
 from cowfleet.fetch.retry import Budget
 from cowfleet.formats.inspection import GLANCE_DISK_FORMATS
 
 if TYPE_CHECKING:
+    from cowfleet.cache.live import LiveFetch
+    from cowfleet.cache.peering import Peering
+    from cowfleet.fetch.sources import Peer
     from cowfleet.images.client import Image, ImageClient
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,11 @@ def fetch_base(
     *,
     now: Callable[[], float],
     inspector_factory: Callable[[], InspectorLike],
+    peering: Peering | None = None,
+    peers: Sequence[Peer] = (),
 ) -> FetchedBase:
-    """Fetch, verify, check and install ``image_id`` (see the module doc)."""
+    """Fetch, verify, check and install ``image_id`` (see the module doc); with
+    ``peering`` and a hash tree, from ``peers`` first (see :mod:`.peering`)."""
     image = budget.call(lambda: client.get(image_id), what=f"image {image_id}")
     ok = judge(image, cfg.max_image_size)
     # The hash tree when the image has one (checked against its published root), else
@@ -106,6 +112,10 @@ def fetch_base(
     want = Want(image_id, ok.size, verifier_for(image_id, ok.digest, tree))
     limiter = SlotLimiter(layout.locks_dir, cfg.fetch_concurrency)
     dir_fd = safeopen.open_dir(layout.base_dir)
+    # A download peers may read as it lands: ended once the base is installed (a reader
+    # arriving in between finds the live entry, after it the base).
+    live: LiveFetch | None = None
+    installed_ok = False
     try:
         with limiter.hold(deadline=budget.deadline):
             record = md.PartMeta(
@@ -118,14 +128,26 @@ def fetch_base(
             )
             sink = claim_part(dir_fd, paths, record, inspector_factory)
             try:
-                done = fetch(
-                    lambda offset, pool: client.open_download(
-                        image_id, offset=offset, buffers=pool
-                    ),
-                    sink,
-                    want,
-                    budget,
+                open_stream: OpenStream = lambda offset, pool: client.open_download(  # noqa: E731
+                    image_id, offset=offset, buffers=pool
                 )
+                into: Sink = sink
+                if peering is not None and tree is not None:
+                    from cowfleet.cache.live import TrackingSink
+                    from cowfleet.digest import tree_and_digest
+                    from cowfleet.fetch.sources import OriginSource, Sources
+
+                    chain = peering.sources(image_id, peers, OriginSource(open_stream))
+                    open_stream = Sources(
+                        chain, tree, image_id, on_corrupt=peering.corrupt(image_id)
+                    )
+                    if len(chain) > 1:  # bytes from peers: the digest runs too
+                        want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
+                    live = peering.live.begin(image_id, ok.size, sink.fd)
+                    into = TrackingSink(sink, live)
+                elif peers:
+                    log.info("image %s: no hash tree to check peers' pieces; origin only", image_id)
+                done = fetch(open_stream, into, want, budget)
             finally:
                 sink.close()
         assert done.inspection is not None
@@ -149,6 +171,7 @@ def fetch_base(
             source=cfg.endpoint,
             now=now(),
         )
+        installed_ok = True
     except (BackendUnavailableError, TimeoutError_):
         # Transport trouble: keep the .part and its record for a later resume.
         raise
@@ -160,6 +183,9 @@ def fetch_base(
             log.warning("image %s: fetch refused: %s", image_id, exc)
         raise
     finally:
+        if live is not None:
+            assert peering is not None
+            peering.live.end(live, installed_ok)
         os.close(dir_fd)
     log.info(
         "image %s: cached %s (%d bytes, %d attempts, resumed from %d, verified with %s)",

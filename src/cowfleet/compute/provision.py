@@ -23,7 +23,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -285,8 +285,12 @@ class Provisioner:
         start: bool = True,
         uuid: str | None = None,
         spec: dict[str, Any] | None = None,
+        sources: Sequence[Any] = (),
     ) -> inst.InstanceRecord:
         """Validate, cache, build the folder, define (and start) the domain.
+
+        ``sources``: peers (:class:`cowfleet.fetch.sources.Peer`) to fetch the root
+        image from before the origin, as the controller assigned them.
 
         ``uuid``: the instance's UUID when the caller chose it (a controller's build
         request); a new one otherwise. ``spec``: the controller's build spec, kept in
@@ -297,7 +301,11 @@ class Provisioner:
         # is in place (see cowfleet.cache.pins).
         with self.pin_bases(plan):
             started = self.monotonic()
-            root = self.cache.ensure_cached(plan.image.id)
+            root = (
+                self.cache.ensure_cached(plan.image.id, sources=sources)  # type: ignore[call-arg]
+                if sources
+                else self.cache.ensure_cached(plan.image.id)
+            )
             self._check_root_size(plan.flavor, plan.image.id, root.virtual_size)
             kernel = self.cache.ensure_cached(plan.kernel.id) if plan.kernel else None
             ramdisk = self.cache.ensure_cached(plan.ramdisk.id) if plan.ramdisk else None

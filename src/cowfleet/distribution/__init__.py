@@ -1,1 +1,1 @@
-"""Fleet image distribution: choosing each fetching node's sources (see assign.py)."""
+"""Getting an image to many nodes: which node fetches from which (:mod:`.assign`)."""

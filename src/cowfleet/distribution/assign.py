@@ -1,28 +1,143 @@
-"""Source assignment for nodes fetching an image (stub: every node fetches from the origin).
+"""Which source each node fetching an image takes: a tree of bounded fan-out (sans-I/O).
 
-The real module comes from the i16-peers branch; this stub has its interface.
+:func:`assign_sources` is pure and deterministic: the same arguments give the same plan.
+Every node already holding the image (a :class:`Holder`; ``complete`` when it is cached
+and verified, else it is fetching it now and serves what has landed) and every fetcher
+once it is assigned can feed others. The fetchers are placed in the order given (the
+order in which they started, for the API); each takes as its *parent* the feeding node
+with a free slot that is best, in this order:
+
+1. a complete holder (it serves at full speed);
+2. a node still fetching, the closest to the origin first (fewest hops), so the tree
+   stays shallow and each hop adds only a leaf's worth of lag ("streaming through");
+3. fewer children so far; then a hash of the image id and the host, which spreads the
+   load of different images over different holders, yet stays deterministic.
+
+Each feeding node has ``fanout`` slots: it feeds at most ``fanout`` fetchers. The origin
+(the image service) has one slot, used only when nothing else can feed the first
+fetcher: with streaming through, one copy from the origin feeds the whole fleet. As each
+assigned fetcher brings ``fanout`` slots of its own, a parent is always found.
+
+A plan lists the parent first, then up to :data:`BACKUPS` fallbacks (other complete
+holders, then the parent's own ancestors: never a node placed after the fetcher, so a
+fallback is never a node that is itself waiting on this one). The origin is not named:
+it is always the last resort, after every peer. A fetcher that is a complete holder
+already gets an empty plan.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+BACKUPS = 2
 
 
 @dataclass(frozen=True)
 class Holder:
-    host: str  # node hostname
-    url: str  # the node agent's base URL (as registered)
-    complete: bool  # True: cached and verified; False: fetching now
+    host: str
+    url: str
+    complete: bool  # complete: cached+verified; False: fetching now
 
 
 @dataclass(frozen=True)
 class SourcePlan:
     host: str
-    peers: tuple[str, ...]  # peer hostnames to try in order; the origin is always the last resort
+    peers: tuple[str, ...]  # peer hostnames in order; the origin is always the last resort
+
+
+@dataclass
+class _Feeder:
+    host: str
+    complete: bool
+    depth: int  # hops from the origin (complete holders: 0)
+    order: int  # when it joined (holders first, then fetchers as placed)
+    parent: str | None
+    children: int = 0
+
+
+def _spread(image_id: str, host: str) -> bytes:
+    return hashlib.sha256(f"{image_id}\0{host}".encode()).digest()
+
+
+def _key(image_id: str, f: _Feeder) -> tuple[bool, int, int, bytes]:
+    return (not f.complete, f.depth, f.children, _spread(image_id, f.host))
 
 
 def assign_sources(
     image_id: str, fetchers: Sequence[str], holders: Sequence[Holder], *, fanout: int
 ) -> dict[str, SourcePlan]:
-    return {h: SourcePlan(h, ()) for h in fetchers}  # stub: origin only
+    """The plan of each fetcher (see the module doc). ``fanout`` must be at least 1."""
+    if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 1:
+        raise ValueError(f"fanout must be a whole number >= 1, not {fanout!r}")
+    feeders: dict[str, _Feeder] = {}
+    for h in holders:
+        old = feeders.get(h.host)
+        if old is not None and (old.complete or not h.complete):
+            continue  # a host listed twice: complete wins
+        feeders[h.host] = _Feeder(h.host, h.complete, 0 if h.complete else 1, len(feeders), None)
+    complete = sorted(
+        (f for f in feeders.values() if f.complete), key=lambda f: _spread(image_id, f.host)
+    )
+    # Feeders with a free slot, best first; an entry whose key is stale is skipped.
+    heap = [(_key(image_id, f), f.order, f.host) for f in feeders.values()]
+    heapq.heapify(heap)
+    plans: dict[str, SourcePlan] = {}
+    for host in fetchers:
+        if host in plans:
+            continue
+        me = feeders.get(host)
+        if me is not None and me.complete:
+            plans[host] = SourcePlan(host, ())
+            continue
+        parent: _Feeder | None = None
+        skipped = []
+        while heap:
+            key, order, name = heapq.heappop(heap)
+            f = feeders[name]
+            if key != _key(image_id, f) or f.children >= fanout:
+                continue  # stale, or full
+            if name == host or (me is not None and order > me.order):
+                skipped.append((key, order, name))  # not for this fetcher: keep it
+                continue
+            parent = f
+            break
+        for item in skipped:
+            heapq.heappush(heap, item)
+        if parent is not None:
+            parent.children += 1
+            if parent.children < fanout:
+                heapq.heappush(heap, (_key(image_id, parent), parent.order, parent.host))
+            depth = parent.depth + 1
+        else:
+            depth = 1  # no peer can feed it: the origin does (the first fetcher only)
+        up = parent.host if parent is not None else None
+        if me is None:
+            me = feeders[host] = _Feeder(host, False, depth, len(feeders), up)
+        else:  # already fetching (in-progress holder): keep its place, note its parent
+            me.depth, me.parent = depth, up
+        heapq.heappush(heap, (_key(image_id, me), me.order, me.host))
+        plans[host] = SourcePlan(host, _chain(host, parent, feeders, complete))
+    return plans
+
+
+def _chain(
+    host: str, parent: _Feeder | None, feeders: dict[str, _Feeder], complete: list[_Feeder]
+) -> tuple[str, ...]:
+    """The parent, then up to BACKUPS fallbacks (complete holders, then ancestors)."""
+    if parent is None:
+        return ()
+    out = [parent.host]
+    for f in complete:
+        if len(out) > BACKUPS:
+            break
+        if f.host not in (host, parent.host):
+            out.append(f.host)
+    up = parent.parent
+    while up is not None and len(out) < 1 + BACKUPS:
+        if up not in out and up != host:
+            out.append(up)
+        up = feeders[up].parent
+    return tuple(out[: 1 + BACKUPS])

@@ -119,6 +119,11 @@ class ShortRead(BackendUnavailableError):
     """The body ended before the declared size (retried by resuming)."""
 
 
+class SourceSwitch(BackendUnavailableError):
+    """The source failed and another takes over at the same offset, at once (no backoff):
+    raised by a several-source :data:`OpenStream` (:mod:`cowfleet.fetch.sources`)."""
+
+
 _END = object()
 
 
@@ -388,6 +393,9 @@ def fetch(
                     raise
                 except TRANSIENT as exc:
                     run.writer.flush()  # what arrived before the failure is kept
+                    if isinstance(exc, SourceSwitch):
+                        log.warning("image %s: %s; resuming at byte %d", iid, exc, run.offset)
+                        continue
                     try:
                         budget.failed(exc, progressed=run.offset > start, what=what)
                     except ShortRead as short:

@@ -125,10 +125,12 @@ def create_app(
     *,
     metrics: NodeMetrics | None = None,
     metrics_open: bool = False,
+    peer_routes: Callable[[FastAPI], None] | None = None,
 ) -> FastAPI:
     """The node API over ``builds``; ``status`` gives the heartbeat body.
 
-    ``metrics``: served on ``/metrics`` (without the node token when ``metrics_open``).
+    ``metrics``: served on ``/metrics`` (without the node token when ``metrics_open``);
+    ``peer_routes`` adds the routes other nodes fetch bases from (:mod:`cowfleet.node.peers`).
     """
     if not token:
         raise UsageError("the node token is empty")
@@ -237,5 +239,7 @@ def create_app(
             authorised=lambda given: hmac.compare_digest(given.encode(), expected),
             http=metrics.http,
         )
+    if peer_routes is not None:
+        peer_routes(app)
     app.add_middleware(RequestIdMiddleware)
     return app

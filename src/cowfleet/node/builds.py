@@ -139,6 +139,15 @@ class Builds:
             raise NotFoundError(f"server {uuid} is not on this node", server=uuid)
         return view
 
+    def building(self, image_id: str) -> bool:
+        """Whether a build of ``image_id`` is queued or running here (peers asking for the
+        image wait for its download to start)."""
+        with self._lock:
+            return any(
+                t.spec is not None and t.spec.image_id == image_id and t.view.state == BUILDING
+                for t in self._tasks.values()
+            )
+
     def _exists(self, uuid: str) -> bool:
         path = self.instances_path
         if (path / uuid).is_dir() or (path / f".{uuid}.tmp").is_dir():
@@ -207,6 +216,7 @@ class Builds:
                 uuid=uuid,
                 spec=spec.to_dict(),
                 start=True,
+                **({"sources": spec.sources} if spec.sources else {}),
             )
         except CowfleetError as exc:
             fault = one_line(str(exc))

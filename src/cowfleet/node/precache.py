@@ -179,7 +179,10 @@ class Precacher:
     def _fetch(self, req: PrecacheRequest) -> Any:
         ensure = self.cache.ensure_cached
         if req.sources and _accepts_sources(ensure):
-            return ensure(req.image_id, sources=[s.__dict__ for s in req.sources])  # type: ignore[call-arg]
+            from cowfleet.fetch.sources import Peer
+
+            peers = tuple(Peer(s.host, s.url) for s in req.sources)
+            return ensure(req.image_id, sources=peers)  # type: ignore[call-arg]
         return ensure(req.image_id)
 
     def _run(self, job: Job) -> None:

@@ -114,7 +114,15 @@ class NodeService:
         self.arch = inventory.host_arch()
         self.metrics = NodeMetrics(cfg.instances_path)
         self.images = ImageClient(s.image_url, self.token)
-        self.cache = ImageCache(cfg, self.images, metrics=self.metrics)
+        from cowfleet.cache.peering import Peering
+
+        self.peering = Peering(
+            self.token,
+            stall=cfg.node_peer_stall_timeout,
+            report=self._report_peer,
+            host=s.hostname,
+        )
+        self.cache = ImageCache(cfg, self.images, peering=self.peering, metrics=self.metrics)
         self.driver = make_driver(cfg.driver, cfg)
 
         def drivers(name: str) -> Any:
@@ -156,6 +164,12 @@ class NodeService:
         )
         self.stop = threading.Event()
         self._last_instances: list[dict[str, Any]] = []
+
+    def _report_peer(self, peer: str, image_id: str, reason: str) -> None:
+        try:
+            self.controller.peer_report(peer, image_id, reason)
+        except CowfleetError as exc:  # logged; this node does not ask that peer again anyway
+            log.warning("cannot report peer %s to the API: %s", peer, exc)
 
     def status(self) -> dict[str, Any]:
         """The heartbeat body (also ``GET /v1/status``)."""
@@ -213,6 +227,18 @@ class NodeService:
         from cowfleet.node.app import create_app
 
         s = self.settings
+        from cowfleet.cache.layout import Layout
+        from cowfleet.node.peers import add_peer_routes
+
+        def peer_routes(app: Any) -> None:
+            add_peer_routes(
+                app,
+                Layout(self.cfg.instances_path),
+                self.peering.live,
+                wait=self.cfg.node_peer_stall_timeout,
+                expecting=self.builds.building,
+            )
+
         app = create_app(
             self.builds,
             self.status,
@@ -221,6 +247,7 @@ class NodeService:
             self.snapshots,
             metrics=self.metrics,
             metrics_open=metrics_open(s.host, self.cfg.metrics_public),
+            peer_routes=peer_routes,
         )
         config = uvicorn.Config(
             app,
@@ -272,6 +299,7 @@ class NodeService:
         self.events.close()
         self.controller.close()
         self.provisioner.close()
+        self.peering.close()
         self.manager.close()
         self.driver.close()
         self.images.close()

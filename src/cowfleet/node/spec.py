@@ -7,12 +7,13 @@ every answer, event and heartbeat entry is an :class:`InstanceView`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cowfleet.compute.flavors import Flavor
 from cowfleet.compute.instance import is_uuid
 from cowfleet.errors import ValidationError
+from cowfleet.fetch.sources import Peer, parse_sources
 
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 MAX_NAME = 255
@@ -68,6 +69,9 @@ class BuildSpec:
     project_id: str | None
     image_id: str
     flavor: Flavor
+    # Peers to fetch the image from before the origin (the controller's choice of the
+    # moment: not part of what the build is, so a retry with others is the same build).
+    sources: tuple[Peer, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_json(cls, data: Any, uuid: str | None = None) -> BuildSpec:
@@ -98,6 +102,7 @@ class BuildSpec:
             project_id=_text(data, "project_id", required=False),
             image_id=str(image_id),
             flavor=flavor,
+            sources=parse_sources(data.get("sources")),
         )
 
     def to_dict(self) -> dict[str, Any]:
