@@ -170,6 +170,8 @@ class Config:
     node_disk_gb: int = default("node_disk_gb")
     node_build_workers: int = default("node_build_workers")
     snapshot_format: str = default("snapshot_format")
+    snapshot_compression: str = default("snapshot_compression")
+    snapshot_compress_workers: int = default("snapshot_compress_workers")
     node_peer_stall_timeout: float = default("node_peer_stall_timeout")
     # compute
     driver: str = default("driver")

@@ -340,6 +340,12 @@ SETTING_ROWS: tuple[Setting, ...] = (
     _row("snapshot_format", str, "qcow2", "node.snapshot_format",
          "disk format of the images `createImage` makes (qcow2: allocated data only)",
          choices=("qcow2", "raw")),
+    _row("snapshot_compression", str, "none", "node.snapshot_compression",
+         "compression of qcow2 snapshots (`zlib`: deflated clusters, spooled beside the disk "
+         "first; qcow2 format only)", choices=("none", "zlib")),
+    _row("snapshot_compress_workers", int, 0, "node.snapshot_compress_workers",
+         "threads that deflate a snapshot's clusters (`0`: the CPUs the agent may use)",
+         unit="threads", metavar="N", at_least=0, at_most=256),
     _row("node_peer_stall_timeout", float, 10.0, "node.peer_stall_timeout",
          "a peer that sends no byte for this long is given up (the next source resumes at "
          "the same offset); also how long a peer serving its own download waits for a byte "

@@ -181,6 +181,9 @@ class _Layers:
         return i
 
 
+Layers = _Layers  # public name: compute.compress reads the chain the same way
+
+
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):

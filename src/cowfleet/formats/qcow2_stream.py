@@ -15,7 +15,22 @@ byte (a chain's allocation map), every table can be laid out up front::
 first data cluster; the caller then sends the data clusters in
 :attr:`StreamLayout.runs` order. The file is exactly :attr:`StreamLayout.file_size`
 bytes, so the upload's ``Content-Length`` is known at once. No backing file, no
-compression, no snapshots: ``qemu-img check`` finds neither errors nor leaks.
+snapshots: ``qemu-img check`` finds neither errors nor leaks.
+
+Compressed clusters (``stored`` given to :func:`plan`): every data cluster's stored
+length is known beforehand (the caller compressed them into a spool). A length below
+the cluster size is a compressed cluster (raw deflate); the data area is then::
+
+    compressed payloads   packed back to back in guest order, from data_offset
+    (zeros to the next cluster boundary)
+    plain clusters        the ones compression did not shrink, cluster aligned
+
+Their L2 entries are compressed-cluster descriptors (bit 62, no COPIED flag): the byte
+offset and the number of 512-byte sectors after the first that the payload touches;
+a host cluster of the packed area counts one reference per payload whose sectors
+touch it (two payloads may share a sector, and a payload may run into the next
+cluster). The layout cannot be known before the payloads' lengths are: this is why a
+compressed stream needs the spool while the plain one does not.
 """
 
 from __future__ import annotations
@@ -32,6 +47,9 @@ VERSION = 3
 HEADER_LENGTH = 112
 REFCOUNT_ORDER = 4  # 16-bit refcounts
 OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+SECTOR = 512
+MAX_REFCOUNT = (1 << (1 << REFCOUNT_ORDER)) - 1
 DEFAULT_CLUSTER_SIZE = 65536
 MAX_L1_BYTES = 32 * 1024 * 1024
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024
@@ -65,6 +83,18 @@ class StreamLayout:
     l2_offset: int
     data_offset: int
     total_clusters: int
+    # compressed layouts only (stored lengths given to plan): per data cluster in
+    # guest order, its payload length (cluster_size: stored plain)
+    stored: tuple[int, ...] | None = None
+    compressed_bytes: int = 0  # the packed payloads
+    compressed_clusters: int = 0  # host clusters the packed area takes
+    compressed_refcounts: tuple[int, ...] = ()  # of each of those host clusters
+    plain_clusters: int = 0  # data clusters stored uncompressed (all of them if stored is None)
+
+    @property
+    def plain_offset(self) -> int:
+        """Where the first plain data cluster lies (after the packed payloads)."""
+        return self.data_offset + self.compressed_clusters * self.cluster_size
 
     @property
     def file_size(self) -> int:
@@ -91,10 +121,35 @@ def clusters_of(extents: Sequence[tuple[int, int]], cluster_size: int) -> tuple[
     return tuple((a, n) for a, n in runs)
 
 
+def _packed(stored: Sequence[int], cs: int) -> tuple[int, int, tuple[int, ...]]:
+    """Bytes, host clusters and per-cluster refcounts of the packed compressed payloads."""
+    counts: list[int] = []
+    pos = 0
+    for n in stored:
+        if n >= cs:
+            continue
+        first = (pos - pos % SECTOR) // cs
+        last = ((pos + n - 1) | (SECTOR - 1)) // cs
+        if last >= len(counts):
+            counts.extend([0] * (last + 1 - len(counts)))
+        for k in range(first, last + 1):
+            counts[k] += 1
+        pos += n
+    if counts and max(counts) > MAX_REFCOUNT:
+        raise ValidationError("too many compressed clusters share one host cluster")
+    return pos, _ceil_div(pos, cs), tuple(counts)
+
+
 def plan(
-    virtual_size: int, runs: Sequence[Run], cluster_size: int = DEFAULT_CLUSTER_SIZE
+    virtual_size: int,
+    runs: Sequence[Run],
+    cluster_size: int = DEFAULT_CLUSTER_SIZE,
+    stored: Sequence[int] | None = None,
 ) -> StreamLayout:
-    """The layout of a qcow2 of ``virtual_size`` holding the guest clusters in ``runs``."""
+    """The layout of a qcow2 of ``virtual_size`` holding the guest clusters in ``runs``.
+
+    ``stored``: the length each data cluster takes in the file, in guest order
+    (below ``cluster_size``: a compressed payload; ``cluster_size``: stored plain)."""
     bits = cluster_size.bit_length() - 1
     if cluster_size <= 0 or cluster_size & (cluster_size - 1) or not 9 <= bits <= 21:
         raise UsageError(f"cluster size {cluster_size} is not a power of two in 512..2097152")
@@ -119,11 +174,23 @@ def plan(
         l2_set.update(range(a // l2_entries, (a + n - 1) // l2_entries + 1))
     l2_indexes = tuple(sorted(l2_set))
     data = sum(n for _, n in runs)
+    packed_bytes, packed = 0, 0
+    counts: tuple[int, ...] = ()
+    plain = data
+    if stored is not None:
+        stored = tuple(int(n) for n in stored)
+        if len(stored) != data:
+            raise ValidationError(f"{len(stored)} stored lengths for {data} data clusters")
+        if any(not 0 < n <= cluster_size for n in stored):
+            raise ValidationError(f"a stored length is not in 1..{cluster_size}")
+        packed_bytes, packed, counts = _packed(stored, cluster_size)
+        plain = sum(1 for n in stored if n == cluster_size)
+    data_host = packed + plain  # host clusters of the data area
     per_block = cluster_size * 8 // (1 << REFCOUNT_ORDER)
     per_table_cluster = cluster_size // 8
     rt, rb = 1, 1
     while True:
-        total = 1 + rt + rb + l1_clusters + len(l2_indexes) + data
+        total = 1 + rt + rb + l1_clusters + len(l2_indexes) + data_host
         need_rb = _ceil_div(total, per_block)
         need_rt = _ceil_div(need_rb, per_table_cluster)
         if need_rb <= rb and need_rt <= rt:
@@ -136,6 +203,8 @@ def plan(
     l1_off = rb_off + rb * cluster_size
     l2_off = l1_off + l1_clusters * cluster_size
     data_off = l2_off + len(l2_indexes) * cluster_size
+    if stored is not None and data_off + packed_bytes > 1 << (62 - (bits - 8)):
+        raise ValidationError("compressed clusters would lie past the descriptor's offset range")
     return StreamLayout(
         cluster_size=cluster_size,
         virtual_size=virtual_size,
@@ -151,7 +220,12 @@ def plan(
         l2_indexes=l2_indexes,
         l2_offset=l2_off,
         data_offset=data_off,
-        total_clusters=1 + rt + rb + l1_clusters + len(l2_indexes) + data,
+        total_clusters=1 + rt + rb + l1_clusters + len(l2_indexes) + data_host,
+        stored=stored,
+        compressed_bytes=packed_bytes,
+        compressed_clusters=packed,
+        compressed_refcounts=counts,
+        plain_clusters=plain,
     )
 
 
@@ -177,7 +251,7 @@ def header(layout: StreamLayout) -> bytes:
         0,  # autoclear features
         REFCOUNT_ORDER,
         HEADER_LENGTH,
-        0,  # zlib (unused: nothing is compressed)
+        0,  # compression type 0: zlib (raw deflate)
     )
     return head + bytes(8) + bytes(cs - len(head) - 8)
 
@@ -185,23 +259,53 @@ def header(layout: StreamLayout) -> bytes:
 def _refcount_blocks(layout: StreamLayout) -> Iterator[bytes]:
     cs = layout.cluster_size
     per_block = cs * 8 // (1 << REFCOUNT_ORDER)
-    one = struct.pack(">H", 1)
-    left = layout.total_clusters
-    for _ in range(layout.refcount_block_clusters):
-        n = min(left, per_block)
-        left -= n
-        yield one * n + bytes((per_block - n) * 2)
+    if not layout.compressed_refcounts:
+        one = struct.pack(">H", 1)
+        left = layout.total_clusters
+        for _ in range(layout.refcount_block_clusters):
+            n = min(left, per_block)
+            left -= n
+            yield one * n + bytes((per_block - n) * 2)
+        return
+    first_packed = layout.data_offset // cs
+    counts = [1] * first_packed
+    counts += layout.compressed_refcounts
+    counts += [1] * layout.plain_clusters
+    counts += [0] * (layout.refcount_block_clusters * per_block - len(counts))
+    for b in range(layout.refcount_block_clusters):
+        yield struct.pack(f">{per_block}H", *counts[b * per_block : (b + 1) * per_block])
+
+
+def compressed_entry(offset: int, length: int, cluster_size: int) -> int:
+    """The L2 entry of a compressed payload of ``length`` bytes at file ``offset``."""
+    x = 62 - (cluster_size.bit_length() - 1 - 8)
+    extra = (offset + length - 1) // SECTOR - offset // SECTOR
+    return OFLAG_COMPRESSED | extra << x | offset
+
+
+def _data_entries(layout: StreamLayout) -> Iterator[int]:
+    """The L2 entry of every data cluster, in guest order."""
+    cs = layout.cluster_size
+    if layout.stored is None:
+        for rank in range(layout.data_clusters):
+            yield (layout.data_offset + rank * cs) | OFLAG_COPIED
+        return
+    packed = layout.data_offset
+    plain = layout.plain_offset
+    for n in layout.stored:
+        if n == cs:
+            yield plain | OFLAG_COPIED
+            plain += cs
+        else:
+            yield compressed_entry(packed, n, cs)
+            packed += n
 
 
 def _l2_tables(layout: StreamLayout) -> Iterator[bytes]:
     cs = layout.cluster_size
     l2_entries = cs // 8
     starts = [a for a, _ in layout.runs]
-    ranks: list[int] = []  # data clusters before each run
-    rank = 0
-    for _, n in layout.runs:
-        ranks.append(rank)
-        rank += n
+    entries = _data_entries(layout)  # consumed in guest order, as the tables are
     for l1_index in layout.l2_indexes:
         table = bytearray(cs)
         first = l1_index * l2_entries
@@ -211,8 +315,7 @@ def _l2_tables(layout: StreamLayout) -> Iterator[bytes]:
             a, n = layout.runs[i]
             lo, hi = max(a, first), min(a + n, end)
             for c in range(lo, hi):
-                off = layout.data_offset + (ranks[i] + c - a) * cs
-                struct.pack_into(">Q", table, (c - first) * 8, off | OFLAG_COPIED)
+                struct.pack_into(">Q", table, (c - first) * 8, next(entries))
             i += 1
         yield bytes(table)
 

@@ -153,6 +153,8 @@ class NodeService:
             self.driver,
             lambda token: ImageClient(s.image_url, token),
             fmt=cfg.snapshot_format,
+            compression=cfg.snapshot_compression,
+            compress_workers=cfg.snapshot_compress_workers,
             can_start=self.builds.check_idle,
         )
         self.snapshots.recover()

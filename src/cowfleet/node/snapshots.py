@@ -10,14 +10,16 @@ One job per instance at a time, in its own thread:
    stop changing; a stopped guest (or the ``none`` driver) needs nothing;
 3. the chain ``disk`` -> base is flattened and streamed to the image service
    (:mod:`cowfleet.compute.flatten`; no temporary copy), with the caller's token: the
-   image is the caller's project's, and the service inspects it like any upload;
+   image is the caller's project's, and the service inspects it like any upload; with
+   ``snapshot_compression = zlib`` the data clusters are first deflated into a spool
+   ``disk.spool`` (:mod:`cowfleet.compute.compress`), removed when the job ends;
 4. a running guest's writes in ``disk.snap`` are committed back into ``disk`` and the
    guest pivots to it (``commit_back``); ``disk.snap`` and the marker are removed.
 
 Any failure (the image service full, the upload refused, the instance deleted)
 deletes the image and still does step 4: the instance is left as it was.
 :meth:`Snapshots.recover` runs at agent start: for every marker left by a dead agent
-it deletes the image and merges or removes the temporary overlay.
+it deletes the image, merges or removes the temporary overlay and removes the spool.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from cowfleet.compute import flatten
+from cowfleet.compute import compress, flatten
 from cowfleet.compute.instance import is_uuid
 from cowfleet.errors import ConflictError, CowfleetError, NotFoundError, ValidationError
 from cowfleet.images.put_stream import prefetched, put_stream
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MARKER = ".snapshot.json"
 OVERLAY = "disk.snap"
+SPOOL = "disk.spool"
 ROOT = "disk"
 ROOT_TARGET = "vda"
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -72,6 +75,7 @@ class SnapshotView:
     snapshot_ms: float = 0.0  # the disk-only external snapshot call
     pivot_ms: float = 0.0  # the block commit's pivot
     fault: str | None = None
+    compression: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,9 +92,19 @@ class Snapshots:
         can_start: Callable[[str], None] = lambda _uuid: None,
         clock: Callable[[], float] = time.monotonic,
         chain_map: Callable[[Path], flatten.ChainMap] = flatten.chain_map,
+        compression: str = "none",
+        compress_workers: int = 0,
     ) -> None:
         if fmt not in flatten.FORMATS:
             raise ValidationError(f"snapshot format {fmt!r}: use qcow2 or raw")
+        if compression not in compress.COMPRESSIONS:
+            raise ValidationError(f"snapshot compression {compression!r}: use none or zlib")
+        if compression != "none" and fmt != "qcow2":
+            raise ValidationError(
+                f"snapshot compression {compression!r} needs snapshot format qcow2, not {fmt!r}"
+            )
+        self.compression = compression
+        self.compress_workers = compress_workers
         self.instances_path = instances_path
         self.driver = driver
         self.images_for = images_for
@@ -121,7 +135,7 @@ class Snapshots:
             self.can_start(uuid)
             if (folder / MARKER).exists():
                 raise ConflictError(f"server {uuid} has an unfinished snapshot", server=uuid)
-            view = SnapshotView(uuid, image_id, RUNNING, self.fmt)
+            view = SnapshotView(uuid, image_id, RUNNING, self.fmt, compression=self.compression)
             self._jobs[uuid] = view
             thread = threading.Thread(
                 target=self._run, args=(view, token), name=f"snapshot-{uuid[:8]}", daemon=True
@@ -176,6 +190,7 @@ class Snapshots:
         fault: str | None = None
         live = False
         images = self.images_for(token)
+        flat: flatten.Flattened | compress.Compressed | None = None
         try:
             live = self._live(uuid)
             _write_marker(
@@ -184,13 +199,19 @@ class Snapshots:
             if live:
                 snap_s = self.driver.disk_snapshot(uuid, ROOT_TARGET, folder / OVERLAY)
             chain = self.chain_map(folder / ROOT)
-            flat = flatten.plan(chain, self.fmt)
             self._set(replace(view, live=live, allocated=chain.allocated))
+            if self.compression == "zlib":  # a first pass into the spool: see compute.compress
+                flat = compress.compress(
+                    chain, spool_path=folder / SPOOL, workers=self.compress_workers
+                )
+            else:
+                flat = flatten.plan(chain, self.fmt)
             images.update(image_id, {"disk_format": flat.format, "container_format": "bare"})
+            stream = flat.chunks(chain)
 
             def counted() -> Any:
                 nonlocal sent
-                for chunk in prefetched(iter(flat.chunks(chain))):
+                for chunk in prefetched(iter(stream)):
                     yield chunk
                     sent += len(chunk)
 
@@ -207,6 +228,9 @@ class Snapshots:
             log.warning("snapshot of %s into image %s failed: %s", uuid, image_id, fault)
             log.debug("snapshot %s: traceback", uuid, exc_info=True)
             _delete_image(images, image_id)
+        finally:
+            if isinstance(flat, compress.Compressed):
+                flat.close()
         try:
             if live:
                 pivot_s = self.driver.commit_back(uuid, ROOT_TARGET, folder / OVERLAY)
@@ -252,7 +276,8 @@ class Snapshots:
         for folder in folders:
             marker = folder / MARKER
             overlay = folder / OVERLAY
-            if not marker.exists() and not overlay.exists():
+            spool = folder / SPOOL
+            if not marker.exists() and not overlay.exists() and not spool.exists():
                 continue
             uuid = folder.name
             try:
@@ -270,6 +295,7 @@ class Snapshots:
                         recover(uuid, ROOT_TARGET, folder / ROOT, overlay)
                     else:
                         _remove(overlay)
+                _remove(spool)
                 _remove(marker)
                 cleaned.append(uuid)
                 log.warning(
