@@ -94,6 +94,7 @@ class Snapshots:
         chain_map: Callable[[Path], flatten.ChainMap] = flatten.chain_map,
         compression: str = "none",
         compress_workers: int = 0,
+        spool_memory: int = compress.SPOOL_IN_MEMORY,
     ) -> None:
         if fmt not in flatten.FORMATS:
             raise ValidationError(f"snapshot format {fmt!r}: use qcow2 or raw")
@@ -105,6 +106,7 @@ class Snapshots:
             )
         self.compression = compression
         self.compress_workers = compress_workers
+        self.spool_memory = spool_memory  # chains holding less data spool to memory
         self.instances_path = instances_path
         self.driver = driver
         self.images_for = images_for
@@ -202,7 +204,10 @@ class Snapshots:
             self._set(replace(view, live=live, allocated=chain.allocated))
             if self.compression == "zlib":  # a first pass into the spool: see compute.compress
                 flat = compress.compress(
-                    chain, spool_path=folder / SPOOL, workers=self.compress_workers
+                    chain,
+                    spool_path=folder / SPOOL,
+                    workers=self.compress_workers,
+                    memory_limit=self.spool_memory,
                 )
             else:
                 flat = flatten.plan(chain, self.fmt)
