@@ -1,10 +1,11 @@
 """createImage's node work vs. ``qemu-img convert -O qcow2`` + ``curl -T``, in one run.
 
     python3 bench/snapshot.py [--size-mib 1024] [--base-data-mib 256] [--written-mib 64]
-        [--libvirt URI]
+        [--base-content random|text|mixed] [--compress] [--libvirt URI]
 
 Builds an instance disk: a raw base of ``--size-mib`` holding ``--base-data-mib`` of
-random data in 4 MiB pieces spread over it, and a qcow2 overlay on it into which
+random data (``--base-content``: or text-like lines, or both in turn) in 4 MiB pieces
+spread over it, and a qcow2 overlay on it into which
 ``--written-mib`` were written (1 MiB writes spread over the disk). Starts a real
 ``cowfleet serve images`` (own temp data dir) and measures:
 
@@ -12,6 +13,8 @@ random data in 4 MiB pieces spread over it, and a qcow2 overlay on it into which
   uploaded as it is made (wall time, bytes uploaded);
 - baseline: ``qemu-img convert -O qcow2`` of the chain to a file, then ``curl -T`` of
   that file (wall time of both, bytes uploaded);
+- with ``--compress``: also ``snapshot_compression = zlib`` (:mod:`cowfleet.compute.compress`:
+  deflate into a spool, then stream) vs. ``qemu-img convert -c -O qcow2`` + ``curl -T``;
 - with ``--libvirt``: the test guest (``COWFLEET_TEST_GUEST_DIR``) runs on the disk, and
   the live flow is timed (disk-only external snapshot, stream, active commit + pivot):
   the guest's pause is the snapshot call plus the pivot; the domain's state is also
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -36,7 +40,7 @@ import urllib.request
 import uuid as uuidlib
 from pathlib import Path
 
-from cowfleet.compute import flatten
+from cowfleet.compute import compress, flatten
 from cowfleet.images.client import ImageClient
 from cowfleet.images.put_stream import prefetched, put_stream
 
@@ -57,15 +61,39 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def make_chain(work: Path, size_mib: int, base_mib: int, written_mib: int) -> Path:
+WORDS = b"the of and node disk image cluster qcow2 overlay base cache fleet snapshot".split()
+
+
+def text_piece(rng: random.Random, size: int) -> bytes:
+    """Log-like lines: numbers and words, compressible as real text is (about 4-6x)."""
+    lines = []
+    total = 0
+    while total < size:
+        line = b"%010d %s %s %s %08x\n" % (
+            total,
+            rng.choice(WORDS),
+            rng.choice(WORDS),
+            rng.choice(WORDS),
+            rng.getrandbits(32),
+        )
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)[:size]
+
+
+def make_chain(
+    work: Path, size_mib: int, base_mib: int, written_mib: int, content: str = "random"
+) -> Path:
     base = work / "base.raw"
+    rng = random.Random(17)
     with base.open("wb") as fh:
         fh.truncate(size_mib * MiB)
         pieces = max(1, base_mib // 4)
         step = size_mib * MiB // pieces
         for i in range(pieces):
             fh.seek(i * step)
-            fh.write(os.urandom(4 * MiB))
+            text = content == "text" or (content == "mixed" and i % 2 == 0)
+            fh.write(text_piece(rng, 4 * MiB) if text else os.urandom(4 * MiB))
     top = work / "disk"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
     step = size_mib * MiB // max(1, written_mib)
@@ -108,11 +136,34 @@ def ours(client: ImageClient, token: str, top: Path) -> tuple[float, int, int]:
     return wall, flat.size, chain.allocated
 
 
-def baseline(client: ImageClient, url: str, token: str, top: Path, work: Path) -> tuple[float, int]:
+def ours_compressed(
+    client: ImageClient, token: str, top: Path, work: Path
+) -> tuple[float, float, int]:
+    """Wall time, of which the spool pass, and bytes uploaded, with zlib compression."""
+    image = client.create(name="snapz", disk_format="qcow2", container_format="bare")
+    spool = work / "disk.spool"
+    t0 = time.monotonic()
+    chain = flatten.chain_map(top)
+    flat = compress.compress(chain, spool_path=spool)
+    t_spool = time.monotonic() - t0
+    try:
+        put_stream(client.endpoint, token, image.id, prefetched(iter(flat.chunks())), flat.size)
+    finally:
+        flat.close()
+    wall = time.monotonic() - t0
+    assert client.get(image.id).status == "active"
+    assert not spool.exists()
+    return wall, t_spool, flat.size
+
+
+def baseline(
+    client: ImageClient, url: str, token: str, top: Path, work: Path, compressed: bool = False
+) -> tuple[float, int]:
     image = client.create(name="baseline", disk_format="qcow2", container_format="bare")
     out = work / "converted.qcow2"
     t0 = time.monotonic()
-    run("qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(top), str(out))
+    c = ["-c"] if compressed else []
+    run("qemu-img", "convert", *c, "-f", "qcow2", "-O", "qcow2", str(top), str(out))
     code = subprocess.run(
         ["curl", "-s", "-S", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT",
          "-H", f"X-Auth-Token: {token}", "-H", "Content-Type: application/octet-stream",
@@ -191,12 +242,43 @@ def live(client: ImageClient, token: str, uri: str, top: Path) -> None:
         drv.close()
 
 
+def compressed(
+    client: ImageClient, url: str, token: str, top: Path, work: Path, rounds: int, allocated: int
+) -> None:
+    z_walls, zb_walls, spools = [], [], []
+    for _ in range(rounds):
+        zb_wall, zb_bytes = baseline(client, url, token, top, work, compressed=True)
+        z_wall, z_spool, z_bytes = ours_compressed(client, token, top, work)
+        zb_walls.append(zb_wall)
+        z_walls.append(z_wall)
+        spools.append(z_spool)
+    z_wall, zb_wall = min(z_walls), min(zb_walls)
+    print(
+        f"zlib     wall {z_wall:6.2f} s (best of {rounds}: "
+        f"{' '.join(f'{w:.2f}' for w in z_walls)}; spool pass "
+        f"{' '.join(f'{w:.2f}' for w in spools)}, {compress.workers_for(0)} threads)  "
+        f"bytes {z_bytes / MiB:8.1f} MiB ({z_bytes / allocated:.3f}x allocated)"
+    )
+    print(
+        f"baseline wall {zb_wall:6.2f} s (best of {rounds}: "
+        f"{' '.join(f'{w:.2f}' for w in zb_walls)})  bytes {zb_bytes / MiB:8.1f} MiB "
+        f"(convert -c -O qcow2 + curl -T)  wall ratio ours/baseline {z_wall / zb_wall:.2f}  "
+        f"bytes ratio {z_bytes / zb_bytes:.3f}"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--base-data-mib", type=int, default=256)
     ap.add_argument("--written-mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--base-content", choices=("random", "text", "mixed"), default="random")
+    ap.add_argument(
+        "--compress",
+        action="store_true",
+        help="also time snapshot_compression = zlib vs. qemu-img convert -c + curl",
+    )
     ap.add_argument("--libvirt", metavar="URI", help="also time the live flow on this libvirt")
     args = ap.parse_args()
     for prog in ("curl", "qemu-img", "qemu-io"):
@@ -207,7 +289,9 @@ def main() -> int:
     work.chmod(0o755)
     proc = None
     try:
-        top = make_chain(work, args.size_mib, args.base_data_mib, args.written_mib)
+        top = make_chain(
+            work, args.size_mib, args.base_data_mib, args.written_mib, args.base_content
+        )
         proc, url, token = start_service(work)
         print(f"before: {uptime()}; {os.cpu_count()} CPUs")
         with ImageClient(url, token) as client:
@@ -233,6 +317,8 @@ def main() -> int:
                 f"{' '.join(f'{w:.2f}' for w in b_walls)})  bytes {b_bytes / MiB:8.1f} MiB "
                 f"(convert -O qcow2 + curl -T)  wall ratio ours/baseline {o_wall / b_wall:.2f}"
             )
+            if args.compress:
+                compressed(client, url, token, top, work, args.rounds, allocated)
             if args.libvirt:
                 live(client, token, args.libvirt, top)
         print(f"after: {uptime()}")
