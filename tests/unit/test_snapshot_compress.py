@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cowfleet.compute import compress, flatten
-from cowfleet.errors import StorageFullError, ValidationError
+from cowfleet.errors import LocalIOError, StorageFullError, ValidationError
 from cowfleet.formats import qcow2_stream as qs
 from cowfleet.formats.qcow2 import parse_header
 from cowfleet.node import snapshots as snap
@@ -220,3 +220,25 @@ def test_recover_removes_a_left_over_spool(tmp_path: Path) -> None:
     assert s.recover() == [uuid]
     assert not (folder / snap.SPOOL).exists() and not (folder / snap.MARKER).exists()
     assert ("delete", "img-1") in images.calls and (folder / "disk").exists()
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_spool_reads_back_and_refuses_reads_once_closed(tmp_path: Path, on_disk: bool) -> None:
+    path = tmp_path / "disk.spool"
+    path.write_bytes(b"stale")  # a dead job's: replaced
+    spool = compress.Spool(path if on_disk else None)
+    spool.write(b"abc")
+    spool.write(b"defgh")
+    assert spool.read(2, 4) == b"cdef" and spool.size == 8
+    if on_disk:
+        assert path.stat().st_mode & 0o777 == 0o600 and path.stat().st_size == 8
+    spool.close()
+    spool.close()
+    assert path.exists() != on_disk
+    with pytest.raises(LocalIOError, match="closed"):
+        spool.read(0, 1)
+
+
+def test_workers_default_to_the_cpus() -> None:
+    assert compress.workers_for(3) == 3
+    assert compress.workers_for(0) == len(os.sched_getaffinity(0))
