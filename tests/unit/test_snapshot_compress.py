@@ -242,3 +242,18 @@ def test_spool_reads_back_and_refuses_reads_once_closed(tmp_path: Path, on_disk:
 def test_workers_default_to_the_cpus() -> None:
     assert compress.workers_for(3) == 3
     assert compress.workers_for(0) == len(os.sched_getaffinity(0))
+
+
+def test_a_full_disk_while_spooling_is_storage_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = compress.Spool(tmp_path / "disk.spool")
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compress.os, "write", full)
+    with pytest.raises(StorageFullError, match="compression spool"):
+        spool.write(b"x" * 100)
+    spool.close()
+    assert not (tmp_path / "disk.spool").exists()

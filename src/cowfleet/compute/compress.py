@@ -231,7 +231,7 @@ def _spool_clusters(
                 buf = bytearray(n * cs)
                 i = layers.fill(memoryview(buf), c * cs, chain.extents, i)
                 pending.append(pool.submit(_deflate_batch, buf, cs, level))
-                drain(2 * workers)  # bounded memory: a few batches per thread in flight
+                drain(workers + 1)  # bounded memory: about a batch per thread in flight
                 c += n
         drain(0)
     finally:
