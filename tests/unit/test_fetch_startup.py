@@ -3,11 +3,14 @@ bundle for a plain-HTTP image service, no buffers it does not use (issue 14)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,6 +19,7 @@ import pytest
 from cowfleet.fetch.buffers import BufferPool
 from cowfleet.images import client as client_mod
 from cowfleet.images.client import ImageClient
+from cowfleet.images.transport import DataTransport
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -149,3 +153,103 @@ def test_buffer_pool_still_bounds_memory() -> None:
     with pytest.raises(TimeoutError):
         pool.take(timeout=0.01)
     assert pool.allocated == 2
+
+
+# -- GETs through the project's transport, kept alive (no httpcore on the fetch path) ----
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    ports: list[int] = []  # client port of each request
+
+    def do_GET(self) -> None:
+        self.ports.append(self.client_address[1])
+        body = b"x" * (3 << 20) if self.path.endswith("/file") else b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def loopback() -> Iterator[tuple[str, list[int]]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    ports: list[int] = []
+    _Handler.ports = ports
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", ports
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_gets_read_to_the_end_reuse_one_connection(loopback: tuple[str, list[int]]) -> None:
+    url, ports = loopback
+    with httpx.Client(transport=DataTransport(), base_url=url) as c:
+        for _ in range(3):
+            assert c.get("/v2/images/x").json() == {"ok": True}
+    assert len(ports) == 3 and len(set(ports)) == 1
+
+
+def test_a_body_left_unread_closes_its_connection(loopback: tuple[str, list[int]]) -> None:
+    url, ports = loopback
+    with httpx.Client(transport=DataTransport(), base_url=url) as c:
+        with c.stream("GET", "/v2/images/x/file") as resp:
+            next(resp.iter_raw())  # one chunk of 3 MiB, then closed early
+        assert c.get("/v2/images/x").json() == {"ok": True}
+    assert len(ports) == 2 and ports[0] != ports[1]
+
+
+def test_an_image_client_that_only_reads_never_loads_httpcore(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from cowfleet.images.client import ImageClient
+        with ImageClient(sys.argv[1], "t") as c:
+            c.get("x")
+        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
+                                ("httpcore", "h11", "trio", "anyio"))))
+        """
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Record)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        out = subprocess.run(
+            [sys.executable, "-c", code, f"http://127.0.0.1:{server.server_address[1]}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=tmp_path,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert json.loads(out.stdout) == []
+
+
+class _Record(http.server.BaseHTTPRequestHandler):
+    """An image record, as ``GET /v2/images/{id}`` answers it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = json.dumps(
+            {"id": "x", "name": "x", "status": "active", "visibility": "private"}
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass

@@ -152,12 +152,16 @@ class ImageClient:
         # One TLS setup (httpx's: its CA bundle, SSL_CERT_FILE) for the API and the data plane.
         tls = _tls_context(endpoint)
         try:
-            self._http = self._new_http(endpoint, headers, tls, transport)
-            # Image bodies: the data-plane transport, unless the caller gave a transport
-            # (honoured for everything) or a proxy applies (httpx's own proxy support).
+            # GET requests (image records, trees, bodies) go through the project's
+            # transport, unless the caller gave a transport (honoured for everything) or
+            # a proxy applies (httpx's own proxy support); it hands other methods to
+            # httpx's transport, made on first use, so a fetch never loads httpcore.
+            api_transport = transport
             self.data_transport: httpx.BaseTransport | None = transport
             if transport is None and not _proxied(endpoint):
+                api_transport = DataTransport(ssl_context=tls)
                 self.data_transport = DataTransport(ssl_context=tls)
+            self._http = self._new_http(endpoint, headers, tls, api_transport)
             self._data = self._new_http(endpoint, headers, tls, self.data_transport)
         except (httpx.HTTPError, ValueError) as exc:
             raise UsageError(f"invalid image service URL {endpoint!r}: {exc}") from exc
