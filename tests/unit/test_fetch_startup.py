@@ -102,6 +102,9 @@ def test_cache_fetch_set_up_imports_no_server_stack_and_loads_no_ca_bundle(
     heavy += [m for m in got["modules"] if any(m.startswith(f + ".") for f in FORBIDDEN)]
     assert sorted(set(heavy)) == []
     assert "cowfleet.cli.cache" in got["modules"]  # the child did run the cache group
+    # GETs go through the project's transport: httpx's (httpcore, h11, trio) is not loaded
+    http_stack = {"httpcore", "h11", "trio", "anyio"}
+    assert [m for m in got["modules"] if m.split(".")[0] in http_stack] == []
     # A plain-HTTP image service: no TLS, so no CA bundle read at start-up.
     assert got["ca_loads"] == []
 
