@@ -22,7 +22,7 @@ import hmac
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cowfleet.errors import IntegrityError, LocalIOError
 from cowfleet.hashtree import Tree, TreeVerifier
@@ -48,6 +48,32 @@ class Verifier(Protocol):
 
 
 VerifierFactory = Callable[[], Verifier]
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A verifier whose pieces stand alone (the hash tree): bytes it checked in an
+    earlier run need not be read again. A whole-image digest is not one: its state
+    needs every byte from 0."""
+
+    @property
+    def key(self) -> str:
+        """What the bytes are checked against (equal keys: the same expected bytes)."""
+        ...
+
+    @property
+    def verified(self) -> int:
+        """Bytes from 0 checked so far (whole pieces)."""
+        ...
+
+    def whole(self, n: int) -> int:
+        """``n`` bytes cut down to whole pieces (``n`` itself at the image's end)."""
+        ...
+
+    def skip(self, upto: int) -> int:
+        """Before any update: take the bytes before ``upto``, cut down to a piece
+        boundary, as checked; returns where the stream continues."""
+        ...
 
 
 def new_hasher(algo: str) -> hashlib._Hash:
@@ -92,6 +118,23 @@ class TreeCheck:
 
     def __init__(self, tree: Tree, *, image_id: str) -> None:
         self._verifier = TreeVerifier.from_tree(tree, image_id=image_id)
+        # The root commits to the leaf size, the length and every leaf.
+        self.key = f"sha256 tree {tree.root}"
+
+    @property
+    def verified(self) -> int:
+        return self._verifier.verified
+
+    def whole(self, n: int) -> int:
+        tree = self._verifier.tree
+        n = max(0, min(n, tree.length))
+        return n if n == tree.length else n // tree.leaf_size * tree.leaf_size
+
+    def skip(self, upto: int) -> int:
+        leaf = self._verifier.tree.leaf_size
+        offset = max(0, min(upto, self._verifier.tree.length)) // leaf * leaf
+        self._verifier.resume_at(offset)
+        return offset
 
     def update(self, chunk: bytes | memoryview) -> None:
         self._verifier.update(chunk)

@@ -93,7 +93,9 @@ def test_process_holding_or_mapping_a_base_keeps_it_from_age_out(
     assert by_held.startswith(f"process {p_held.pid} python")
     assert by_mapped.startswith(f"process {p_mapped.pid} python")
     assert "in use by process" in got[held.name]["reason"]
-    table = _cowfleet(tmp_path, "cache", "clean", "--dry-run", "--min-age", "0", *common).stdout
+    table = _cowfleet(
+        tmp_path, "cache", "clean", "--dry-run", "--long", "--min-age", "0", *common
+    ).stdout
     assert f"process {p_held.pid}" in table and f"process {p_mapped.pid}" in table
 
     listing = json.loads(_cowfleet(tmp_path, "cache", "list", *common, "-o", "json").stdout)

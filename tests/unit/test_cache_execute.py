@@ -187,7 +187,8 @@ def test_cli_dry_run_touches_nothing_and_prints_exactly_the_plan(
 
     assert main(["cache", "clean", "--dry-run", "--min-age", str(DAY), "-o", "json", *common]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert main(["cache", "clean", "--dry-run", "--min-age", str(DAY), *common]) == 0
+    # --long: every reason whole, each row ending with its file name
+    assert main(["cache", "clean", "--dry-run", "--long", "--min-age", str(DAY), *common]) == 0
     table = capsys.readouterr().out
 
     assert _tree(node.tmp) == before  # no lock file, no time stamp, nothing moved

@@ -267,3 +267,50 @@ def test_cache_list_fits_120_columns_with_10_users_and_long_lists_them(
     [entry] = [e for e in json.loads(capsys.readouterr().out) if e["image_id"] == iid]
     assert len(entry["users"]) == 10 and len(entry["in_use_by"]) == 10
     assert {"format", "virtual_size", "name", "path"} <= set(entry)
+
+
+def test_a_table_cuts_several_columns_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    from cowfleet.cli.common import MIN_SHRUNK, print_table
+
+    rows = [("x" * 30, "n" * 40, "w" * 200)]
+    print_table(("A", "Name", "Why"), rows, shrink=(1, 2), width=100)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) == 100
+    _a, name, why = lines[2].split()
+    assert name == "n" * (MIN_SHRUNK - 3) + "..."  # the first named is cut to its floor first
+    assert why == "w" * (100 - 2 - 30 - MIN_SHRUNK - 6 - 3) + "..."
+    print_table(("A", "Name", "Why"), [("x", "n" * 40, "w" * 30)], shrink=(1, 2), width=100)
+    assert "n" * 40 in capsys.readouterr().out  # fits: nothing is cut
+
+
+def test_cache_clean_fits_120_columns_and_long_shows_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_name = "ubuntu-24.04-server-cloudimg-amd64-with-a-long-name"
+    inst, iid = _base_with_users(tmp_path, 10, long_name)
+    # an unused base too, whose reason is long (its age and the limit)
+    data = os.urandom(70_000)
+    client = FakeClient()
+    free_id = str(uuid.uuid4())
+    client.add(image_for(free_id, data, name="free-" + "x" * 60), data)
+    free = ImageCache(Config(home=tmp_path, instances_path=inst), client).ensure_cached(free_id)  # type: ignore[arg-type]
+    common = ["--home", str(tmp_path), "--instances-path", str(inst), "--min-age", "0"]
+
+    for dry in (["--dry-run"], []):
+        assert main(["cache", "clean", *dry, *common]) == 0
+        out = capsys.readouterr().out
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= 120, out
+        [used] = [line for line in lines if iid in line]
+        assert "kept" in used and "ubuntu-24" in used and "in use by 10" in used
+        if dry:
+            [gone] = [line for line in lines if free_id in line]
+            assert "would be removed" in gone and "free-xxx" in gone
+            assert main(["cache", "clean", "--long", *dry, *common]) == 0
+            long_out = capsys.readouterr().out
+            assert long_name in long_out and free.path.name in long_out
+            users = [f for f in inst.iterdir() if f.name not in ("_base", "locks")]
+            users = [f for f in users if not f.name.startswith(".")]
+            assert len(users) == 10
+            assert all(f"{f / 'disk'}" in long_out for f in users)
+    assert not free.path.exists()

@@ -188,12 +188,14 @@ def fetch_base(
             peering.live.end(live, installed_ok)
         os.close(dir_fd)
     log.info(
-        "image %s: cached %s (%d bytes, %d attempts, resumed from %d, verified with %s)",
+        "image %s: cached %s (%d bytes, %d attempts, resumed from %d (%d not re-read), "
+        "verified with %s)",
         image_id,
         paths.base,
         ok.size,
         done.attempts,
         done.resumed_from,
+        done.skipped,
         done.verified_with,
     )
     return FetchedBase(image, installed)

@@ -78,6 +78,10 @@ class PartMeta:
     source: str
     started_at: float
     schema: int = SCHEMA
+    # The first ``checked`` bytes of the .part passed the verifier ``checked_by`` (a
+    # hash tree) and were fsynced before this record was written (see basesink).
+    checked_by: str | None = None
+    checked: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

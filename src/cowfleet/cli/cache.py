@@ -227,34 +227,41 @@ def cmd_clean(args: argparse.Namespace, cfg: Config) -> int:
     if args.output == "json":
         print_json(report)
         return 0
-    rows = [
-        (
-            d.image_id or "-",
-            d.image_name or "-",
-            d.kind,
-            _gib(d.allocated),
-            "; ".join(d.in_use_by) or "-",
-            _when(d.last_used),
-            _action(d.action, d.done, report.dry_run),
-            d.reason,
-            d.name,
+    if args.long:
+        rows = [
+            (
+                d.image_id or "-",
+                d.image_name or "-",
+                d.kind,
+                _gib(d.allocated),
+                "; ".join(d.in_use_by) or "-",
+                _when(d.last_used),
+                _action(d.action, d.done, report.dry_run),
+                d.reason,
+                d.name,
+            )
+            for d in report.decisions
+        ]
+        headers = ("Image ID", "Name", "Kind", "Allocated", "In use by", "Last used")
+        print_table((*headers, "Action", "Why", "File"), rows)
+    else:
+        # Fits TABLE_WIDTH: the reason already names the uses and the age; long names and
+        # reasons are cut (whole in --long and JSON).
+        print_table(
+            ("Image ID", "Name", "Kind", "Allocated", "Action", "Why"),
+            [
+                (
+                    d.image_id or "-",
+                    d.image_name or "-",
+                    d.kind,
+                    _gib(d.allocated),
+                    _action(d.action, d.done, report.dry_run),
+                    d.reason,
+                )
+                for d in report.decisions
+            ],
+            shrink=(1, 5),
         )
-        for d in report.decisions
-    ]
-    print_table(
-        (
-            "Image ID",
-            "Name",
-            "Kind",
-            "Allocated",
-            "In use by",
-            "Last used",
-            "Action",
-            "Why",
-            "File",
-        ),
-        rows,
-    )
     # Unreadable disks, broken chains and quarantines are also logged (stderr) by the pass.
     print(("dry run: " if report.dry_run else "") + report.summary())
     return 0
@@ -295,6 +302,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     cp.add_argument(
         "--dry-run", action="store_true", help="decide and report, change nothing (read-only)"
+    )
+    cp.add_argument(
+        "--long",
+        "-l",
+        action="store_true",
+        help="every column: each user, the last use, the whole reason, the file name "
+        "(wide; --output json has the same)",
     )
     cp.add_argument(
         "--min-age",

@@ -205,27 +205,31 @@ def print_table(
     headers: Sequence[str],
     rows: Iterable[Sequence[Any]],
     *,
-    shrink: int | None = None,
+    shrink: int | Sequence[int] | None = None,
     width: int = TABLE_WIDTH,
 ) -> None:
     """A plain table in the spirit of ``virsh list`` (stable, greppable, no colour).
 
-    ``shrink``: the index of a column (a name, say) whose cells are cut (ending ``...``)
-    so that the lines fit ``width``, if the other columns leave it room (never below
-    ``MIN_SHRUNK`` characters).
+    ``shrink``: the index of a column (a name, say), or several, whose cells are cut
+    (ending ``...``) so that the lines fit ``width``, if the other columns leave them
+    room (never below ``MIN_SHRUNK`` characters); several are cut in the order given.
     """
     cells = [["" if c is None else str(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
     for r in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
-    if shrink is not None:
-        total = 2 + sum(widths) + _GAP * (len(widths) - 1)  # the rule under the headers
-        room = max(len(headers[shrink]), MIN_SHRUNK, widths[shrink] - (total - width))
-        if widths[shrink] > room:
-            for r in cells:
-                if len(r[shrink]) > room:
-                    r[shrink] = r[shrink][: room - 3] + "..."
-            widths[shrink] = room
+    cut = [shrink] if isinstance(shrink, int) else list(shrink or ())
+    excess = 2 + sum(widths) + _GAP * (len(widths) - 1) - width  # the rule under the headers
+    floors = {i: max(len(headers[i]), MIN_SHRUNK) for i in cut}
+    for i in cut:  # in the order given: the first down to its floor before the next
+        take = min(excess, widths[i] - floors[i])
+        if take > 0:
+            widths[i] -= take
+            excess -= take
+    for i in cut:
+        for r in cells:
+            if len(r[i]) > widths[i]:
+                r[i] = r[i][: widths[i] - 3] + "..."
     line = " " + "   ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line.rstrip())
     print("-" * (sum(widths) + 3 * (len(widths) - 1) + 2))

@@ -20,18 +20,33 @@ class PoolClosed(Exception):
 
 
 class BufferPool:
-    """``count`` buffers of ``size`` bytes, taken and given back in any order."""
+    """Up to ``count`` buffers of ``size`` bytes, taken and given back in any order.
+
+    A buffer is allocated when first needed, not up front: zero-filling them all costs
+    milliseconds per MiB at the start of every attempt, and a small image or a fast
+    writer never needs them all.
+    """
 
     def __init__(self, count: int, size: int) -> None:
         self.size = size
-        self._free = [bytearray(size) for _ in range(count)]
-        self._all = tuple(self._free)
+        self.count = count
+        self._free: list[bytearray] = []
+        self._all: list[bytearray] = []  # every buffer allocated so far
         self._cond = threading.Condition()
         self._closed = False
+
+    @property
+    def allocated(self) -> int:
+        """Buffers allocated so far (at most ``count``)."""
+        return len(self._all)
 
     def take(self, timeout: float | None = None) -> bytearray:
         """A free buffer; waits for one (raises :class:`PoolClosed` once closed)."""
         with self._cond:
+            if not self._free and len(self._all) < self.count and not self._closed:
+                buf = bytearray(self.size)
+                self._all.append(buf)
+                return buf
             while not self._free:
                 if self._closed:
                     raise PoolClosed("the fetch stopped")
@@ -46,8 +61,10 @@ class BufferPool:
         else is ignored."""
         if isinstance(chunk, memoryview):
             buf = chunk.obj
-            if isinstance(buf, bytearray) and any(buf is b for b in self._all):
+            if isinstance(buf, bytearray):
                 with self._cond:
+                    if not any(buf is b for b in self._all):
+                        return
                     self._free.append(buf)
                     self._cond.notify()
 

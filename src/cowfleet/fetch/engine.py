@@ -9,6 +9,11 @@ peer's stream. The engine owns what they share:
   (``Range``); a sink that kept bytes from an earlier run is re-read first (re-hashed,
   re-inspected); an answer of the whole file to a ranged request starts over at 0;
   a digest mismatch after resuming an earlier run's bytes starts over once;
+- **checkpoints**: with a verifier that checks pieces on their own (the hash tree,
+  :class:`~cowfleet.digest.Resumable`), a fetch that stops with bytes kept asks the
+  sink to make them durable and record how many passed (:class:`Checkpoint`); the next
+  run re-reads only from there (the inspector gets just the regions it asks for below
+  it). A whole-image digest needs every byte again, so it never skips;
 - **retry** under one :class:`~cowfleet.fetch.retry.RetryPolicy` (per-stall retries,
   backoff with jitter, an overall deadline);
 - **verify** with a pluggable :class:`~cowfleet.digest.Verifier` (whole-image digest
@@ -34,26 +39,44 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from cowfleet.digest import Verifier, VerifierFactory
+from cowfleet.digest import Resumable, Verifier, VerifierFactory
 from cowfleet.errors import BackendUnavailableError, IntegrityError, RemoteError
 from cowfleet.fetch.buffers import BufferPool, PoolClosed
 from cowfleet.fetch.retry import TRANSIENT, Budget, DeadlinePassed
 from cowfleet.formats.inspection import Inspection
+from cowfleet.formats.probes import TAIL_SIZE
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 2 * 1024 * 1024
 POOL_BUFFERS = 12  # chunk buffers per attempt: bounds a fetch's memory (24 MiB)
 QUEUE_DEPTH = 4  # chunks waiting for the hasher, and for the writer
+_MAX_REGION_READS = 64  # reads of the inspector's regions below a checkpoint
 
 # (bytes done, total bytes or None)
 Progress = Callable[[int, int | None], None]
 
 
 class InspectorLike(Protocol):
+    @property
+    def position(self) -> int: ...
+
     def feed(self, chunk: bytes | memoryview) -> None: ...
 
+    def feed_at(self, offset: int, chunk: bytes | memoryview) -> None: ...
+
+    def next_needed(self) -> tuple[int, int] | None: ...
+
     def finish(self, total_size: int | None = None) -> Inspection: ...
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The first ``offset`` bytes a sink keeps passed the verifier named ``key`` (a
+    :attr:`~cowfleet.digest.Resumable.key`) and are durable."""
+
+    key: str
+    offset: int
 
 
 class StreamLike(Protocol):
@@ -84,12 +107,25 @@ class Sink(Protocol):
         """Up to ``size`` kept bytes from ``offset`` (to re-verify them)."""
         ...
 
+    def checkpoint(self) -> Checkpoint | None:
+        """What an earlier run recorded of its kept bytes (None: re-read them all)."""
+        ...
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """The fetch stops with bytes kept: make the first ``checkpoint.offset`` durable,
+        then record ``checkpoint`` for the next run (a sink may keep none)."""
+        ...
+
     def write(self, offset: int, chunk: bytes | memoryview) -> None:
         """Put ``chunk`` at ``offset`` (called in order, from one thread)."""
         ...
 
     def restart(self) -> None:
         """Forget every byte written: the fetch starts over at 0."""
+        ...
+
+    def cut(self, size: int) -> None:
+        """Forget the kept bytes from ``size`` on (before the fetch writes any)."""
         ...
 
     def commit(self, size: int) -> None:
@@ -113,6 +149,7 @@ class Fetched:
     restarts: int  # starts over at byte 0 (Range ignored, resumed bytes did not verify)
     resumed_from: int  # bytes kept from an earlier run
     verified_with: str
+    skipped: int = 0  # of those, bytes not re-read (below the earlier run's checkpoint)
 
 
 class ShortRead(BackendUnavailableError):
@@ -198,6 +235,7 @@ class _Run:
         self.writer = _Writer(sink)
         self.verifier: Verifier = want.verifier()
         self.offset = 0  # bytes hashed (and handed to the writer)
+        self.skipped = 0  # kept bytes taken from the sink's checkpoint, not re-read
         self.restarts = 0
         self._reset_inspector()
 
@@ -206,13 +244,25 @@ class _Run:
         self.writer.inspector = factory() if factory is not None else None
 
     def absorb_kept(self) -> int:
-        """Re-verify (and re-inspect) what an earlier run left in the sink."""
+        """Re-verify (and re-inspect) what an earlier run left in the sink, from its
+        checkpoint when the verifier can take one."""
         kept = self.sink.kept()
         size = self.want.size
         if kept and (size is None or kept > size):
             log.warning("%s is longer than the image; starting over", self.sink.display)
             self.restart()
             return 0
+        checkpoint = self.sink.checkpoint() if kept else None
+        verifier = self.verifier
+        if kept and isinstance(verifier, Resumable):
+            whole = verifier.whole(kept)
+            if whole < kept:  # a torn last piece: fetched again rather than re-read
+                self.sink.cut(whole)
+                kept = whole
+            if checkpoint is not None and checkpoint.key == verifier.key:
+                self.offset = verifier.skip(min(checkpoint.offset, kept))
+                self.skipped = self.offset
+                self._inspect_below(self.offset)
         while self.offset < kept:
             data = self.sink.read_kept(self.offset, min(CHUNK_SIZE * 2, kept - self.offset))
             if not data:
@@ -232,12 +282,41 @@ class _Run:
         self.writer.written = self.offset
         return self.offset
 
+    def _inspect_below(self, offset: int) -> None:
+        """Feed the inspector what it asks for of the first ``offset`` kept bytes (its
+        regions and the bytes just before ``offset``), not all of them."""
+        inspector = self.writer.inspector
+        if inspector is None or not offset:
+            return
+        for _ in range(_MAX_REGION_READS):
+            need = inspector.next_needed()
+            if need is None or need[0] >= offset:
+                break
+            start, length = need
+            data = self.sink.read_kept(start, min(length, offset - start))
+            if not data:
+                break
+            inspector.feed_at(start, data)
+        start = max(inspector.position, offset - TAIL_SIZE)
+        if start < offset:
+            inspector.feed_at(start, self.sink.read_kept(start, offset - start))
+
+    def save_checkpoint(self) -> None:
+        """Record the bytes kept that passed a resumable verifier (see the module doc)."""
+        verifier = self.verifier
+        if not isinstance(verifier, Resumable):
+            return
+        done = min(verifier.verified, self.writer.written)
+        if done > 0:
+            self.sink.save_checkpoint(Checkpoint(verifier.key, done))
+
     def restart(self) -> None:
         self.writer.flush()
         self.sink.restart()
         self.verifier = self.want.verifier()
         self._reset_inspector()
         self.offset = 0
+        self.skipped = 0
         self.writer.written = 0
         self.restarts += 1
 
@@ -372,7 +451,13 @@ def fetch(
     try:
         resumed_from = run.absorb_kept()
         if resumed_from:
-            log.info("image %s: resuming %s at byte %d", iid, sink.display, resumed_from)
+            log.info(
+                "image %s: resuming %s at byte %d (%d bytes re-read)",
+                iid,
+                sink.display,
+                resumed_from,
+                resumed_from - run.skipped,
+            )
         retry_resumed = resumed_from > 0
         while True:
             while True:
@@ -428,7 +513,13 @@ def fetch(
             restarts=run.restarts,
             resumed_from=resumed_from,
             verified_with=run.verifier.name,
+            skipped=run.skipped,
         )
+    except BaseException:
+        with contextlib.suppress(Exception):  # best effort: the next run re-reads instead
+            run.writer.flush()
+            run.save_checkpoint()
+        raise
     finally:
         with contextlib.suppress(BaseException):  # already failing, or reported above
             run.writer.flush()

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 from cowfleet import safeopen
 from cowfleet.errors import LocalIOError
-from cowfleet.fetch.engine import InspectorLike
+from cowfleet.fetch.engine import Checkpoint, InspectorLike
 from cowfleet.fsutil import WRITEBACK_STEP, start_writeback
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,22 @@ BLOCK = 64 * 1024  # hole granularity
 _ZERO_BLOCK = bytes(BLOCK)
 
 
+class CheckpointStore(Protocol):
+    """Where a part's checkpoint lives between runs (the ``_base`` part's record)."""
+
+    def load(self) -> Checkpoint | None:
+        """The checkpoint an earlier run saved (taken once: see the implementation)."""
+        ...
+
+    def save(self, checkpoint: Checkpoint) -> None: ...
+
+
 class PartSink:
-    """A :class:`~cowfleet.fetch.engine.Sink` writing to ``fd`` (which it then owns)."""
+    """A :class:`~cowfleet.fetch.engine.Sink` writing to ``fd`` (which it then owns).
+
+    With a ``checkpoints`` store, a fetch that stops keeps a checkpoint: the file is
+    fsynced first, so the bytes it vouches for survive a crash.
+    """
 
     def __init__(
         self,
@@ -33,11 +48,25 @@ class PartSink:
         display: str,
         *,
         inspector_factory: Callable[[], InspectorLike] | None = None,
+        checkpoints: CheckpointStore | None = None,
     ) -> None:
         self.fd = fd
         self.display = display
         self.inspector_factory = inspector_factory
+        self.checkpoints = checkpoints
         self._writeback_from = 0  # writeback started for the bytes before this offset
+
+    def checkpoint(self) -> Checkpoint | None:
+        return self.checkpoints.load() if self.checkpoints is not None else None
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if self.checkpoints is None:
+            return
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise self._error(exc, "sync") from exc
+        self.checkpoints.save(checkpoint)
 
     def _error(self, exc: OSError, doing: str) -> LocalIOError:
         return safeopen.io_error(exc, self.display, doing)
@@ -91,11 +120,14 @@ class PartSink:
             offset += done
 
     def restart(self) -> None:
+        self.cut(0)
+
+    def cut(self, size: int) -> None:
         try:
-            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, size)
         except OSError as exc:
             raise self._error(exc, "truncate") from exc
-        self._writeback_from = 0
+        self._writeback_from = min(self._writeback_from, size)
 
     def commit(self, size: int) -> None:
         try:

@@ -112,6 +112,16 @@ class DownloadStream:
             yield b"".join(parts)
 
 
+def _tls_context(endpoint: str) -> ssl.SSLContext:
+    """httpx's TLS context for an ``https://`` endpoint. A plain ``http://`` endpoint
+    never uses TLS (redirects are not followed): it gets a context that trusts no CA, so
+    loading the CA bundle (tens of milliseconds per process) is skipped and a TLS
+    connection, should one ever be made, fails verification instead of trusting."""
+    if endpoint.startswith("https://"):
+        return httpx.create_ssl_context()
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class ImageClient:
     """Client of a Glance v2 image service; also a context manager."""
 
@@ -141,14 +151,18 @@ class ImageClient:
         if token:
             headers["X-Auth-Token"] = token
         # One TLS setup (httpx's: its CA bundle, SSL_CERT_FILE) for the API and the data plane.
-        tls = httpx.create_ssl_context()
+        tls = _tls_context(endpoint)
         try:
-            self._http = self._new_http(endpoint, headers, tls, transport)
-            # Image bodies: the data-plane transport, unless the caller gave a transport
-            # (honoured for everything) or a proxy applies (httpx's own proxy support).
+            # GET requests (image records, trees, bodies) go through the project's
+            # transport, unless the caller gave a transport (honoured for everything) or
+            # a proxy applies (httpx's own proxy support); it hands other methods to
+            # httpx's transport, made on first use, so a fetch never loads httpcore.
+            api_transport = transport
             self.data_transport: httpx.BaseTransport | None = transport
             if transport is None and not _proxied(endpoint):
+                api_transport = DataTransport(ssl_context=tls)
                 self.data_transport = DataTransport(ssl_context=tls)
+            self._http = self._new_http(endpoint, headers, tls, api_transport)
             self._data = self._new_http(endpoint, headers, tls, self.data_transport)
         except (httpx.HTTPError, ValueError) as exc:
             raise UsageError(f"invalid image service URL {endpoint!r}: {exc}") from exc
