@@ -3,6 +3,7 @@ spool's life in a snapshot job (fake image client), and recovery of a left-over 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -250,7 +251,7 @@ def test_a_full_disk_while_spooling_is_storage_full(
     spool = compress.Spool(tmp_path / "disk.spool")
 
     def full(fd: int, data: Any) -> int:
-        raise OSError(28, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(compress.os, "write", full)
     with pytest.raises(StorageFullError, match="compression spool"):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from cowfleet.errors import BackendUnavailableError, NotFoundError, TimeoutError_
-from cowfleet.fetch.engine import InspectorLike, Sink
+from cowfleet.fetch.engine import Checkpoint, InspectorLike, Sink
 
 FETCHING, DONE, FAILED = "fetching", "done", "failed"
 
@@ -171,6 +171,16 @@ class TrackingSink:
 
     def read_kept(self, offset: int, size: int) -> bytes:
         return self.inner.read_kept(offset, size)
+
+    def checkpoint(self) -> Checkpoint | None:
+        return self.inner.checkpoint()
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self.inner.save_checkpoint(checkpoint)
+
+    def cut(self, size: int) -> None:
+        self.entry.reset()  # readers wait again; the next write says how far bytes stand
+        self.inner.cut(size)
 
     def write(self, offset: int, chunk: bytes | memoryview) -> None:
         self.inner.write(offset, chunk)
