@@ -244,6 +244,6 @@ def test_kept_bytes_a_piecewise_verifier_refuses_are_fetched_again(tmp_path: Pat
 
 def test_a_bad_piece_from_the_source_fails_the_fetch(tmp_path: Path) -> None:
     data = os.urandom(MiB)
-    bad = data[:500_000] + b"x" + data[500_001:]
+    bad = data[:500_000] + bytes([data[500_000] ^ 0xFF]) + data[500_001:]  # always differs
     with pytest.raises(IntegrityError, match="bad piece"):
         _run(tmp_path, Source(bad), Want(ID, len(data), lambda: PieceCheck(data)))
