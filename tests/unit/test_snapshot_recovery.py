@@ -53,13 +53,27 @@ class JobNodes(FakeNodes):
         return self.jobs.get(uuid)
 
 
-Env = tuple[TestClient, Fleet, SnapImages, JobNodes, Clock]
+class StatusImages(SnapImages):
+    """Images ``queued`` unless the test says otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: dict[str, str] = {}
+
+    def doc(self, image_id: str, token: str) -> dict[str, Any] | None:
+        return {
+            **(super().doc(image_id, token) or {}),
+            "status": self.status.get(image_id, "queued"),
+        }
+
+
+Env = tuple[TestClient, Fleet, StatusImages, JobNodes, Clock]
 
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.setattr(snapshots, "POLL", 0.01)
-    images, nodes, clock = SnapImages(), JobNodes(), Clock()
+    images, nodes, clock = StatusImages(), JobNodes(), Clock()
     cfg = ApiSettings(
         database_url=f"sqlite:///{tmp_path / 'compute.sqlite'}",
         tokens_file=tmp_path / "tokens.toml",
@@ -121,6 +135,15 @@ def test_a_failed_or_missing_job_deletes_the_image_and_clears_the_task(env: Env,
     assert snapshots.recover(fleet, ADMIN) == [sid]
     wait_for(lambda: _cleared(fleet, sid))
     assert images.deleted == [image_id]
+
+
+def test_a_node_that_forgot_a_finished_job_keeps_the_active_image(env: Env) -> None:
+    _, fleet, images, nodes, _ = env
+    sid, image_id = _orphan(env)
+    images.status[image_id] = "active"  # uploaded, then the node restarted
+    assert snapshots.recover(fleet, ADMIN) == [sid]
+    wait_for(lambda: _cleared(fleet, sid))
+    assert images.deleted == []
 
 
 def test_a_running_job_is_followed_until_it_ends(env: Env) -> None:

@@ -15,8 +15,9 @@ The watcher holds a lease in the server's row (``task_lease``, with the image in
 accepted the request dies (an API restart, a lost replica), the lease runs out and
 :func:`recover`, called by the periodic sweep of any replica, takes the snapshot over
 with a conditional UPDATE (one replica wins), follows the node's job and finishes it:
-``done`` clears the task; ``failed``, or a node with no such job, deletes the image
-and clears the task.
+``done`` clears the task; ``failed``, or a node with no such job (unless the image
+is already ``active``: the node restarted after it finished), deletes the image and
+clears the task.
 """
 
 from __future__ import annotations
@@ -279,6 +280,8 @@ def finish(fleet: Fleet, server_id: str, image_id: str | None, outcome: str, tok
     try:
         if outcome == TAKEN:
             return
+        if outcome == "lost" and image_id is not None and _active(fleet, image_id, token):
+            outcome = "done"  # the node forgot a job that finished (it restarted since)
         deleted = (
             outcome == "done" or image_id is None or fleet.images.delete_image(image_id, token)
         )
@@ -302,6 +305,14 @@ def finish(fleet: Fleet, server_id: str, image_id: str | None, outcome: str, tok
             )
     finally:
         fleet.watching.discard(server_id)
+
+
+def _active(fleet: Fleet, image_id: str, token: str) -> bool:
+    try:
+        doc = fleet.images.doc(image_id, token)
+    except ApiFault:  # the image service is down: keep nothing half-made
+        return False
+    return bool(doc) and doc.get("status") == "active"
 
 
 # -- after a restart: the sweep takes over snapshots nobody follows ----------------------
