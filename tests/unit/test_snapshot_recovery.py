@@ -138,7 +138,7 @@ def test_a_failed_or_missing_job_deletes_the_image_and_clears_the_task(env: Env,
 
 
 def test_a_node_that_forgot_a_finished_job_keeps_the_active_image(env: Env) -> None:
-    _, fleet, images, nodes, _ = env
+    _, fleet, images, _, _ = env
     sid, image_id = _orphan(env)
     images.status[image_id] = "active"  # uploaded, then the node restarted
     assert snapshots.recover(fleet, ADMIN) == [sid]
