@@ -312,7 +312,7 @@ def _active(fleet: Fleet, image_id: str, token: str) -> bool:
         doc = fleet.images.doc(image_id, token)
     except ApiFault:  # the image service is down: keep nothing half-made
         return False
-    return bool(doc) and doc.get("status") == "active"
+    return doc is not None and doc.get("status") == "active"
 
 
 # -- after a restart: the sweep takes over snapshots nobody follows ----------------------
