@@ -22,10 +22,7 @@ def _prlimit() -> None:
 
 def test_limits_are_set_in_the_child() -> None:
     limits = proc.Limits(cpu_seconds=7, address_space=1536 * MiB)
-    code = (
-        "import resource as r; "
-        "print(*r.getrlimit(r.RLIMIT_CPU), *r.getrlimit(r.RLIMIT_AS))"
-    )
+    code = "import resource as r; print(*r.getrlimit(r.RLIMIT_CPU), *r.getrlimit(r.RLIMIT_AS))"
     out = proc.run([sys.executable, "-c", code], limits=limits)
     assert out.stdout.split() == ["7", "7", str(1536 * MiB), str(1536 * MiB)]
 

@@ -49,9 +49,7 @@ url = "http://127.0.0.1:1111"
     cfg = config.load(f, env={"COWFLEET_DRIVER": "libvirt", "COWFLEET_HOME": "/from/env"})
     assert (cfg.home, cfg.driver) == (Path("/from/env"), "libvirt")
 
-    cfg = config.load(
-        f, env={"COWFLEET_DRIVER": "libvirt"}, flags={"driver": "none", "home": None}
-    )
+    cfg = config.load(f, env={"COWFLEET_DRIVER": "libvirt"}, flags={"driver": "none", "home": None})
     assert cfg.driver == "none"
     assert cfg.home == Path("/from/file")  # None flag means "not given"
 

@@ -95,9 +95,7 @@ def _args(handler: object, **kw: object) -> argparse.Namespace:
     return argparse.Namespace(**base)
 
 
-def test_cli_maps_errors_to_exit_codes(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_cli_maps_errors_to_exit_codes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     def ok(args: argparse.Namespace, cfg: Config) -> int:
         assert cfg.home == tmp_path
         return 0

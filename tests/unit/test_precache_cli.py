@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cowfleet.api.client import ComputeClient
 from cowfleet.cli import precache as cli
 from cowfleet.cli.main import main
 from cowfleet.errors import NotFoundError, TimeoutError_, UsageError, ValidationError
@@ -56,14 +57,13 @@ class Script:
 
 @pytest.fixture
 def scripted(monkeypatch: pytest.MonkeyPatch) -> Any:
-    real = cli.PrecacheApi.__init__
+    real = ComputeClient.__init__
 
     def install(script: Script) -> Script:
+        def init(self: ComputeClient, url: str, token: str, **kw: Any) -> None:
+            real(self, url, token, **{**kw, "transport": httpx.MockTransport(script)})
 
-        def init(self: cli.PrecacheApi, url: str, token: str, **_: Any) -> None:
-            real(self, url, token, transport=httpx.MockTransport(script))
-
-        monkeypatch.setattr(cli.PrecacheApi, "__init__", init)
+        monkeypatch.setattr(ComputeClient, "__init__", init)
         monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
         monkeypatch.setenv("COWFLEET_API_URL", "http://api.test:8774")
         monkeypatch.setenv("COWFLEET_API_TOKEN", "admin-token")
@@ -153,7 +153,7 @@ def test_needs_a_target_an_api_and_a_token(
 
 def test_follow_gives_up_at_the_deadline() -> None:
     doc = _doc("running", [_node("a", "fetching")])
-    api = cli.PrecacheApi("http://api.test", "t", transport=httpx.MockTransport(Script([doc, doc])))
+    api = ComputeClient("http://api.test", "t", transport=httpx.MockTransport(Script([doc, doc])))
     ticks = iter(range(100))
     with pytest.raises(TimeoutError_):
         cli.follow(api, doc, timeout=3, monotonic=lambda: float(next(ticks)), sleep=lambda _s: None)

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cowfleet.api import faults, microversion
+from cowfleet.api import faults, microversion, snapshots
 from cowfleet.api.db.engine import Database
 from cowfleet.api.db.models import FlavorRow, NodeRow
 from cowfleet.api.fleet import Fleet
@@ -154,12 +154,15 @@ def create_app(
     )
     precaches = Precaches(fleet)
     stop = threading.Event()
+    # Deletes the image of a snapshot taken over after a restart (its caller's token is gone).
+    snapshot_token = tokens.first("admin")
 
     def sweeper() -> None:
         while not stop.wait(settings.heartbeat_interval):
             try:
                 fleet.sweep()
                 precaches.sweep()
+                snapshots.recover(fleet, snapshot_token)
             except Exception as exc:  # keep sweeping; the next pass retries
                 log.error("sweep failed: %s", exc)
                 log.debug("traceback", exc_info=True)

@@ -15,6 +15,9 @@ HTTP status           error                        exit code
 timeout               TimeoutError_                10
 ====================  ===========================  =========
 
+The same mapping serves every command that talks to the compute API: ``server``,
+``flavor``, ``hypervisor``, ``server image create`` and ``image precache``.
+
 Servers and flavors are named by id or by name (:meth:`ComputeClient.find_server`,
 :meth:`ComputeClient.find_flavor`), as ``openstack`` does: an id first, then the
 one item of that name.
@@ -44,6 +47,8 @@ from cowfleet.errors import (
 )
 
 MICROVERSION = "2.81"
+# createImage answers the image id in its body from 2.45 on (as in Nova).
+SNAPSHOT_MICROVERSION = "2.45"
 DEFAULT_TIMEOUT = 30.0
 PLACEMENT_KEY = "cowfleet:placement"
 # States a server leaves only by itself (or never): what --wait waits for.
@@ -354,3 +359,31 @@ class ComputeClient:
 
     def hypervisors(self) -> list[dict[str, Any]]:
         return list(self._pages("os-hypervisors/detail", "hypervisors", "list hypervisors", {}))
+
+    # -- snapshots and pre-cache -------------------------------------------------------
+    def create_image(
+        self, server_id: str, name: str, metadata: dict[str, str] | None = None
+    ) -> str:
+        """``createImage`` of a server: the new image's id (answered from microversion 2.45)."""
+        body: dict[str, Any] = {"createImage": {"name": name}}
+        if metadata:
+            body["createImage"]["metadata"] = dict(metadata)
+        image_id: Any = self._json(
+            "POST",
+            f"servers/{quote(server_id, safe='')}/action",
+            f"snapshot of server {server_id}",
+            "image_id",
+            json=body,
+            headers={"OpenStack-API-Version": f"compute {SNAPSHOT_MICROVERSION}"},
+        )
+        return str(image_id)
+
+    def start_precache(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v2.1/cowfleet/precache`` (admin): the new pre-cache's progress document."""
+        what = f"pre-cache of image {body.get('image_id')}"
+        return dict(self._json("POST", "cowfleet/precache", what, "precache", json=body))
+
+    def precache(self, precache_id: str) -> dict[str, Any]:
+        """The progress document of a pre-cache."""
+        path = f"cowfleet/precache/{quote(precache_id, safe='')}"
+        return dict(self._json("GET", path, f"pre-cache {precache_id}", "precache"))

@@ -93,6 +93,7 @@ class Fleet:
         self._queued_lock = threading.Lock()
         self.metrics: ApiMetrics | None = None  # set by create_app
         self.peer_flags = PeerFlags()  # peers reported for bad pieces (api.distribution)
+        self.watching: set[str] = set()  # servers whose snapshot this process follows
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -616,6 +617,8 @@ class Fleet:
                         ServerRow.deleted.is_(False),
                         ServerRow.vm_state != states.BUILDING,
                         ServerRow.task_state.is_not(None),
+                        # a snapshot is a lease's business (api/snapshots.py: recover)
+                        ServerRow.task_state.not_in(("image_snapshot", "image_uploading")),
                         ServerRow.updated_at < now - grace,
                     )
                 )

@@ -9,6 +9,15 @@ the disk into the image (``POST /v1/servers/{id}/snapshot``, the caller's token
 passed on: only the owner may upload an image's data), follows the node's job until
 it ends, deletes the image if it failed, and clears the task state. The image goes
 ``queued`` -> ``saving`` (the node's upload) -> ``active``.
+
+The watcher holds a lease in the server's row (``task_lease``, with the image in
+``snapshot_image_id``) and renews it while it follows the job. When the process that
+accepted the request dies (an API restart, a lost replica), the lease runs out and
+:func:`recover`, called by the periodic sweep of any replica, takes the snapshot over
+with a conditional UPDATE (one replica wins), follows the node's job and finishes it:
+``done`` clears the task; ``failed``, or a node with no such job (unless the image
+is already ``active``: the node restarted after it finished), deletes the image and
+clears the task.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import re
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, or_, select, update
 
 from cowfleet.api import states
 from cowfleet.api.context import Ctx
@@ -32,7 +41,10 @@ log = logging.getLogger(__name__)
 MAX_NAME = 255
 SNAPSHOTTING, UPLOADING = "image_snapshot", "image_uploading"
 POLL = 0.5  # seconds between two looks at the node's job
-NODE_LOST_AFTER = 120  # consecutive failed looks before the job counts as lost
+NODE_LOST_AFTER = 120  # seconds of failed looks before the job counts as lost
+WATCHED = (SNAPSHOTTING, UPLOADING)
+LEASE = 30.0  # seconds a watcher's lease lasts; renewed every third of it
+TAKEN = "taken"  # outcome: another watcher (another replica's sweep) took the job over
 # Properties of the source image a snapshot keeps (Nova keeps the image's metadata).
 INHERITED = ("kernel_id", "ramdisk_id", "os_command_line")
 INHERITED_PREFIXES = ("hw_",)
@@ -118,6 +130,7 @@ def create(fleet: Fleet, ctx: Ctx, server_id: str, arg: Any) -> str:
     image_id = str(doc.get("id", ""))
     if not image_id:
         raise ApiFault(503, "The image service created an image without an id.")
+    lease = fleet.clock() + LEASE
     with fleet.db.write() as s:
         won = rows(
             s.execute(
@@ -128,7 +141,12 @@ def create(fleet: Fleet, ctx: Ctx, server_id: str, arg: Any) -> str:
                     ServerRow.task_state.is_(None),
                     ServerRow.vm_state.in_((states.ACTIVE, states.STOPPED)),
                 )
-                .values(task_state=SNAPSHOTTING, updated_at=fleet.clock())
+                .values(
+                    task_state=SNAPSHOTTING,
+                    snapshot_image_id=image_id,
+                    task_lease=lease,
+                    updated_at=fleet.clock(),
+                )
             )
         )
     if not won:
@@ -136,16 +154,73 @@ def create(fleet: Fleet, ctx: Ctx, server_id: str, arg: Any) -> str:
         raise ApiFault(
             409, f"Cannot 'createImage' instance {server_id}: another task started first."
         )
-    fleet.submit(run, fleet, server_id, host, image_id, ctx.token)
+    fleet.watching.add(server_id)
+    fleet.submit(run, fleet, server_id, host, image_id, ctx.token, Lease(fleet, server_id, lease))
     return image_id
 
 
+class Lease:
+    """This process's lease on a server's snapshot: renewed only while still its own.
+
+    The lease's expiry doubles as its owner's mark: a renewal or a takeover is a
+    conditional UPDATE on the value last written, so two watchers never both hold it.
+    """
+
+    def __init__(self, fleet: Fleet, server_id: str, value: float | None) -> None:
+        self.fleet, self.server_id, self.value = fleet, server_id, value
+        self.renewed = fleet.clock()
+
+    def _mine(self) -> ColumnElement[bool]:
+        if self.value is None:
+            return ServerRow.task_lease.is_(None)
+        return ServerRow.task_lease == self.value
+
+    def renew(self, *, force: bool = False) -> bool:
+        """Push the expiry on (at most every third of the lease unless ``force``);
+        False when the snapshot is no longer this watcher's."""
+        now = self.fleet.clock()
+        if not force and now - self.renewed < LEASE / 3:
+            return True
+        value = now + LEASE
+        with self.fleet.db.write() as s:
+            won = rows(
+                s.execute(
+                    update(ServerRow)
+                    .where(
+                        ServerRow.id == self.server_id,
+                        ServerRow.task_state.in_(WATCHED),
+                        self._mine(),
+                    )
+                    .values(task_lease=value)
+                )
+            )
+        if won:
+            self.value, self.renewed = value, now
+        return bool(won)
+
+    def take(self) -> bool:
+        """Take over an expired (or never written) lease; True for the one winner."""
+        now = self.fleet.clock()
+        if self.value is not None and self.value >= now:
+            return False
+        return self.renew(force=True)
+
+
 def run(
-    fleet: Fleet, server_id: str, host: str, image_id: str, token: str, poll: float = POLL
+    fleet: Fleet,
+    server_id: str,
+    host: str,
+    image_id: str,
+    token: str,
+    lease: Lease,
+    poll: float | None = None,
 ) -> str:
-    """The node's part, followed to its end; the job's last state (or "lost")."""
+    """The node's part, followed to its end; the job's last state (or "lost", "taken")."""
     outcome = "failed"
     try:
+        if not lease.renew(force=True):  # waited so long in the queue that a sweep took it
+            outcome = TAKEN
+            return outcome
         url = fleet._node_url(host)
         if url is None:
             raise NodeError(f"host {host} is not registered")
@@ -156,47 +231,154 @@ def run(
                 .where(ServerRow.id == server_id, ServerRow.task_state == SNAPSHOTTING)
                 .values(task_state=UPLOADING, updated_at=fleet.clock())
             )
-        misses = 0
-        while True:
-            time.sleep(poll)
-            try:
-                job = fleet.nodes.snapshot_status(url, server_id)
-            except NodeError as exc:
-                misses += 1
-                if misses * poll >= NODE_LOST_AFTER:
-                    raise NodeError(f"the node stopped answering: {exc}") from exc
-                continue
-            misses = 0
-            if job is None or job.get("image_id") != image_id:
-                outcome = "lost"
-                break
-            if job["state"] != "running":
-                outcome = str(job["state"])
-                log.info(
-                    "snapshot of %s into %s %s: %s bytes, %.1f s, guest pause %s ms%s",
-                    server_id,
-                    image_id,
-                    outcome,
-                    job.get("bytes_sent"),
-                    float(job.get("seconds") or 0),
-                    job.get("pause_ms"),
-                    f" ({job.get('fault')})" if job.get("fault") else "",
-                )
-                break
+        outcome = follow(fleet, server_id, url, image_id, lease, POLL if poll is None else poll)
     except NodeConflict as exc:
         log.info("snapshot of %s refused by its node: %s", server_id, exc)
     except NodeError as exc:
         log.warning("snapshot of %s failed: %s", server_id, exc)
     finally:
-        if outcome != "done":
-            fleet.images.delete_image(image_id, token)
+        finish(fleet, server_id, image_id, outcome, token)
+    return outcome
+
+
+def follow(fleet: Fleet, server_id: str, url: str, image_id: str, lease: Lease, poll: float) -> str:
+    """Poll the node's job until it ends: its state, "lost" (the node has no such
+    job) or "taken" (the lease went to another watcher). NodeError when the node
+    stopped answering for NODE_LOST_AFTER seconds."""
+    misses = 0
+    while True:
+        time.sleep(poll)
+        if not lease.renew():
+            return TAKEN
+        try:
+            job = fleet.nodes.snapshot_status(url, server_id)
+        except NodeError as exc:
+            misses += 1
+            if misses * poll >= NODE_LOST_AFTER:
+                raise NodeError(f"the node stopped answering: {exc}") from exc
+            continue
+        misses = 0
+        if job is None or job.get("image_id") != image_id:
+            return "lost"
+        if job["state"] != "running":
+            outcome = str(job["state"])
+            log.info(
+                "snapshot of %s into %s %s: %s bytes, %.1f s, guest pause %s ms%s",
+                server_id,
+                image_id,
+                outcome,
+                job.get("bytes_sent"),
+                float(job.get("seconds") or 0),
+                job.get("pause_ms"),
+                f" ({job.get('fault')})" if job.get("fault") else "",
+            )
+            return outcome
+
+
+def finish(fleet: Fleet, server_id: str, image_id: str | None, outcome: str, token: str) -> None:
+    """Delete the image unless the job is ``done``; clear the task (not when taken over)."""
+    try:
+        if outcome == TAKEN:
+            return
+        if outcome == "lost" and image_id is not None and _active(fleet, image_id, token):
+            outcome = "done"  # the node forgot a job that finished (it restarted since)
+        deleted = (
+            outcome == "done" or image_id is None or fleet.images.delete_image(image_id, token)
+        )
+        if not deleted:
+            log.warning("snapshot of %s: cannot delete image %s", server_id, image_id)
+        same_image = (
+            ServerRow.snapshot_image_id.is_(None)
+            if image_id is None
+            else ServerRow.snapshot_image_id == image_id
+        )
         with fleet.db.write() as s:
             s.execute(
                 update(ServerRow)
-                .where(
-                    ServerRow.id == server_id,
-                    ServerRow.task_state.in_((SNAPSHOTTING, UPLOADING)),
+                .where(ServerRow.id == server_id, ServerRow.task_state.in_(WATCHED), same_image)
+                .values(
+                    task_state=None,
+                    snapshot_image_id=None,
+                    task_lease=None,
+                    updated_at=fleet.clock(),
                 )
-                .values(task_state=None, updated_at=fleet.clock())
             )
+    finally:
+        fleet.watching.discard(server_id)
+
+
+def _active(fleet: Fleet, image_id: str, token: str) -> bool:
+    try:
+        doc = fleet.images.doc(image_id, token)
+    except ApiFault:  # the image service is down: keep nothing half-made
+        return False
+    return doc is not None and doc.get("status") == "active"
+
+
+# -- after a restart: the sweep takes over snapshots nobody follows ----------------------
+
+
+def recover(fleet: Fleet, token: str | None) -> list[str]:
+    """Take over the snapshots whose watcher's lease ran out (their process died) and
+    follow each to its end in the background; the servers taken.
+
+    ``token`` deletes a failed snapshot's image (an admin token of the tokens file:
+    the caller's token died with its process)."""
+    now = fleet.clock()
+    with fleet.db.read() as s:
+        orphans = list(
+            s.execute(
+                select(
+                    ServerRow.id, ServerRow.host, ServerRow.snapshot_image_id, ServerRow.task_lease
+                ).where(
+                    ServerRow.task_state.in_(WATCHED),
+                    or_(ServerRow.task_lease.is_(None), ServerRow.task_lease < now),
+                )
+            )
+        )
+    taken = []
+    for server_id, host, image_id, value in orphans:
+        if server_id in fleet.watching:
+            continue
+        lease = Lease(fleet, server_id, value)
+        if not lease.take():
+            continue  # another replica's sweep won it
+        log.warning(
+            "snapshot of %s into %s had no watcher (its API process stopped): taking it over",
+            server_id,
+            image_id,
+        )
+        fleet.watching.add(server_id)
+        taken.append(server_id)
+        fleet.submit(resume, fleet, server_id, host, image_id, token or "", lease)
+    return taken
+
+
+def resume(
+    fleet: Fleet,
+    server_id: str,
+    host: str | None,
+    image_id: str | None,
+    token: str,
+    lease: Lease,
+    poll: float | None = None,
+) -> str:
+    """Follow a taken-over snapshot's node job to its end and finish it."""
+    outcome = "failed"
+    try:
+        url = fleet._node_url(host) if host else None
+        if url is None:
+            raise NodeError(f"host {host} is not registered")
+        if image_id is None:  # a row from before the image was recorded: ask the node
+            job = fleet.nodes.snapshot_status(url, server_id)
+            image_id = str(job["image_id"]) if job and job.get("image_id") else None
+            if image_id is None:
+                outcome = "lost"
+                return outcome
+        outcome = follow(fleet, server_id, url, image_id, lease, POLL if poll is None else poll)
+    except NodeError as exc:
+        log.warning("snapshot of %s, taken over, failed: %s", server_id, exc)
+    finally:
+        finish(fleet, server_id, image_id, outcome, token)
+    log.info("snapshot of %s, taken over, ended %s", server_id, outcome)
     return outcome

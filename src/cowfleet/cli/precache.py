@@ -6,33 +6,26 @@ table (or, with ``--output json``, a list of ``host``, ``state``, ``bytes_done``
 ``bytes_total``, ``source``, ``error``) is printed at the end. Exit 0 when no node
 failed (a skipped node is not a failure: the table says why), 8 when one did.
 
-The API is ``--api-url`` (or ``COWFLEET_API_URL``), the token ``--api-token-file``
-(or ``COWFLEET_API_TOKEN``); an admin token is needed.
+The API is the ``api_url`` setting (``--api-url``, ``COWFLEET_API_URL``), the token
+``api_token`` or ``api_token_file`` (``COWFLEET_API_TOKEN``, ``--api-token-file``); an
+admin token is needed. The calls go through :class:`cowfleet.api.client.ComputeClient`,
+so its faults map to the exit codes as for every compute API command.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import httpx
-
 from cowfleet import precache as pc
+from cowfleet.api.client import ComputeClient
+from cowfleet.cli import compute_api
 from cowfleet.cli.common import add_command, print_json, print_table
 from cowfleet.config import Config
-from cowfleet.errors import (
-    BackendUnavailableError,
-    NotFoundError,
-    RemoteError,
-    TimeoutError_,
-    UsageError,
-    ValidationError,
-)
+from cowfleet.errors import TimeoutError_, UsageError
 from cowfleet.units import human_bytes
 
 FAILED_EXIT = 8  # a node failed (docs/exit-codes.md)
@@ -57,87 +50,10 @@ def register(cmds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument(
         "--timeout", type=float, default=3600.0, metavar="S", help="give up after S seconds"
     )
-    p.add_argument(
-        "--api-url",
-        default=os.environ.get("COWFLEET_API_URL"),
-        help="the compute API (http://HOST:PORT or .../v2.1; env COWFLEET_API_URL)",
-    )
-    p.add_argument(
-        "--api-token-file",
-        type=Path,
-        help="file holding an admin token (env COWFLEET_API_TOKEN: the token itself)",
-    )
+    compute_api.add_api_options(p)  # an admin token is needed
     from cowfleet.cli.image import _endpoint_opts
 
     _endpoint_opts(p)  # only to look an image name up
-
-
-class PrecacheApi:
-    """The few compute API calls ``image precache`` makes."""
-
-    def __init__(self, url: str, token: str, *, transport: httpx.BaseTransport | None = None):
-        base = url.rstrip("/")
-        if not base.endswith("/v2.1"):
-            base += "/v2.1"
-        self._http = httpx.Client(
-            base_url=base,
-            headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.81"},
-            timeout=30.0,
-            transport=transport,
-        )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        try:
-            resp = self._http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise BackendUnavailableError(f"compute API unreachable: {exc}") from exc
-        try:
-            doc = resp.json()
-        except ValueError:
-            doc = None
-        if resp.status_code < 400 and isinstance(doc, dict):
-            return doc
-        message = _message(doc) or resp.text[:200] or resp.reason_phrase
-        if resp.status_code == 400:
-            raise ValidationError(f"compute API refused: {message}")
-        if resp.status_code in (401, 403):
-            raise UsageError(f"compute API refused the token (an admin token is needed): {message}")
-        if resp.status_code == 404:
-            raise NotFoundError(f"compute API: {message}")
-        if resp.status_code >= 500:
-            raise BackendUnavailableError(f"compute API HTTP {resp.status_code}: {message}")
-        raise RemoteError(f"compute API HTTP {resp.status_code}: {message}")
-
-    def start(self, body: dict[str, Any]) -> dict[str, Any]:
-        doc = self._call("POST", "/cowfleet/precache", json=body)
-        return dict(doc["precache"])
-
-    def show(self, precache_id: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/cowfleet/precache/{precache_id}")["precache"])
-
-
-def _message(doc: Any) -> str | None:
-    if isinstance(doc, dict):
-        for value in doc.values():
-            if isinstance(value, dict) and isinstance(value.get("message"), str):
-                return str(value["message"])
-    return None
-
-
-def _token(args: argparse.Namespace) -> str:
-    if args.api_token_file is not None:
-        try:
-            token = str(args.api_token_file.read_text()).strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read {args.api_token_file}: {exc.strerror}") from exc
-    else:
-        token = os.environ.get("COWFLEET_API_TOKEN", "").strip()
-    if not token:
-        raise UsageError("no API token: give --api-token-file or set COWFLEET_API_TOKEN")
-    return token
 
 
 def _image_id(args: argparse.Namespace, cfg: Config) -> str:
@@ -187,7 +103,7 @@ def _rich_table(doc: dict[str, Any]) -> Any:
 
 
 def follow(
-    api: PrecacheApi,
+    api: ComputeClient,
     doc: dict[str, Any],
     *,
     timeout: float,
@@ -202,25 +118,23 @@ def follow(
         if monotonic() > deadline:
             raise TimeoutError_(f"pre-cache {doc['id']} still running after {timeout:g}s")
         sleep(interval)
-        doc = api.show(doc["id"])
+        doc = api.precache(doc["id"])
         on_update(doc)
     return doc
 
 
 def _precache(args: argparse.Namespace, cfg: Config) -> int:
-    if not args.api_url:
+    if not compute_api.configured(cfg):
         raise UsageError("no compute API: give --api-url or set COWFLEET_API_URL")
-    token = _token(args)
-    body: dict[str, Any] = {"image_id": _image_id(args, cfg)}
-    if args.aggregate is not None:
-        body["aggregate"] = args.aggregate
-    elif args.hosts:
-        body["hosts"] = args.hosts
-    else:
-        body["all"] = True
-    api = PrecacheApi(args.api_url, token)
-    try:
-        doc = api.start(body)
+    with compute_api.client(cfg) as api:
+        body: dict[str, Any] = {"image_id": _image_id(args, cfg)}
+        if args.aggregate is not None:
+            body["aggregate"] = args.aggregate
+        elif args.hosts:
+            body["hosts"] = args.hosts
+        else:
+            body["all"] = True
+        doc = api.start_precache(body)
         if not args.no_wait:
             if args.watch:
                 from rich.console import Console
@@ -236,8 +150,6 @@ def _precache(args: argparse.Namespace, cfg: Config) -> int:
                     )
             else:
                 doc = follow(api, doc, timeout=args.timeout)
-    finally:
-        api.close()
     if args.output == "json":
         print_json(rows_of(doc))
     elif not args.watch or args.no_wait:

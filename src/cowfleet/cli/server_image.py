@@ -1,110 +1,27 @@
 """``cowfleet server image create SERVER --name N [--wait]``: Nova's ``createImage``.
 
-Talks to the compute API (``--api-url`` or ``COWFLEET_API_URL``; token from
-``--api-token-file`` or ``COWFLEET_API_TOKEN``) with a few plain httpx calls: find
-the server by id or exact name, ``POST /v2.1/servers/{id}/action {"createImage": ...}``
-at microversion 2.45, print the new image's id. ``--wait`` follows the image in the
-image service (``--image-url``, same token) until it is ``active`` (exit 0) or gone
-(the snapshot failed: exit 1).
+Talks to the compute API through :class:`cowfleet.api.client.ComputeClient` (the
+``api_url`` setting: ``--api-url`` or ``COWFLEET_API_URL``; the token ``api_token`` or
+``api_token_file``: ``COWFLEET_API_TOKEN`` or ``--api-token-file``): find the server by
+id or exact name, ``POST /v2.1/servers/{id}/action {"createImage": ...}`` at microversion
+2.45, print the new image's id. Faults map to exit codes as for every compute API
+command (docs/exit-codes.md). ``--wait`` follows the image in the image service
+(``--image-url``, same token) until it is ``active`` (exit 0) or gone (the snapshot
+failed: exit 4); giving up after ``--timeout`` is exit 10.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
+from cowfleet.cli import compute_api
 from cowfleet.cli.common import add_command, add_setting
 from cowfleet.config import Config
-from cowfleet.errors import (
-    BackendUnavailableError,
-    ConflictError,
-    NotFoundError,
-    UsageError,
-    ValidationError,
-)
+from cowfleet.errors import NotFoundError, TimeoutError_, UsageError
 
-MICROVERSION = "2.45"
 WAIT_POLL = 1.0
-
-
-def _token(args: argparse.Namespace) -> str:
-    if args.api_token_file:
-        from cowfleet.images.token_file import read_token_file
-
-        try:
-            return read_token_file(Path(args.api_token_file), allow_insecure=False)
-        except FileNotFoundError as exc:
-            raise UsageError(f"token file not found: {args.api_token_file}") from exc
-    token = os.environ.get("COWFLEET_API_TOKEN", "")
-    if not token:
-        raise UsageError("no compute API token: use --api-token-file or COWFLEET_API_TOKEN")
-    return token
-
-
-def _fault(resp: Any, what: str) -> Exception:
-    try:
-        doc = resp.json()
-        inner = next(iter(doc.values())) if isinstance(doc, dict) and doc else {}
-        msg = inner.get("message") if isinstance(inner, dict) else None
-    except (ValueError, StopIteration, AttributeError):
-        msg = None
-    text = f"{what}: {msg or f'HTTP {resp.status_code}'}"
-    if resp.status_code == 404:
-        return NotFoundError(text)
-    if resp.status_code == 409:
-        return ConflictError(text)
-    if resp.status_code in (400, 413):
-        return ValidationError(text)
-    if resp.status_code in (401, 403):
-        return UsageError(text)
-    return BackendUnavailableError(text)
-
-
-def _find_server(http: Any, ref: str) -> str:
-    resp = http.get(f"/servers/{ref}")
-    if resp.status_code == 200:
-        return str(resp.json()["server"]["id"])
-    resp = http.get("/servers", params={"name": ref})
-    if resp.status_code != 200:
-        raise _fault(resp, f"server {ref}")
-    found = [s["id"] for s in resp.json().get("servers", []) if s.get("name") == ref]
-    if not found:
-        raise NotFoundError(f"no server named {ref!r}")
-    if len(found) > 1:
-        raise ConflictError(f"{len(found)} servers are named {ref!r}: use the id")
-    return str(found[0])
-
-
-def create_image(api_url: str, token: str, server: str, name: str, metadata: dict[str, str]) -> str:
-    """The new image's id (``createImage`` at microversion 2.45)."""
-    import httpx
-
-    base = api_url.rstrip("/")
-    if not base.endswith("/v2.1"):
-        base += "/v2.1"
-    headers = {
-        "X-Auth-Token": token,
-        "OpenStack-API-Version": f"compute {MICROVERSION}",
-        "X-OpenStack-Nova-API-Version": MICROVERSION,
-    }
-    try:
-        with httpx.Client(base_url=base, headers=headers, timeout=60.0) as http:
-            server_id = _find_server(http, server)
-            body: dict[str, Any] = {"createImage": {"name": name}}
-            if metadata:
-                body["createImage"]["metadata"] = metadata
-            resp = http.post(f"/servers/{server_id}/action", json=body)
-            if resp.status_code != 202:
-                raise _fault(resp, f"snapshot of server {server}")
-            return str(resp.json()["image_id"])
-    except httpx.HTTPError as exc:
-        raise BackendUnavailableError(
-            f"the compute API at {base} cannot be reached: {exc}"
-        ) from exc
 
 
 def wait_active(image_url: str, token: str, image_id: str, timeout: float) -> str:
@@ -123,27 +40,29 @@ def wait_active(image_url: str, token: str, image_id: str, timeout: float) -> st
             if image.status == "active":
                 return image.status
             if time.monotonic() > deadline:
-                raise BackendUnavailableError(
-                    f"image {image_id} is still {image.status} after {timeout:.0f} s"
+                raise TimeoutError_(
+                    f"image {image_id} is still {image.status} after {timeout:.0f} s",
+                    image_id=image_id,
                 )
             time.sleep(WAIT_POLL)
 
 
 def _create(args: argparse.Namespace, cfg: Config) -> int:
-    api_url = args.api_url or os.environ.get("COWFLEET_API_URL", "")
-    if not api_url:
+    if not compute_api.configured(cfg):
         raise UsageError("no compute API: use --api-url or COWFLEET_API_URL")
-    token = _token(args)
+    token = compute_api.api_token(cfg)
     meta: dict[str, str] = {}
     for item in args.property or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--property wants KEY=VALUE, not {item!r}")
         meta[key] = value
-    image_id = create_image(api_url, token, args.server, args.name, meta)
+    if args.wait and not cfg.image_url:  # said before a snapshot is started
+        raise UsageError("--wait needs the image service: --image-url (images.url)")
+    with compute_api.client(cfg) as api:
+        server_id = api.find_server(args.server)["id"]
+        image_id = api.create_image(str(server_id), args.name, meta)
     if args.wait:
-        if not cfg.image_url:
-            raise UsageError("--wait needs the image service: --image-url (images.url)")
         wait_active(str(cfg.image_url), token, image_id, args.timeout)
     sys.stdout.write(image_id + "\n")
     return 0
@@ -174,7 +93,6 @@ def register(ssub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
         metavar="S",
         help="how long --wait waits (in seconds; default 3600)",
     )
-    c.add_argument("--api-url", metavar="URL", help="the compute API (or COWFLEET_API_URL)")
-    c.add_argument("--api-token-file", metavar="FILE", help="token file (or COWFLEET_API_TOKEN)")
+    compute_api.add_api_options(c)
     add_setting(c, "image_url")
     c.add_argument("server", metavar="NAME|UUID")

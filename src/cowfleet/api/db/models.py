@@ -83,6 +83,10 @@ class ServerRow(Base):
     deleted_at: Mapped[float | None] = mapped_column(Float)
     # When the current step (scheduling, build on a node, an action) is given up.
     deadline: Mapped[float | None] = mapped_column(Float)
+    # createImage: the image being filled, and when its watcher's lease runs out
+    # (api/snapshots.py; the sweep of any replica takes over an expired lease).
+    snapshot_image_id: Mapped[str | None] = mapped_column(String(36))
+    task_lease: Mapped[float | None] = mapped_column(Float)
 
 
 class FlavorRow(Base):
