@@ -460,3 +460,18 @@ def test_a_deleted_event_releases_the_claim(tmp_path: Path) -> None:
         )
         assert resp.status_code == 204
         assert used() == 0
+
+
+def test_settle_gc_freezes_start_up_objects_and_widens_the_young_generation() -> None:
+    import gc
+
+    from cowfleet.serving import GC_THRESHOLDS, settle_gc
+
+    before = gc.get_threshold()
+    try:
+        settle_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

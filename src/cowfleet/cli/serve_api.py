@@ -7,7 +7,7 @@ import logging
 
 from cowfleet.cli.common import add_command, add_setting
 from cowfleet.config import Config
-from cowfleet.serving import graceful_server
+from cowfleet.serving import graceful_server, settle_gc
 
 API_SETTINGS = (
     "api_host",
@@ -61,6 +61,7 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
         settings.tokens_file,
         settings.image_url,
     )
+    settle_gc()
     graceful_server(config).run()
     return 0
 
