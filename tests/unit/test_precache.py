@@ -448,6 +448,18 @@ def test_api_sends_peer_sources_from_the_assignment(
         assert holders == [Holder("n1", "http://n1.test:8775", True)]
 
 
+def test_api_with_peer_fanout_0_sends_every_node_to_the_origin(tmp_path: Path) -> None:
+    with _api(tmp_path, peer_fanout=0) as (client, nodes, _):
+        register(client, "n1")
+        register(client, "n2")
+        r = client.post(
+            "/v2.1/cowfleet/precache", json={"image_id": IMAGE, "all": True}, headers=headers()
+        )
+        assert r.status_code == 202
+        wait(lambda: len(nodes.asked) == 2)
+        assert [body["sources"] for _, body in nodes.asked] == [[], []]
+
+
 def test_nova_aggregate_images_route(tmp_path: Path) -> None:
     with _api(tmp_path) as (client, nodes, _):
         register(client, "n1")
