@@ -48,6 +48,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))
 from tests.fixtures.images import ImageService  # noqa: E402
 from tests.fixtures.node_agent import CountingProxy  # noqa: E402
 
