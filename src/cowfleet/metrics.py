@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 PATH = "/metrics"
 FETCH_SOURCES = ("origin", "peer")
 BUILD_PHASES = ("fetch", "disks", "hypervisor")
+
+
+def source_label(name: str) -> str:
+    """The metrics label of a fetch source: ``origin``, or ``peer`` for any peer host."""
+    return "origin" if name == "origin" else "peer"
+
+
 PLACED, NO_VALID_HOST = "placed", "no_valid_host"
 UNMATCHED = "unmatched"  # the route label of a request no route matched
 
@@ -240,6 +247,16 @@ class NodeMetrics:
         self.misses.inc()
         self.fetch_bytes.labels(source).inc(nbytes)
         self.fetch_seconds.labels(source).observe(seconds)
+
+    def fetched_from(self, by_source: Mapping[str, int], main: str, seconds: float) -> None:
+        """A miss fed by several sources: ``by_source`` maps "origin" or a peer's
+        hostname to the bytes it sent; each counts under its own label (``origin`` or
+        ``peer``), the fetch's time under the label of ``main`` (who sent the most)."""
+        self.misses.inc()
+        for name, nbytes in by_source.items():
+            if nbytes > 0:
+                self.fetch_bytes.labels(source_label(name)).inc(nbytes)
+        self.fetch_seconds.labels(source_label(main)).observe(seconds)
 
     def phase(self, phase: str, seconds: float) -> None:
         self.build_seconds.labels(phase).observe(seconds)

@@ -129,13 +129,17 @@ def test_precache_via_openstack_then_cli_fetches_once_and_skips_a_down_node(flee
     done = wait(lambda: (d := fleet.show(first["id"]))["state"] != "running" and d, 90)
     nodes = _by_host(done)
     assert done["state"] == "done", done
-    for host in ("node-a", "node-b"):
+    for host, other in (("node-a", "node-b"), ("node-b", "node-a")):
         n = nodes[host]
-        assert (n["state"], n["source"], n["error"]) == ("cached", "origin", None), n
+        # the source that sent most: the origin, or the other node (peers are on)
+        assert (n["state"], n["error"]) == ("cached", None), n
+        assert n["source"] in ("origin", other), n
         assert n["bytes_done"] == n["bytes_total"] == len(DATA)
+    assert "origin" in {nodes["node-a"]["source"], nodes["node-b"]["source"]}
     assert nodes["node-c"]["state"] == "skipped"
     assert "node-c is down" in nodes["node-c"]["error"]
-    assert fleet.proxy.count(fleet.image_id) == 2  # one download per live node
+    downloads = fleet.proxy.count(fleet.image_id)
+    assert 1 <= downloads <= 2  # at most one download per live node
     for agent in fleet.agents[:2]:
         assert any(agent.instances.glob("_base/[0-9a-f]*[0-9a-f]"))
 
@@ -154,7 +158,7 @@ def test_precache_via_openstack_then_cli_fetches_once_and_skips_a_down_node(flee
             "error": None,
         }
     assert rows["node-c"]["state"] == "skipped" and "down" in rows["node-c"]["error"]
-    assert fleet.proxy.count(fleet.image_id) == 2
+    assert fleet.proxy.count(fleet.image_id) == downloads
 
     # node-c is back: --host with --watch caches it there, by the image's name.
     node_c.start()
@@ -162,13 +166,14 @@ def test_precache_via_openstack_then_cli_fetches_once_and_skips_a_down_node(flee
     got = fleet.cli("cirros", "--host", "node-c", "--watch")
     assert got.returncode == 0, got.stderr
     assert "node-c" in got.stdout and "cached" in got.stdout
-    assert fleet.proxy.count(fleet.image_id) == 3
+    assert fleet.proxy.count(fleet.image_id) <= downloads + 1  # node-a/b hold it: peers
+    downloads = fleet.proxy.count(fleet.image_id)
     got = fleet.cli(fleet.image_id, "--all", "--output", "json")
     assert got.returncode == 0, got.stderr
     assert {(r["host"], r["state"], r["source"]) for r in json.loads(got.stdout)} == {
         (h, "cached", None) for h, _ in HOSTS
     }
-    assert fleet.proxy.count(fleet.image_id) == 3
+    assert fleet.proxy.count(fleet.image_id) == downloads
 
 
 def test_precache_bad_input(fleet: Fleet) -> None:

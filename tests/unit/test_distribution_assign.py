@@ -61,6 +61,20 @@ def test_in_progress_holders_feed_new_fetchers_and_keep_their_own_place() -> Non
     assert plans["z"].peers[:2] == ("y", "x")  # parent, then the parent's ancestor
 
 
+def test_when_the_top_of_the_tree_dies_only_one_node_falls_back_to_the_origin() -> None:
+    """Kill n00 (fed by the origin), n01 and n02 (its children): each survivor's plan
+    still names a live peer, except n03, the first node placed after them."""
+    fetchers = [f"n{i:02d}" for i in range(16)]
+    plans = assign_sources(IMAGE, fetchers, [], fanout=2)
+    dead = {"n00", "n01", "n02"}
+    to_origin = [h for h in fetchers[3:] if not set(plans[h].peers) - dead]
+    assert to_origin == ["n03"]
+    assert plans["n04"].peers[0] in dead and "n03" in plans["n04"].peers
+    # never a node placed after the fetcher (no cycle, no waiting on oneself)
+    for i, h in enumerate(fetchers):
+        assert all(fetchers.index(p) < i for p in plans[h].peers), (h, plans[h].peers)
+
+
 def test_the_plan_is_deterministic_and_spreads_images_over_holders() -> None:
     holders = [_holder(f"h{i}") for i in range(8)]
     one = assign_sources(IMAGE, ["f"], holders, fanout=2)

@@ -129,6 +129,15 @@ def test_a_peer_dying_mid_leaf_hands_over_at_the_leaf_start(tmp_path: Path) -> N
     assert got == DATA and origin.asked == [3 * LEAF] and src.used == ["a", "o"]
 
 
+def test_bytes_are_counted_per_source_and_each_switch_is_announced(tmp_path: Path) -> None:
+    dying, origin = Fake("a", DATA, die_at=3 * LEAF + 500), Fake("origin", DATA, peer=False)
+    switches: list[str] = []
+    got, src = _fetch(tmp_path, [dying, origin], on_switch=switches.append)
+    assert got == DATA and switches == ["origin"]
+    assert src.delivered == {"a": 3 * LEAF, "origin": len(DATA) - 3 * LEAF}
+    assert src.main == "a" and src.is_peer("a") and not src.is_peer("origin")
+
+
 def test_a_peer_without_the_image_is_skipped(tmp_path: Path) -> None:
     gone, origin = Fake("a", DATA, missing=True), Fake("o", DATA, peer=False)
     got, src = _fetch(tmp_path, [gone, origin])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -283,3 +284,47 @@ def test_node_and_image_service_metrics_follow_their_own_token(tmp_path: Path) -
         assert value(ok.text, "cowfleet_http_requests_total", route="/v2/images") == 1
     with TestClient(image_app(ServerSettings(**{**vars(settings), "metrics_open": True}))) as c:
         assert c.get("/metrics").status_code == 200
+
+
+def test_a_fetch_fed_by_a_peer_then_the_origin_counts_each_ones_bytes(tmp_path: Path) -> None:
+    """The peer's connection breaks after 2 leaves: the origin sends the rest. Bytes are
+    labelled by who sent them, not all "origin" (issue 16)."""
+    import httpx
+
+    from cowfleet.cache.peering import Peering
+    from cowfleet.fetch.sources import Peer
+    from cowfleet.hashtree import tree_of
+
+    leaf = MiB  # the peer reader hands on whole MiB chunks
+    data = os.urandom(3 * leaf + 999)
+    client = FakeClient()
+    iid = str(uuid.uuid4())
+    client.add(image_for(iid, data), data)
+    client.trees[iid] = tree_of(data, leaf)
+    asked: list[str] = []
+
+    class Breaks(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield data[: 2 * leaf]
+            raise httpx.ReadError("connection reset by peer")
+
+    def peer(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=Breaks())
+
+    peering = Peering("node-token", _client=httpx.Client(transport=httpx.MockTransport(peer)))
+    cfg = Config(home=tmp_path, instances_path=tmp_path / "inst")
+    metrics = NodeMetrics(cfg.instances_path)
+    cache = ImageCache(cfg, client, peering=peering, metrics=metrics)  # type: ignore[arg-type]
+    got = cache.ensure_cached(iid, sources=[Peer("node-b", "http://127.0.0.3:1")])
+    assert asked == [f"http://127.0.0.3:1/peer/v1/images/{iid}"]
+    assert client.downloads == [(iid, 2 * leaf)]  # the origin resumed where the peer stopped
+    assert dict(got.bytes_by_source) == {"node-b": 2 * leaf, "origin": leaf + 999}
+    assert got.source == "node-b"  # it sent the most
+    text = generate_latest(metrics.registry)
+    assert value(text, "cowfleet_fetch_bytes_total", source="peer") == 2 * leaf
+    assert value(text, "cowfleet_fetch_bytes_total", source="origin") == leaf + 999
+    assert value(text, "cowfleet_fetch_duration_seconds_count", source="peer") == 1
+    assert value(text, "cowfleet_fetch_duration_seconds_count", source="origin") == 0
+    assert value(text, "cowfleet_cache_misses_total") == 1
+    assert (tmp_path / "inst" / "_base").is_dir() and got.path.read_bytes() == data

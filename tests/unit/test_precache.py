@@ -238,6 +238,51 @@ def test_node_passes_sources_only_to_a_fetch_that_takes_them(tmp_path: Path) -> 
     plain.close()
 
 
+def test_node_progress_names_the_source_sending_now_then_the_one_that_sent_most(
+    tmp_path: Path,
+) -> None:
+    """The fetch starts from peer node-b, which dies half-way; the origin takes over
+    (the cache's live download records each switch, as ``Sources.on_switch`` does)."""
+    import os
+    import types
+
+    from cowfleet.cache.live import LiveFetches
+
+    live = LiveFetches()
+
+    class PeerCache(FakeCache):
+        peering = types.SimpleNamespace(live=live)
+
+        def ensure_cached(self, image_id: str, sources: Any = None) -> Any:  # type: ignore[override]
+            paths = self.layout.paths(image_id)
+            record = md.PartMeta(image_id, 4000, "sha512", "0" * 128, "http://origin", 0.0)
+            md.write_atomic(paths.part_meta, record.to_json())
+            with paths.part.open("wb") as f:
+                entry = live.begin(image_id, 4000, f.fileno())
+                entry.source = "node-b"
+                for i in range(8):
+                    if i == 4:
+                        entry.source = "origin"  # node-b died: the origin resumes
+                    f.write(b"x" * 500)
+                    f.flush()
+                    time.sleep(0.06)
+                live.end(entry, True)
+            paths.part.rename(paths.base)
+            os.unlink(paths.part_meta)
+            return type("Got", (), {"fetched": True, "size": 4000, "source": "node-b"})()
+
+    reports = Reports()
+    runner = Precacher(PeerCache(tmp_path), reports, interval=0.02)
+    runner.submit(_req(sources=[{"host": "node-b", "url": "http://127.0.0.3:1"}]))
+    wait(lambda: reports.sent and reports.last()["state"] in pc.TERMINAL)
+    fetching = [b["source"] for _, b in reports.sent if b["state"] == "fetching"]
+    assert "node-b" in fetching and "origin" in fetching
+    assert fetching.index("origin") > fetching.index("node-b")
+    assert fetching[fetching.index("origin") :] == ["origin"] * fetching.count("origin")
+    assert reports.last()["state"] == "cached" and reports.last()["source"] == "node-b"
+    runner.close()
+
+
 @pytest.mark.parametrize(
     "doc",
     [
@@ -401,6 +446,18 @@ def test_api_sends_peer_sources_from_the_assignment(
         ((fetchers, holders),) = seen
         assert fetchers == ["n2"]
         assert holders == [Holder("n1", "http://n1.test:8775", True)]
+
+
+def test_api_with_peer_fanout_0_sends_every_node_to_the_origin(tmp_path: Path) -> None:
+    with _api(tmp_path, peer_fanout=0) as (client, nodes, _):
+        register(client, "n1")
+        register(client, "n2")
+        r = client.post(
+            "/v2.1/cowfleet/precache", json={"image_id": IMAGE, "all": True}, headers=headers()
+        )
+        assert r.status_code == 202
+        wait(lambda: len(nodes.asked) == 2)
+        assert [body["sources"] for _, body in nodes.asked] == [[], []]
 
 
 def test_nova_aggregate_images_route(tmp_path: Path) -> None:

@@ -176,7 +176,10 @@ class Precaches:
                 self._dispatching.discard(pid)
 
     def plan(self, s: Session, pid: str, hosts: Sequence[str]) -> dict[str, list[dict[str, str]]]:
-        """The sources (peer host and URL, in order) to send each of ``hosts``."""
+        """The sources (peer host and URL, in order) to send each of ``hosts`` (none
+        when ``peer_fanout`` is 0: every node fetches from the origin)."""
+        if self.fleet.settings.peer_fanout < 1:
+            return {host: [] for host in hosts}
         p = s.scalars(select(PrecacheRow).where(PrecacheRow.id == pid)).one()
         nodes = {n.hostname: n for n in s.scalars(select(NodeRow))}
         holders: dict[str, Holder] = {}

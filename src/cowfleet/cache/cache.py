@@ -19,8 +19,8 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -59,6 +59,10 @@ class CachedBase:
     size: int  # apparent size of the base file
     image: Image | None  # the image record when it was fetched now, else None
     fetched: bool  # True when this call downloaded it
+    # When fetched: the source that sent the most bytes ("origin" or a peer's hostname)
+    # and the bytes each source sent.
+    source: str | None = None
+    bytes_by_source: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,7 @@ class ImageCache:
         log.debug("image %s: fetched in %.2fs", image_id, seconds)
         inst = got.installed
         if self.metrics is not None:
-            self.metrics.fetched("origin", got.image.size or inst.size, seconds)
+            self.metrics.fetched_from(got.bytes_by_source, got.source, seconds)
         return CachedBase(
             image_id=image_id,
             path=paths.base,
@@ -252,6 +256,8 @@ class ImageCache:
             size=inst.size,
             image=got.image,
             fetched=True,
+            source=got.source,
+            bytes_by_source=got.bytes_by_source,
         )
 
     # -- list / verify -----------------------------------------------------

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cowfleet import safeopen
@@ -41,7 +41,7 @@ from cowfleet.formats.inspection import GLANCE_DISK_FORMATS
 if TYPE_CHECKING:
     from cowfleet.cache.live import LiveFetch
     from cowfleet.cache.peering import Peering
-    from cowfleet.fetch.sources import Peer
+    from cowfleet.fetch.sources import Peer, Sources
     from cowfleet.images.client import Image, ImageClient
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ def judge(image: Image, max_image_size: int) -> Fetchable:
 class FetchedBase:
     image: Image
     installed: install.Installed
+    # Checked bytes each source sent in this fetch ("origin" or a peer's hostname) and
+    # the source that sent the most: what the node's metrics and pre-cache report use.
+    bytes_by_source: Mapping[str, int] = field(default_factory=dict)
+    source: str = "origin"
 
 
 def fetch_base(
@@ -115,6 +119,7 @@ def fetch_base(
     # A download peers may read as it lands: ended once the base is installed (a reader
     # arriving in between finds the live entry, after it the base).
     live: LiveFetch | None = None
+    sources: Sources | None = None
     installed_ok = False
     try:
         with limiter.hold(deadline=budget.deadline):
@@ -138,12 +143,23 @@ def fetch_base(
                     from cowfleet.fetch.sources import OriginSource, Sources
 
                     chain = peering.sources(image_id, peers, OriginSource(open_stream))
-                    open_stream = Sources(
-                        chain, tree, image_id, on_corrupt=peering.corrupt(image_id)
+
+                    def on_switch(name: str) -> None:
+                        if live is not None:
+                            live.source = name
+
+                    sources = Sources(
+                        chain,
+                        tree,
+                        image_id,
+                        on_corrupt=peering.corrupt(image_id),
+                        on_switch=on_switch,
                     )
+                    open_stream = sources
                     if len(chain) > 1:  # bytes from peers: the digest runs too
                         want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
                     live = peering.live.begin(image_id, ok.size, sink.fd)
+                    live.source = sources.current.name
                     into = TrackingSink(sink, live)
                 elif peers:
                     log.info("image %s: no hash tree to check peers' pieces; origin only", image_id)
@@ -198,4 +214,6 @@ def fetch_base(
         done.skipped,
         done.verified_with,
     )
-    return FetchedBase(image, installed)
+    if sources is None:
+        return FetchedBase(image, installed, {"origin": ok.size}, "origin")
+    return FetchedBase(image, installed, dict(sources.delivered), sources.main)

@@ -43,6 +43,7 @@ class LiveFetch:
         self.generation = 0  # bumped when the file starts over
         self.state = FETCHING
         self._readers = 0
+        self.source = "origin"  # who sends its bytes now: "origin" or a peer's hostname
 
     # -- the writer's side ----------------------------------------------------
     def advance(self, end: int) -> None:

@@ -18,11 +18,15 @@ Each feeding node has ``fanout`` slots: it feeds at most ``fanout`` fetchers. Th
 fetcher: with streaming through, one copy from the origin feeds the whole fleet. As each
 assigned fetcher brings ``fanout`` slots of its own, a parent is always found.
 
-A plan lists the parent first, then up to :data:`BACKUPS` fallbacks (other complete
-holders, then the parent's own ancestors: never a node placed after the fetcher, so a
-fallback is never a node that is itself waiting on this one). The origin is not named:
-it is always the last resort, after every peer. A fetcher that is a complete holder
-already gets an empty plan.
+A plan lists the parent first, then up to :data:`BACKUPS` fallbacks: other complete
+holders (at most two), the parent's own ancestors (at most two), then the nodes placed
+just before the fetcher (at most two, nearest first). None is ever placed after the
+fetcher, so a fallback is never a node that is itself waiting on this one and the
+sources form no cycle. The last group matters when a subtree's top dies: its children
+lose their parent and its ancestors at once, and rather than each going to the origin
+they fall back on a node placed before them, of which only the first goes to the
+origin and the others stream from it. The origin is not named: it is always the last
+resort, after every peer. A fetcher that is a complete holder already gets an empty plan.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-BACKUPS = 2
+HOLDERS, ANCESTORS, NEIGHBOURS = 2, 2, 2  # fallbacks of each kind, at most
+BACKUPS = HOLDERS + ANCESTORS + NEIGHBOURS
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ def assign_sources(
     heap = [(_key(image_id, f), f.order, f.host) for f in feeders.values()]
     heapq.heapify(heap)
     plans: dict[str, SourcePlan] = {}
+    placed: list[str | None] = [f.host for f in sorted(feeders.values(), key=lambda f: f.order)]
     for host in fetchers:
         if host in plans:
             continue
@@ -119,25 +125,40 @@ def assign_sources(
         else:  # already fetching (in-progress holder): keep its place, note its parent
             me.depth, me.parent = depth, up
         heapq.heappush(heap, (_key(image_id, me), me.order, me.host))
-        plans[host] = SourcePlan(host, _chain(host, parent, feeders, complete))
+        while len(placed) <= me.order:
+            placed.append(None)
+        placed[me.order] = host
+        plans[host] = SourcePlan(host, _chain(host, parent, feeders, complete, placed))
     return plans
 
 
 def _chain(
-    host: str, parent: _Feeder | None, feeders: dict[str, _Feeder], complete: list[_Feeder]
+    host: str,
+    parent: _Feeder | None,
+    feeders: dict[str, _Feeder],
+    complete: list[_Feeder],
+    placed: list[str | None],
 ) -> tuple[str, ...]:
-    """The parent, then up to BACKUPS fallbacks (complete holders, then ancestors)."""
+    """The parent, then the fallbacks (see the module doc)."""
     if parent is None:
         return ()
     out = [parent.host]
     for f in complete:
-        if len(out) > BACKUPS:
+        if len(out) > HOLDERS:
             break
         if f.host not in (host, parent.host):
             out.append(f.host)
-    up = parent.parent
-    while up is not None and len(out) < 1 + BACKUPS:
+    up, n = parent.parent, 0
+    while up is not None and n < ANCESTORS:
         if up not in out and up != host:
             out.append(up)
+            n += 1
         up = feeders[up].parent
-    return tuple(out[: 1 + BACKUPS])
+    n, i = 0, feeders[host].order - 1
+    while i >= 0 and n < NEIGHBOURS:
+        near = placed[i]
+        if near is not None and near not in out and near != host:
+            out.append(near)
+            n += 1
+        i -= 1
+    return tuple(out)

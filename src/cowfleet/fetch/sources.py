@@ -208,6 +208,7 @@ class _Checked:
         verifier: TreeVerifier,
         pool: BufferPool,
         what: str,
+        delivered: Callable[[int], None] = lambda _n: None,
     ) -> None:
         self.status = 206 if offset else 200
         self.offset = offset
@@ -217,6 +218,7 @@ class _Checked:
         self._verifier = verifier
         self._pool = pool
         self._what = what
+        self._delivered = delivered
 
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[memoryview]:
         tree = self._verifier.tree
@@ -251,6 +253,7 @@ class _Checked:
                         buf = None
                         index += 1
                         pos += size
+                        self._delivered(len(out))
                         yield out
             finally:
                 view.release()
@@ -266,6 +269,8 @@ class Sources:
 
     ``on_corrupt(source_name, reason)`` is called for a peer whose piece did not match
     the tree; ``on_switch(source_name)`` each time a source takes over (for progress).
+    :attr:`delivered` counts, per source name, the checked bytes each one handed to the
+    engine (what the node's metrics and its pre-cache report are labelled by).
     """
 
     def __init__(
@@ -287,6 +292,23 @@ class Sources:
         self._on_switch = on_switch
         self.failed: list[tuple[str, str]] = []  # (source, why) in order
         self.used: list[str] = []  # sources that delivered an answer, in order
+        self.delivered: dict[str, int] = {}  # source name -> checked bytes handed on
+
+    @property
+    def main(self) -> str:
+        """The source that delivered the most bytes (the current one before any)."""
+        if not self.delivered:
+            return self.current.name
+        return max(self.delivered.items(), key=lambda kv: kv[1])[0]
+
+    def is_peer(self, name: str) -> bool:
+        return any(s.peer for s in self._sources if s.name == name)
+
+    def _count(self, name: str) -> Callable[[int], None]:
+        def add(n: int) -> None:
+            self.delivered[name] = self.delivered.get(name, 0) + n
+
+        return add
 
     @property
     def current(self) -> Source:
@@ -324,7 +346,9 @@ class Sources:
             break
         try:
             if (raw.status == 206 and raw.offset == start) or (raw.status == 200 and start == 0):
-                checked = _Checked(raw, start, offset, self._verifier, pool, src.name)
+                checked = _Checked(
+                    raw, start, offset, self._verifier, pool, src.name, self._count(src.name)
+                )
             else:
                 raise RemoteError(
                     f"source {src.name}: asked for bytes from {start}, got status "

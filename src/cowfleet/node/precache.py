@@ -8,8 +8,10 @@ once with no source, having fetched nothing.
 
 While the fetch runs, the job samples the ``.part`` file and its resume record every
 ``interval`` seconds and reports ``fetching`` (bytes so far, total, rate) or
-``verifying`` (all bytes in, the checks and install still running) to the API; then
-``cached`` or ``failed`` with the error. So the API hears from a node at most once
+``verifying`` (all bytes in, the checks and install still running) to the API, with
+the source sending bytes now (the origin, or a peer's hostname: the cache's live
+download records each switch); then ``cached`` (its source: the one that sent the
+most bytes) or ``failed`` with the error. So the API hears from a node at most once
 per interval per job, plus the final word.
 """
 
@@ -185,6 +187,14 @@ class Precacher:
             return ensure(req.image_id, sources=peers)  # type: ignore[call-arg]
         return ensure(req.image_id)
 
+    def _sending(self, image_id: str) -> str:
+        """Who sends ``image_id``'s bytes to this node now: a peer's hostname, or the
+        origin (also when the cache has no peering, or the download has not begun)."""
+        peering = getattr(self.cache, "peering", None)
+        live = peering.live.get(image_id) if peering is not None else None
+        source = getattr(live, "source", None) if live is not None else None
+        return source if isinstance(source, str) and source else pc.ORIGIN
+
     def _run(self, job: Job) -> None:
         req = job.request
         paths = self.cache.layout.paths(req.image_id)
@@ -211,9 +221,10 @@ class Precacher:
                 done = total or job.progress.bytes_done
             state = pc.VERIFYING if seen and total and done >= total else pc.FETCHING
             rate = meter.sample(self.monotonic(), done)
+            source = self._sending(req.image_id)
             self._set(
                 job,
-                pc.NodeProgress(state, done, total or job.progress.bytes_total, rate, pc.ORIGIN),
+                pc.NodeProgress(state, done, total or job.progress.bytes_total, rate, source),
             )
         if "error" in outcome:
             exc = outcome["error"]
@@ -233,13 +244,13 @@ class Precacher:
         meta = md.read_meta(paths.meta)
         size = meta.image_size if meta is not None else int(getattr(got, "size", 0) or 0)
         fetched = bool(getattr(got, "fetched", True))
-        source = (getattr(got, "source", None) or pc.ORIGIN) if fetched else None
-        self._set(job, pc.NodeProgress(pc.CACHED, size, size, 0.0, source))
+        most = (getattr(got, "source", None) or pc.ORIGIN) if fetched else None  # most bytes
+        self._set(job, pc.NodeProgress(pc.CACHED, size, size, 0.0, most))
         log.info(
             "pre-cache %s: image %s %s",
             req.precache_id,
             req.image_id,
-            f"fetched from {source}" if fetched else "was already cached",
+            f"fetched from {most}" if fetched else "was already cached",
         )
 
 
