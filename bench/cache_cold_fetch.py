@@ -49,6 +49,9 @@ CPU: list[float] = []  # CPU seconds (user + sys) of each child, in order
 
 
 def child_rss_wrapper(argv: list[str]) -> tuple[float, int, str]:
+    # Every case starts from the same state: the previous case's gigabyte written back
+    # (its writeback and its unlink's journal work would otherwise land in this one's time).
+    os.sync()
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = p.stdout.read() if p.stdout else b""

@@ -1,0 +1,100 @@
+"""Benchmark: ``cowfleet cache fetch`` as a whole process against curl, interleaved.
+
+``cache_cold_fetch.py`` runs its cases in a fixed order, so the CLI always follows the
+Nova-order case (a gigabyte written, fsynced, read back and unlinked) and pays for it.
+Here the three cases run in turn, the order rotating each round, each after ``os.sync()``,
+and each timed from ``exec`` to exit:
+
+* curl: ``curl -o FILE`` of the image's data (the network floor, no checks);
+* cli: ``python3 -m cowfleet cache fetch IMAGE`` into an empty ``_base`` (start-up, the
+  image record, the hash tree, the fetch with every check, install, exit);
+* library: the same fetch through ``ImageCache.ensure_cached`` in a fresh interpreter
+  (what the CLI adds is its own start-up and argument handling).
+
+Also timed: the CLI's hit path (the image already cached), which is its start-up cost.
+Target (issue 14): cli at most 1.15x curl.
+
+    python3 bench/cache_fetch_cli.py [--size-mib 1024] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from statistics import median
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+
+LIBRARY = r"""
+import sys
+from pathlib import Path
+from cowfleet.cache.cache import ImageCache
+from cowfleet.config import Config
+from cowfleet.images.client import ImageClient
+url, token, image_id, inst, home = sys.argv[1:6]
+cfg = Config(home=Path(home), instances_path=Path(inst), image_url=url)
+with ImageClient(url, token, timeout=300) as client:
+    assert ImageCache(cfg, client).ensure_cached(image_id).fetched
+"""
+
+
+def timed(argv: list[str]) -> float:
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    wd = workdir(None)
+    res: dict[str, list[float]] = {"curl": [], "cli": [], "library": [], "cli hit": []}
+    try:
+        src = wd / "image.raw"
+        make_image_file(src, args.size_mib * MiB)
+        with image_service(wd) as svc:
+            image_id = upload(svc, src)
+            src.unlink()
+            url = f"{svc.url}/v2/images/{image_id}/file"
+            inst, home = wd / "inst", wd / "home"
+            argv = {
+                "curl": ["curl", "-sS", "-f", "-o", str(wd / "curl.out"),
+                         "-H", f"X-Auth-Token: {svc.token}", url],
+                "cli": fetch_argv(svc, inst, home, image_id),
+                "library": [sys.executable, "-c", LIBRARY, svc.url, svc.token, image_id,
+                            str(inst), str(home)],
+            }  # fmt: skip
+            print(f"image {args.size_mib} MiB, {load()}, cores {os.cpu_count()}")
+            order = list(argv)
+            for r in range(args.rounds):
+                for case in order[r % 3 :] + order[: r % 3]:
+                    res[case].append(timed(argv[case]))
+                    if case == "cli":
+                        res["cli hit"].append(timed(argv["cli"]))
+                    shutil.rmtree(inst, ignore_errors=True)
+                    (wd / "curl.out").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+    for case, values in res.items():
+        runs = " ".join(f"{v:.2f}" for v in values)
+        print(f"{case:8s} best {min(values):.2f} s  median {median(values):.2f} s  runs: {runs}")
+    curl = min(res["curl"])
+    ratio_median = median(res["cli"]) / median(res["curl"])
+    print(f"cli / curl     = {min(res['cli']) / curl:.2f}x best, {ratio_median:.2f}x median"
+          "  (target <= 1.15)")  # fmt: skip
+    print(f"library / curl = {min(res['library']) / curl:.2f}x best (a fresh interpreter too)")
+    print(f"cli start-up (hit path) = {min(res['cli hit']):.2f} s;  after: {load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
