@@ -25,8 +25,8 @@ import shutil
 import subprocess
 import sys
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
