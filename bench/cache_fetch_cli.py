@@ -29,7 +29,7 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+from _cache_common import MiB, fetch_argv, load, served_image, workdir
 
 LIBRARY = r"""
 import sys
@@ -59,11 +59,7 @@ def main() -> int:
     wd = workdir(None)
     res: dict[str, list[float]] = {"curl": [], "cli": [], "library": [], "cli hit": []}
     try:
-        src = wd / "image.raw"
-        make_image_file(src, args.size_mib * MiB)
-        with image_service(wd) as svc:
-            image_id = upload(svc, src)
-            src.unlink()
+        with served_image(wd, args.size_mib * MiB) as (svc, image_id):
             url = f"{svc.url}/v2/images/{image_id}/file"
             inst, home = wd / "inst", wd / "home"
             argv = {
