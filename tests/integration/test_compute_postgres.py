@@ -16,12 +16,10 @@ import httpx
 import pytest
 
 from cowfleet.api.db.engine import Database
-from tests.conftest import require_env
 from tests.fixtures.compute_api import (
     NODE_TOKEN,
     ComputeApi,
-    drop_pg_schema,
-    pg_schema_url,
+    pg_schema,
     write_tokens,
 )
 from tests.fixtures.images import ImageService
@@ -33,10 +31,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    base = require_env("COWFLEET_TEST_POSTGRES_URL")
-    url = pg_schema_url(base)
-    yield url
-    drop_pg_schema(base, url)
+    with pg_schema() as url:
+        yield url
 
 
 def test_concurrent_claims_never_overcommit_postgresql(pg_url: str) -> None:
