@@ -24,7 +24,6 @@ from tests.conftest import wait_until as wait
 from tests.fixtures.compute_api import MEMBER_TOKEN
 from tests.fixtures.fleet import FleetBase
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import CountingProxy
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +36,7 @@ class Fleet(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService]) -> None:
         super().__init__(root, factory, ADMIN_TOKEN)
         self.image_id = self.images.upload("cirros", DATA, visibility="public")
-        self.proxy = CountingProxy(self.images.url)
+        self.start_proxy()
         self.start_api(
             {
                 "COWFLEET_API_HEARTBEAT_INTERVAL": "0.5",
@@ -73,10 +72,6 @@ class Fleet(FleetBase):
             env=env,
             timeout=120,
         )
-
-    def close(self) -> None:
-        super().close()
-        self.proxy.close()
 
 
 @pytest.fixture

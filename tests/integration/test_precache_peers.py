@@ -23,7 +23,6 @@ import pytest
 
 from tests.fixtures.fleet import FleetBase
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import CountingProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -39,7 +38,7 @@ class Fleet(FleetBase):
         super().__init__(root, factory, ADMIN_TOKEN)
         self.data = random.Random(16).randbytes(SIZE)
         self.image_id = self.images.upload("peers", self.data, visibility="public")
-        self.proxy = CountingProxy(self.images.url, rate=RATE)
+        self.start_proxy(rate=RATE)
         self.start_api(
             {
                 "COWFLEET_API_HEARTBEAT_INTERVAL": "0.5",
@@ -49,10 +48,6 @@ class Fleet(FleetBase):
         )
         self.start_agents(HOSTS, image_url=self.proxy.url)
         self.wait_hypervisors(len(HOSTS))
-
-    def close(self) -> None:
-        super().close()
-        self.proxy.close()
 
 
 @pytest.fixture
