@@ -22,6 +22,7 @@ from tests.conftest import wait_until as wait
 from tests.fixtures.compute_api import (
     ComputeApi,
     pg_schema,
+    server_body,
     write_tokens,
 )
 from tests.fixtures.fleet import node_token_file
@@ -100,14 +101,7 @@ def test_concurrent_creates_fill_the_room_exactly_and_no_node_overcommits(
         gate = threading.Barrier(CREATES)
 
         def create(i: int) -> None:
-            body = {
-                "server": {
-                    "name": f"vm-{i}",
-                    "imageRef": image,
-                    "flavorRef": "1",
-                    "networks": "none",
-                }
-            }
+            body = server_body(f"vm-{i}", image)
             gate.wait()
             resp = httpx.post(
                 f"{apis[i % replicas].endpoint}/servers", json=body, headers=HEADERS, timeout=120

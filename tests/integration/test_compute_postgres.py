@@ -20,6 +20,7 @@ from tests.fixtures.compute_api import (
     NODE_TOKEN,
     ComputeApi,
     pg_schema,
+    server_body,
     write_tokens,
 )
 from tests.fixtures.images import ImageService
@@ -88,14 +89,7 @@ def test_two_replicas_share_one_fleet_without_overcommit(
         codes: list[int] = []
 
         def create(i: int) -> None:
-            body = {
-                "server": {
-                    "name": f"vm-{i}",
-                    "imageRef": image,
-                    "flavorRef": "1",
-                    "networks": "none",
-                }
-            }
+            body = server_body(f"vm-{i}", image)
             resp = httpx.post(
                 f"{replicas[i % 2].endpoint}/servers", json=body, headers=hdrs, timeout=60
             )
