@@ -111,6 +111,18 @@ def upload(svc: Service, path: Path, disk_format: str = "raw") -> str:
         return str(img.id)
 
 
+@contextlib.contextmanager
+def served_image(wd: Path, size: int) -> Iterator[tuple[Service, str]]:
+    """:func:`image_service` in ``wd`` holding one raw image of ``size`` bytes (its id);
+    the local copy is deleted once uploaded."""
+    src = wd / "image.raw"
+    make_image_file(src, size)
+    with image_service(wd) as svc:
+        image_id = upload(svc, src)
+        src.unlink()
+        yield svc, image_id
+
+
 def workdir(arg: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="cowfleet-bench-", dir=arg))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+from _cache_common import MiB, fetch_argv, load, served_image, workdir
 
 LIBRARY = r"""
 import sys
@@ -96,11 +96,7 @@ def main() -> int:
         "curl": [], "sha512": [], "cli": [], "library": [], "cli-sha512": [], "cli hit": []
     }  # fmt: skip
     try:
-        src = wd / "image.raw"
-        make_image_file(src, args.size_mib * MiB)
-        with image_service(wd) as svc:
-            image_id = upload(svc, src)
-            src.unlink()
+        with served_image(wd, args.size_mib * MiB) as (svc, image_id):
             url = f"{svc.url}/v2/images/{image_id}/file"
             inst, home = wd / "inst", wd / "home"
             argv = {

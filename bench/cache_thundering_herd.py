@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+from _cache_common import MiB, fetch_argv, load, served_image, workdir
 
 
 def herd(argvs: list[list[str]]) -> tuple[float, list[dict[str, object]]]:
@@ -72,11 +72,7 @@ def main() -> int:
     args = ap.parse_args()
     wd = workdir(args.dir)
     try:
-        src = wd / "image.raw"
-        make_image_file(src, args.size_mib * MiB)
-        with image_service(wd) as svc:
-            image_id = upload(svc, src)
-            src.unlink()
+        with served_image(wd, args.size_mib * MiB) as (svc, image_id):
             print(
                 f"image {args.size_mib} MiB, {args.procs} processes, {load()}, "
                 f"cores {os.cpu_count()}"

@@ -8,11 +8,7 @@ state), starts again on ``openstack server start``, and ``server delete --wait``
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,71 +16,42 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import missing, require_env, require_program
 from tests.e2e.test_libvirt_boot import HOLD, _libvirt_uri, _upload_guest
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.fleet import FleetBase, libvirt_env, require_test_guest, shared_tmp
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import NodeAgent
-from tests.fixtures.openstack import OpenStackCloud
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 ADMIN_TOKEN = "admin-token-" + "e" * 16
 
 
-class Stack:
+class Stack(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService], uri: str) -> None:
-        self.root = root
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images = factory(tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
-        self.api = ComputeApi(
-            root / "api", self.images.url, tokens, settings={"COWFLEET_API_HEARTBEAT_INTERVAL": "1"}
-        )
-        self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
-        self.node = NodeAgent(
-            root / "node",
-            self.api.url,
-            self.images.url,
-            node_token,
+        super().__init__(root, factory, ADMIN_TOKEN)
+        self.start_api({"COWFLEET_API_HEARTBEAT_INTERVAL": "1"})
+        tag = secrets.token_hex(3)
+        (self.node,) = self.start_agents(
+            (("node", "127.0.0.2"),),
             driver="libvirt",
-            hostname=f"e2e-{secrets.token_hex(3)}",
-            extra_env={
-                "COWFLEET_LIBVIRT_URI": uri,
-                "COWFLEET_VIRT_TYPE": os.environ.get("COWFLEET_TEST_VIRT_TYPE") or "qemu",
-            },
+            hostname_of=lambda _: f"e2e-{tag}",
+            extra_env=libvirt_env(uri),
         )
-        self.node.start()
-        self.cloud = OpenStackCloud(root, "e2e", self.api.endpoint, ADMIN_TOKEN, self.images.url)
+        self.start_cloud("e2e")
 
-    def osc(self, *args: str) -> Any:
-        out = self.cloud.run(*args, timeout=400).strip()
-        return json.loads(out) if "-f" in args and out else out
-
-    def close(self) -> None:
-        self.node.stop()
-        self.api.stop()
+    def osc(self, *args: str, timeout: float = 400) -> Any:
+        return super().osc(*args, timeout=timeout)
 
 
 @pytest.fixture
 def stack(image_service_factory: Callable[..., ImageService]) -> Iterator[Stack]:
-    guest = Path(require_env("COWFLEET_TEST_GUEST_DIR"))
+    require_test_guest()
     uri = _libvirt_uri()
-    require_program("qemu-system-x86_64")
-    for f in ("vmlinuz", "initramfs.img", "root.img"):
-        if not (guest / f).is_file():
-            missing(f"test guest incomplete: {guest / f} (run scripts/setup/guest.sh)")
-    root = Path(tempfile.mkdtemp(prefix="cowfleet-e2e-api-", dir="/var/tmp"))
-    root.chmod(0o755)
-    s = Stack(root, image_service_factory, uri)
-    try:
-        yield s
-    finally:
-        s.close()
-        shutil.rmtree(root, ignore_errors=True)
+    with shared_tmp("cowfleet-e2e-api-") as root:
+        s = Stack(root, image_service_factory, uri)
+        try:
+            yield s
+        finally:
+            s.close()
 
 
 def _wait(check: Callable[[], Any], timeout: float) -> Any:

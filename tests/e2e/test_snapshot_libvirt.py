@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,12 +25,9 @@ import pytest
 
 from cowfleet import proc
 from cowfleet.images.client import ImageClient
-from tests.conftest import missing, require_env, require_program
 from tests.e2e.test_libvirt_boot import _libvirt_uri
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.fleet import FleetBase, libvirt_env, require_test_guest, shared_tmp
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import NodeAgent
-from tests.fixtures.openstack import OpenStackCloud
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -40,84 +35,44 @@ ADMIN_TOKEN = "admin-token-" + "p" * 16
 HOLD = 240  # the guest stays up this long after its marker: the snapshot runs meanwhile
 
 
-class Stack:
+class Stack(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService], uri: str) -> None:
-        self.root = root
+        super().__init__(root, factory, ADMIN_TOKEN)
         self.uri = uri
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images = factory(tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
-        self.api = ComputeApi(
-            root / "api",
-            self.images.url,
-            tokens,
-            settings={
-                "COWFLEET_API_HEARTBEAT_INTERVAL": "1",
-                "COWFLEET_API_NODE_DOWN_AFTER": "4",
-            },
+        self.start_api(
+            {"COWFLEET_API_HEARTBEAT_INTERVAL": "1", "COWFLEET_API_NODE_DOWN_AFTER": "4"}
         )
-        self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
         tag = secrets.token_hex(3)
-        self.agents = [
-            NodeAgent(
-                root / name,
-                self.api.url,
-                self.images.url,
-                node_token,
-                host=addr,
-                driver="libvirt",
-                hostname=f"e2e-{name}-{tag}",
-                extra_env={
-                    "COWFLEET_LIBVIRT_URI": uri,
-                    "COWFLEET_VIRT_TYPE": os.environ.get("COWFLEET_TEST_VIRT_TYPE") or "qemu",
-                },
-            )
-            for name, addr in (("a", "127.0.0.2"), ("b", "127.0.0.3"))
-        ]
-        for agent in self.agents:
-            agent.start()
-        self.cloud = OpenStackCloud(root, "e2e", self.api.endpoint, ADMIN_TOKEN, self.images.url)
+        self.start_agents(
+            (("a", "127.0.0.2"), ("b", "127.0.0.3")),
+            driver="libvirt",
+            hostname_of=lambda name: f"e2e-{name}-{tag}",
+            extra_env=libvirt_env(uri),
+        )
+        self.start_cloud("e2e")
 
-    def osc(self, *args: str) -> Any:
-        out = self.cloud.run(*args, timeout=600).strip()
-        return json.loads(out) if "-f" in args and out else out
-
-    def agent(self, hostname: str) -> NodeAgent:
-        return next(a for a in self.agents if a.hostname == hostname)
+    def osc(self, *args: str, timeout: float = 600) -> Any:
+        return super().osc(*args, timeout=timeout)
 
     def virsh(self, *args: str) -> str:
         return subprocess.run(
             ["virsh", "-c", self.uri, *args], capture_output=True, text=True, timeout=60
         ).stdout
 
-    def close(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.api.stop()
-
 
 @pytest.fixture
 def stack(image_service_factory: Callable[..., ImageService]) -> Iterator[Stack]:
-    guest = Path(require_env("COWFLEET_TEST_GUEST_DIR"))
+    require_test_guest()
     uri = _libvirt_uri()
-    require_program("qemu-system-x86_64")
-    for f in ("vmlinuz", "initramfs.img", "root.img"):
-        if not (guest / f).is_file():
-            missing(f"test guest incomplete: {guest / f} (run scripts/setup/guest.sh)")
-    root = Path(tempfile.mkdtemp(prefix="cowfleet-e2e-snap-", dir="/var/tmp"))
-    root.chmod(0o755)
-    s = Stack(root, image_service_factory, uri)
-    try:
-        yield s
-    finally:
-        for vm in ("vm", "vm2"):
-            subprocess.run(["openstack", "server", "delete", vm], env=s.cloud.env(),
-                           capture_output=True, timeout=120)  # fmt: skip
-        s.close()
-        shutil.rmtree(root, ignore_errors=True)
+    with shared_tmp("cowfleet-e2e-snap-") as root:
+        s = Stack(root, image_service_factory, uri)
+        try:
+            yield s
+        finally:
+            for vm in ("vm", "vm2"):
+                subprocess.run(["openstack", "server", "delete", vm], env=s.cloud.env(),
+                               capture_output=True, timeout=120)  # fmt: skip
+            s.close()
 
 
 def _upload_guest(service: ImageService, marker: str) -> None:

@@ -24,9 +24,8 @@ from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import Layout
 from tests.conftest import missing, wait_until
 from tests.fixtures.chromium import Chromium, dump_dom
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.fleet import FleetBase
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import NodeAgent
 
 pytestmark = pytest.mark.e2e
 
@@ -45,30 +44,16 @@ def _chromium() -> str:
     return binary
 
 
-class Fleet:
+class Fleet(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService]) -> None:
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images = factory(tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
+        super().__init__(root, factory, ADMIN_TOKEN)
         self.cirros = self.images.upload("cirros", b"\3" * MIB, visibility="public")
         self.hostile = self.images.upload(HOSTILE, b"\1" * MIB, visibility="public")
         self.big = self.images.upload("debian-12", b"\2" * (4 * MIB), visibility="public")
-        self.api = ComputeApi(
-            root / "api",
-            self.images.url,
-            tokens,
-            settings={"COWFLEET_API_HEARTBEAT_INTERVAL": "1", "COWFLEET_API_NODE_DOWN_AFTER": "5"},
+        self.start_api(
+            {"COWFLEET_API_HEARTBEAT_INTERVAL": "1", "COWFLEET_API_NODE_DOWN_AFTER": "5"}
         )
-        self.api.start()
-        token = root / "node-token"
-        token.write_text(NODE_TOKEN + "\n")
-        token.chmod(0o600)
-        self.agents = [
-            NodeAgent(root / name, self.api.url, self.images.url, token, host=addr, hostname=name)
-            for name, addr in (("node-a", "127.0.0.2"), ("node-b", "127.0.0.3"))
-        ]
-        for agent in self.agents:
-            agent.start()
+        self.start_agents()
 
     def api_call(self, method: str, path: str, **kw: object) -> httpx.Response:
         headers = {"X-Auth-Token": ADMIN_TOKEN}
@@ -82,11 +67,6 @@ class Fleet:
 
     def status(self, server: str) -> str:
         return str(self.api_call("GET", f"/v2.1/servers/{server}").json()["server"]["status"])
-
-    def close(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.api.stop()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ loopback for the whole module; the CLI runs as a subprocess with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -20,9 +21,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_until as wait
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
-from tests.fixtures.images import ImageService, start_image_service
-from tests.fixtures.node_agent import NodeAgent
+from tests.fixtures.fleet import FleetBase
+from tests.fixtures.images import start_image_service
 
 pytestmark = pytest.mark.integration
 
@@ -30,33 +30,17 @@ ADMIN_TOKEN = "admin-token-" + "c" * 16
 RAW = b"\0" * (1 << 20)
 
 
-class CliFleet:
+class CliFleet(FleetBase):
     def __init__(self, root: Path) -> None:
-        self.root = root
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images: ImageService = start_image_service(root / "images", tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
+        super().__init__(root, functools.partial(start_image_service, root / "images"), ADMIN_TOKEN)
         self.image_id = self.images.upload("cirros", RAW, visibility="public")
-        self.api = ComputeApi(
-            root / "api",
-            self.images.url,
-            tokens,
-            settings={
+        self.start_api(
+            {
                 "COWFLEET_API_HEARTBEAT_INTERVAL": "1",
                 "COWFLEET_API_CPU_ALLOCATION_RATIO": "1.0",  # 4 m1.tiny per agent
-            },
+            }
         )
-        self.agents: list[NodeAgent] = []
-        self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
-        for name, addr in (("node-a", "127.0.0.2"), ("node-b", "127.0.0.3")):
-            agent = NodeAgent(
-                root / name, self.api.url, self.images.url, node_token, host=addr, hostname=name
-            )
-            agent.start()
-            self.agents.append(agent)
+        self.start_agents()
 
     def env(self, token: str = ADMIN_TOKEN) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("COWFLEET_", "OS_"))}
@@ -87,9 +71,7 @@ class CliFleet:
         return json.loads(self.ok(*args, "--output", "json"))
 
     def close(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.api.stop()
+        super().close()
         self.images.stop()
 
 

@@ -7,7 +7,6 @@ instances path), driven by the unmodified ``openstack`` client.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,8 @@ import httpx
 import pytest
 
 from tests.conftest import wait_until as wait
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.fleet import FleetBase
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import NodeAgent
-from tests.fixtures.openstack import OpenStackCloud
 
 pytestmark = pytest.mark.integration
 
@@ -27,45 +24,19 @@ ADMIN_TOKEN = "admin-token-" + "f" * 16
 RAW = b"\0" * (2 << 20)
 
 
-class Fleet:
+class Fleet(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService]) -> None:
-        self.root = root
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images = factory(tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
+        super().__init__(root, factory, ADMIN_TOKEN)
         self.image_id = self.images.upload("cirros", RAW, visibility="public")
-        self.api = ComputeApi(
-            root / "api",
-            self.images.url,
-            tokens,
-            settings={
+        self.start_api(
+            {
                 "COWFLEET_API_HEARTBEAT_INTERVAL": "1",
                 "COWFLEET_API_NODE_DOWN_AFTER": "4",
                 "COWFLEET_API_CPU_ALLOCATION_RATIO": "1.0",  # 4 m1.tiny per agent
-            },
+            }
         )
-        self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
-        self.agents = [
-            NodeAgent(
-                root / name, self.api.url, self.images.url, node_token, host=addr, hostname=name
-            )
-            for name, addr in (("node-a", "127.0.0.2"), ("node-b", "127.0.0.3"))
-        ]
-        for agent in self.agents:
-            agent.start()
-        self.cloud = OpenStackCloud(root, "fleet", self.api.endpoint, ADMIN_TOKEN, self.images.url)
-
-    def osc(self, *args: str) -> Any:
-        out = self.cloud.run(*args, timeout=180).strip()
-        return json.loads(out) if "-f" in args and out else out
-
-    def close(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.api.stop()
+        self.start_agents()
+        self.start_cloud("fleet")
 
 
 @pytest.fixture

@@ -18,15 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import require_env
 from tests.conftest import wait_until as wait
 from tests.fixtures.compute_api import (
-    NODE_TOKEN,
     ComputeApi,
-    drop_pg_schema,
-    pg_schema_url,
+    pg_schema,
+    server_body,
     write_tokens,
 )
+from tests.fixtures.fleet import node_token_file
 from tests.fixtures.images import ImageService
 from tests.fixtures.node_agent import NodeAgent
 
@@ -44,10 +43,8 @@ def database(request: pytest.FixtureRequest) -> Iterator[tuple[str | None, int]]
     if request.param == "sqlite":
         yield None, 1
         return
-    base = require_env("COWFLEET_TEST_POSTGRES_URL")
-    url = pg_schema_url(base)
-    yield url, 2
-    drop_pg_schema(base, url)
+    with pg_schema() as url:
+        yield url, 2
 
 
 def _servers(api: ComputeApi) -> list[dict[str, Any]]:
@@ -72,9 +69,7 @@ def test_concurrent_creates_fill_the_room_exactly_and_no_node_overcommits(
         ComputeApi(tmp_path / f"api-{i}", images.url, tokens, database=url, settings=settings)
         for i in range(replicas)
     ]
-    node_token = tmp_path / "node-token"
-    node_token.write_text(NODE_TOKEN + "\n")
-    node_token.chmod(0o600)
+    node_token = node_token_file(tmp_path)
     agents = [
         NodeAgent(
             tmp_path / name,
@@ -106,14 +101,7 @@ def test_concurrent_creates_fill_the_room_exactly_and_no_node_overcommits(
         gate = threading.Barrier(CREATES)
 
         def create(i: int) -> None:
-            body = {
-                "server": {
-                    "name": f"vm-{i}",
-                    "imageRef": image,
-                    "flavorRef": "1",
-                    "networks": "none",
-                }
-            }
+            body = server_body(f"vm-{i}", image)
             gate.wait()
             resp = httpx.post(
                 f"{apis[i % replicas].endpoint}/servers", json=body, headers=HEADERS, timeout=120

@@ -16,12 +16,11 @@ import httpx
 import pytest
 
 from cowfleet.api.db.engine import Database
-from tests.conftest import require_env
 from tests.fixtures.compute_api import (
     NODE_TOKEN,
     ComputeApi,
-    drop_pg_schema,
-    pg_schema_url,
+    pg_schema,
+    server_body,
     write_tokens,
 )
 from tests.fixtures.images import ImageService
@@ -33,10 +32,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    base = require_env("COWFLEET_TEST_POSTGRES_URL")
-    url = pg_schema_url(base)
-    yield url
-    drop_pg_schema(base, url)
+    with pg_schema() as url:
+        yield url
 
 
 def test_concurrent_claims_never_overcommit_postgresql(pg_url: str) -> None:
@@ -92,14 +89,7 @@ def test_two_replicas_share_one_fleet_without_overcommit(
         codes: list[int] = []
 
         def create(i: int) -> None:
-            body = {
-                "server": {
-                    "name": f"vm-{i}",
-                    "imageRef": image,
-                    "flavorRef": "1",
-                    "networks": "none",
-                }
-            }
+            body = server_body(f"vm-{i}", image)
             resp = httpx.post(
                 f"{replicas[i % 2].endpoint}/servers", json=body, headers=hdrs, timeout=60
             )

@@ -26,7 +26,8 @@ import pytest
 
 from tests.conftest import missing, require_program
 from tests.fixtures._service import log_tail, stop_process
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.compute_api import ComputeApi, server_body, write_tokens
+from tests.fixtures.fleet import node_token_file
 from tests.fixtures.images import ImageService, free_port
 from tests.fixtures.node_agent import NodeAgent
 
@@ -150,9 +151,7 @@ class Fleet:
             settings={**JSON_LOGS, "COWFLEET_API_HEARTBEAT_INTERVAL": "1"},
         )
         self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
+        node_token = node_token_file(root)
         self.node = NodeAgent(
             root / "node-a",
             self.api.url,
@@ -172,8 +171,7 @@ class Fleet:
 
     def boot(self, name: str, flavor: str = "1", request_id: str | None = None) -> str:
         headers = {"X-Request-Id": request_id} if request_id else {}
-        body = {"server": {"name": name, "imageRef": self.image_id, "flavorRef": flavor,
-                           "networks": "none"}}  # fmt: skip
+        body = server_body(name, self.image_id, flavor)
         resp = self.compute("POST", "/servers", json=body, headers=headers)
         assert resp.status_code == 202, resp.text
         if request_id:

@@ -22,7 +22,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_program
+from tests.fixtures.node_agent import AGENT_MEMBER_TOKEN as MEMBER_TOKEN
+from tests.fixtures.node_agent import AGENT_NODE_TOKEN as NODE_TOKEN
+from tests.fixtures.node_agent import AGENT_TOKENS as TOKENS
 from tests.fixtures.node_agent import CountingProxy, FakeController, NodeAgent
+from tests.fixtures.node_agent import private_file as _private
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -45,27 +49,6 @@ def _spec(image_id: str, name: str = "vm", uuid: str | None = None, **kw: Any) -
         "image_id": image_id,
         "flavor": dict(TINY, **kw),
     }
-
-
-MEMBER_TOKEN = "member-token-of-demo-0123"
-NODE_TOKEN = "node-token-of-the-fleet-4567"
-TOKENS = f"""
-[[token]]
-token = "{MEMBER_TOKEN}"
-project = "demo"
-role = "member"
-
-[[token]]
-token = "{NODE_TOKEN}"
-project = "service"
-role = "node"
-"""
-
-
-def _private(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
 
 
 def fleet_image_service(tmp_path: Path, factory: Any) -> Any:

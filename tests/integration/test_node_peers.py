@@ -12,7 +12,6 @@ import time
 import uuid as uuid_mod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +21,11 @@ from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import Layout
 from cowfleet.hashtree import DEFAULT_LEAF_SIZE
 from tests.fixtures.images import ImageService, start_image_service
+from tests.fixtures.node_agent import AGENT_MEMBER_TOKEN as MEMBER_TOKEN
+from tests.fixtures.node_agent import AGENT_NODE_TOKEN as NODE_TOKEN
+from tests.fixtures.node_agent import AGENT_TOKENS as TOKENS
 from tests.fixtures.node_agent import CountingProxy, FakeController, NodeAgent
+from tests.fixtures.node_agent import private_file as _private
 from tests.integration._rogue_peer import RoguePeer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -30,25 +33,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 MIB = 1024 * 1024
 LEAF = DEFAULT_LEAF_SIZE
 TINY = {"name": "t1.tiny", "vcpus": 1, "ram_mb": 256, "root_gb": 1, "ephemeral_gb": 0, "swap_mb": 0}
-MEMBER_TOKEN = "member-token-of-demo-0123"
-NODE_TOKEN = "node-token-of-the-fleet-4567"
-TOKENS = f"""
-[[token]]
-token = "{MEMBER_TOKEN}"
-project = "demo"
-role = "member"
-
-[[token]]
-token = "{NODE_TOKEN}"
-project = "service"
-role = "node"
-"""
-
-
-def _private(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
 
 
 def _data(size: int, seed: int) -> bytes:

@@ -17,15 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from cowfleet.errors import CowfleetError
 from tests.conftest import wait_until as wait
-from tests.fixtures.compute_api import MEMBER_TOKEN, NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.compute_api import MEMBER_TOKEN
+from tests.fixtures.fleet import FleetBase
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import CountingProxy, NodeAgent
-from tests.fixtures.openstack import OpenStackCloud
 
 pytestmark = pytest.mark.integration
 
@@ -34,42 +32,21 @@ DATA = os.urandom(3 << 20)
 HOSTS = (("node-a", "127.0.0.2"), ("node-b", "127.0.0.3"), ("node-c", "127.0.0.4"))
 
 
-class Fleet:
+class Fleet(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService]) -> None:
-        self.root = root
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images = factory(tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
+        super().__init__(root, factory, ADMIN_TOKEN)
         self.image_id = self.images.upload("cirros", DATA, visibility="public")
-        self.proxy = CountingProxy(self.images.url)
-        self.api = ComputeApi(
-            root / "api",
-            self.images.url,
-            tokens,
-            settings={
+        self.start_proxy()
+        self.start_api(
+            {
                 "COWFLEET_API_HEARTBEAT_INTERVAL": "0.5",
                 "COWFLEET_API_NODE_DOWN_AFTER": "3",
                 "COWFLEET_API_NODE_TIMEOUT": "5",
-            },
+            }
         )
-        self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
-        self.agents = [
-            NodeAgent(root / name, self.api.url, self.proxy.url, node_token, host=a, hostname=name)
-            for name, a in HOSTS
-        ]
-        for agent in self.agents:
-            agent.start()
-        self.cloud = OpenStackCloud(root, "pc", self.api.endpoint, ADMIN_TOKEN, self.images.url)
-        wait(lambda: len(self.call("GET", "/os-hypervisors/detail").json()["hypervisors"]) == 3)
-
-    def call(self, method: str, path: str, token: str = ADMIN_TOKEN, **kw: Any) -> httpx.Response:
-        headers = {"X-Auth-Token": token, "OpenStack-API-Version": kw.pop("mv", "compute 2.81")}
-        return httpx.request(
-            method, f"{self.api.endpoint}{path}", headers=headers, timeout=30, **kw
-        )
+        self.start_agents(HOSTS, image_url=self.proxy.url)
+        self.start_cloud("pc")
+        self.wait_hypervisors(len(HOSTS))
 
     def precaches(self) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = self.call("GET", "/cowfleet/precache").json()["precaches"]
@@ -95,12 +72,6 @@ class Fleet:
             env=env,
             timeout=120,
         )
-
-    def close(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.api.stop()
-        self.proxy.close()
 
 
 @pytest.fixture

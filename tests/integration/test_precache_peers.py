@@ -17,14 +17,12 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.fleet import FleetBase
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import CountingProxy, NodeAgent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -35,51 +33,21 @@ RATE = 8e6  # bytes/s at the origin: slow enough that the peers stream from a do
 HOSTS = tuple((f"node-{c}", f"127.0.0.{i + 2}") for i, c in enumerate("abcd"))
 
 
-class Fleet:
+class Fleet(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService]) -> None:
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images = factory(tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
+        super().__init__(root, factory, ADMIN_TOKEN)
         self.data = random.Random(16).randbytes(SIZE)
         self.image_id = self.images.upload("peers", self.data, visibility="public")
-        self.proxy = CountingProxy(self.images.url, rate=RATE)
-        self.api = ComputeApi(
-            root / "api",
-            self.images.url,
-            tokens,
-            settings={
+        self.start_proxy(rate=RATE)
+        self.start_api(
+            {
                 "COWFLEET_API_HEARTBEAT_INTERVAL": "0.5",
                 "COWFLEET_API_NODE_DOWN_AFTER": "10",
                 "COWFLEET_API_PEER_FANOUT": "2",
-            },
+            }
         )
-        self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
-        self.agents: list[NodeAgent] = []
-        for name, addr in HOSTS:
-            agent = NodeAgent(
-                root / name, self.api.url, self.proxy.url, node_token, host=addr, hostname=name
-            )
-            agent.start()
-            self.agents.append(agent)
-        deadline = time.monotonic() + 60
-        while len(self.call("GET", "/os-hypervisors/detail").json()["hypervisors"]) < len(HOSTS):
-            assert time.monotonic() < deadline, "the node agents did not register"
-            time.sleep(0.1)
-
-    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        headers = {"X-Auth-Token": ADMIN_TOKEN, "OpenStack-API-Version": "compute 2.81"}
-        return httpx.request(
-            method, f"{self.api.endpoint}{path}", headers=headers, timeout=30, **kw
-        )
-
-    def close(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.api.stop()
-        self.proxy.close()
+        self.start_agents(HOSTS, image_url=self.proxy.url)
+        self.wait_hypervisors(len(HOSTS))
 
 
 @pytest.fixture

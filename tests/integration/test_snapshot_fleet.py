@@ -8,7 +8,6 @@ runs no guest). The snapshot's bytes must equal the chain's guest-visible conten
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,10 +21,8 @@ from cowfleet import proc, qemuimg
 from cowfleet.images.client import ImageClient
 from tests.conftest import require_program
 from tests.conftest import wait_until as wait
-from tests.fixtures.compute_api import NODE_TOKEN, ComputeApi, write_tokens
+from tests.fixtures.fleet import FleetBase
 from tests.fixtures.images import ImageService
-from tests.fixtures.node_agent import NodeAgent
-from tests.fixtures.openstack import OpenStackCloud
 
 pytestmark = pytest.mark.integration
 
@@ -36,52 +33,20 @@ BASE[0:4096] = b"\x11" * 4096
 BASE[9 * MiB : 9 * MiB + 65536] = b"\x22" * 65536
 
 
-class Fleet:
+class Fleet(FleetBase):
     def __init__(self, root: Path, factory: Callable[..., ImageService]) -> None:
         require_program("qemu-img")
         require_program("qemu-io")
-        self.root = root
-        tokens = write_tokens(root / "tokens.toml", ADMIN_TOKEN)
-        self.images = factory(tokens_file=tokens)
-        self.images.token = ADMIN_TOKEN
+        super().__init__(root, factory, ADMIN_TOKEN)
         self.image_id = self.images.upload(
             "base", bytes(BASE), visibility="public", min_disk=1, min_ram=64,
             os_command_line="console=ttyS0",
         )  # fmt: skip
-        self.api = ComputeApi(
-            root / "api",
-            self.images.url,
-            tokens,
-            settings={
-                "COWFLEET_API_HEARTBEAT_INTERVAL": "1",
-                "COWFLEET_API_NODE_DOWN_AFTER": "4",
-            },
+        self.start_api(
+            {"COWFLEET_API_HEARTBEAT_INTERVAL": "1", "COWFLEET_API_NODE_DOWN_AFTER": "4"}
         )
-        self.api.start()
-        node_token = root / "node-token"
-        node_token.write_text(NODE_TOKEN + "\n")
-        node_token.chmod(0o600)
-        self.agents = [
-            NodeAgent(
-                root / name, self.api.url, self.images.url, node_token, host=addr, hostname=name
-            )
-            for name, addr in (("node-a", "127.0.0.2"), ("node-b", "127.0.0.3"))
-        ]
-        for agent in self.agents:
-            agent.start()
-        self.cloud = OpenStackCloud(root, "fleet", self.api.endpoint, ADMIN_TOKEN, self.images.url)
-
-    def osc(self, *args: str) -> Any:
-        out = self.cloud.run(*args, timeout=180).strip()
-        return json.loads(out) if "-f" in args and out else out
-
-    def agent(self, hostname: str) -> NodeAgent:
-        return next(a for a in self.agents if a.hostname == hostname)
-
-    def close(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        self.api.stop()
+        self.start_agents()
+        self.start_cloud("fleet")
 
 
 @pytest.fixture

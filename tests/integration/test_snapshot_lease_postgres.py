@@ -16,8 +16,7 @@ from cowfleet.api import snapshots
 from cowfleet.api.db.engine import Database
 from cowfleet.api.db.models import ServerRow
 from cowfleet.api.fleet import Fleet
-from tests.conftest import require_env
-from tests.fixtures.compute_api import drop_pg_schema, pg_schema_url
+from tests.fixtures.compute_api import pg_schema
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +26,8 @@ SID = "7a3c9f0e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    base = require_env("COWFLEET_TEST_POSTGRES_URL")
-    url = pg_schema_url(base)
-    yield url
-    drop_pg_schema(base, url)
+    with pg_schema() as url:
+        yield url
 
 
 def _replica(db: Database) -> Fleet:

@@ -29,12 +29,12 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from cowfleet.closing import Closing
 from cowfleet.errors import (
     BackendUnavailableError,
     ConflictError,
@@ -113,7 +113,7 @@ class CreateResult:
     started: float
 
 
-class ComputeClient:
+class ComputeClient(Closing):
     """Client of one compute API; a context manager (it owns its connection pool)."""
 
     def __init__(
@@ -153,17 +153,6 @@ class ComputeClient:
 
     def close(self) -> None:
         self._http.close()
-
-    def __enter__(self) -> ComputeClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- plumbing ------------------------------------------------------------------
     def _call(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:

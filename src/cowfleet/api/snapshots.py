@@ -23,7 +23,6 @@ clears the task.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any
 
@@ -34,11 +33,11 @@ from cowfleet.api.context import Ctx
 from cowfleet.api.db.models import ServerRow
 from cowfleet.api.faults import ApiFault
 from cowfleet.api.fleet import Fleet, rows
+from cowfleet.api.names import check_name
 from cowfleet.api.nodes_client import NodeConflict, NodeError
 
 log = logging.getLogger(__name__)
 
-MAX_NAME = 255
 SNAPSHOTTING, UPLOADING = "image_snapshot", "image_uploading"
 POLL = 0.5  # seconds between two looks at the node's job
 NODE_LOST_AFTER = 120  # seconds of failed looks before the job counts as lost
@@ -58,13 +57,7 @@ def parse(arg: Any) -> tuple[str, dict[str, str]]:
     unknown = set(arg) - {"name", "metadata"}
     if unknown:
         raise ApiFault(400, f"Invalid input for field 'createImage': unknown {sorted(unknown)}.")
-    name = arg.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ApiFault(400, "Invalid input for field 'name': a non-empty string is required.")
-    if len(name) > MAX_NAME:
-        raise ApiFault(400, f"Invalid input for field 'name': longer than {MAX_NAME} characters.")
-    if re.search(r"[\x00-\x1f\x7f]", name):
-        raise ApiFault(400, "Invalid input for field 'name': control characters.")
+    name = check_name(arg.get("name"))
     meta = arg.get("metadata", {})
     if meta is None:
         meta = {}

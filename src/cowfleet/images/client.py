@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
+from cowfleet.closing import Closing
 from cowfleet.errors import (
     ConflictError,
     IntegrityError,
@@ -122,7 +122,7 @@ def _tls_context(endpoint: str) -> ssl.SSLContext:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
-class ImageClient:
+class ImageClient(Closing):
     """Client of a Glance v2 image service; also a context manager."""
 
     def __init__(
@@ -206,17 +206,6 @@ class ImageClient:
     def close(self) -> None:
         self._http.close()
         self._data.close()
-
-    def __enter__(self) -> ImageClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _request(
         self,

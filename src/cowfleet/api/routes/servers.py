@@ -16,11 +16,10 @@ from cowfleet.api.context import Ctx, JsonBody, UserCtx
 from cowfleet.api.db.models import NodeRow, ServerRow
 from cowfleet.api.faults import ApiFault
 from cowfleet.api.fleet import CreateRequest, Fleet
+from cowfleet.api.names import check_name
 from cowfleet.api.settings import MAX_SERVERS_PER_REQUEST
 
 router = APIRouter()
-
-MAX_NAME = 255
 
 
 def _uuid(value: Any, what: str) -> str:
@@ -70,13 +69,7 @@ def parse_create(body: dict[str, Any], ctx: Ctx) -> CreateRequest:
     server = body.get("server")
     if not isinstance(server, dict):
         raise ApiFault(400, "Invalid input: the body must hold a 'server' object.")
-    name = server.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ApiFault(400, "Invalid input for field 'name': a non-empty string is required.")
-    if len(name) > MAX_NAME:
-        raise ApiFault(400, f"Invalid input for field 'name': longer than {MAX_NAME} characters.")
-    if re.search(r"[\x00-\x1f\x7f]", name):
-        raise ApiFault(400, "Invalid input for field 'name': control characters.")
+    name = check_name(server.get("name"))
     flavor = server.get("flavorRef")
     if not isinstance(flavor, (str, int)) or isinstance(flavor, bool) or not str(flavor):
         raise ApiFault(400, "Invalid input for field 'flavorRef': required.")
