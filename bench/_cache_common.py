@@ -150,3 +150,41 @@ def fetch_argv(svc: Service, inst: Path, home: Path, image_id: str) -> list[str]
         "--token-file",
         str(svc.token_file),
     ]
+
+
+# Child scripts the fetch benchmarks share (run as `python3 -c SCRIPT ARGS`).
+# The digest alone over a file: argv FILE ALGO.
+DIGEST_ALONE = r"""
+import hashlib, sys
+h = hashlib.new(sys.argv[2])
+with open(sys.argv[1], "rb", buffering=0) as fh:
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        h.update(view[:n])
+print(h.hexdigest())
+"""
+
+# A cold fetch of an image as if it had no hash tree (real Glance: the whole-image digest
+# verifies it): argv URL TOKEN IMAGE_ID INSTANCES_PATH HOME; prints fetched and size.
+FETCH_SHA512 = r"""
+import json, sys
+from pathlib import Path
+from cowfleet.cache.cache import ImageCache
+from cowfleet.config import Config
+from cowfleet.hashtree import LEAF_SIZE_PROPERTY, ROOT_PROPERTY
+from cowfleet.images.client import ImageClient
+url, token, image_id, inst, home = sys.argv[1:6]
+
+class NoTree(ImageClient):
+    def get(self, image_id):
+        image = super().get(image_id)
+        for key in (ROOT_PROPERTY, LEAF_SIZE_PROPERTY):
+            image.properties.pop(key, None)
+        return image
+
+cfg = Config(home=Path(home), instances_path=Path(inst), image_url=url)
+with NoTree(url, token, timeout=300) as client:
+    base = ImageCache(cfg, client).ensure_cached(image_id)
+print(json.dumps({"fetched": base.fetched, "size": base.size}))
+"""

@@ -43,7 +43,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cache_common import MiB, fetch_argv, image_service, load, make_image_file, upload, workdir
+from _cache_common import (
+    DIGEST_ALONE,
+    FETCH_SHA512,
+    MiB,
+    fetch_argv,
+    image_service,
+    load,
+    make_image_file,
+    upload,
+    workdir,
+)
 
 CPU: list[float] = []  # CPU seconds (user + sys) of each child, in order
 
@@ -90,16 +100,6 @@ subprocess.run(["qemu-img", "info", "-f", "raw", "--output=json", dest], check=T
 print(h.hexdigest())
 """
 
-DIGEST_ALONE = r"""
-import hashlib, sys
-h = hashlib.new(sys.argv[2])
-with open(sys.argv[1], "rb", buffering=0) as fh:
-    buf = bytearray(4 << 20)
-    view = memoryview(buf)
-    while n := fh.readinto(buf):
-        h.update(view[:n])
-print(h.hexdigest())
-"""
 
 TREE_ALONE = r"""
 import sys
@@ -111,28 +111,6 @@ with open(sys.argv[1], "rb", buffering=0) as fh:
     while n := fh.readinto(buf):
         b.update(view[:n])
 print(b.finish().root)
-"""
-
-FETCH_SHA512 = r"""
-import json, sys
-from pathlib import Path
-from cowfleet.cache.cache import ImageCache
-from cowfleet.config import Config
-from cowfleet.hashtree import LEAF_SIZE_PROPERTY, ROOT_PROPERTY
-from cowfleet.images.client import ImageClient
-url, token, image_id, inst, home = sys.argv[1:6]
-
-class NoTree(ImageClient):
-    def get(self, image_id):
-        image = super().get(image_id)
-        for key in (ROOT_PROPERTY, LEAF_SIZE_PROPERTY):
-            image.properties.pop(key, None)
-        return image
-
-cfg = Config(home=Path(home), instances_path=Path(inst), image_url=url)
-with NoTree(url, token, timeout=300) as client:
-    base = ImageCache(cfg, client).ensure_cached(image_id)
-print(json.dumps({"fetched": base.fetched, "size": base.size}))
 """
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cache_common import MiB, fetch_argv, load, served_image, workdir
+from _cache_common import DIGEST_ALONE, FETCH_SHA512, MiB, fetch_argv, load, served_image, workdir
 
 LIBRARY = r"""
 import sys
@@ -45,37 +45,6 @@ url, token, image_id, inst, home = sys.argv[1:6]
 cfg = Config(home=Path(home), instances_path=Path(inst), image_url=url)
 with ImageClient(url, token, timeout=300) as client:
     assert ImageCache(cfg, client).ensure_cached(image_id).fetched
-"""
-
-NO_TREE = r"""
-import sys
-from pathlib import Path
-from cowfleet.cache.cache import ImageCache
-from cowfleet.config import Config
-from cowfleet.hashtree import LEAF_SIZE_PROPERTY, ROOT_PROPERTY
-from cowfleet.images.client import ImageClient
-url, token, image_id, inst, home = sys.argv[1:6]
-
-class NoTree(ImageClient):
-    def get(self, image_id):
-        image = super().get(image_id)
-        for key in (ROOT_PROPERTY, LEAF_SIZE_PROPERTY):
-            image.properties.pop(key, None)
-        return image
-
-cfg = Config(home=Path(home), instances_path=Path(inst), image_url=url)
-with NoTree(url, token, timeout=300) as client:
-    assert ImageCache(cfg, client).ensure_cached(image_id).fetched
-"""
-
-SHA512 = r"""
-import hashlib, sys
-h = hashlib.sha512()
-with open(sys.argv[1], "rb", buffering=0) as fh:
-    buf = bytearray(4 << 20)
-    view = memoryview(buf)
-    while n := fh.readinto(buf):
-        h.update(view[:n])
 """
 
 
@@ -105,7 +74,7 @@ def main() -> int:
                 "cli": fetch_argv(svc, inst, home, image_id),
                 "library": [sys.executable, "-c", LIBRARY, svc.url, svc.token, image_id,
                             str(inst), str(home)],
-                "cli-sha512": [sys.executable, "-c", NO_TREE, svc.url, svc.token, image_id,
+                "cli-sha512": [sys.executable, "-c", FETCH_SHA512, svc.url, svc.token, image_id,
                                str(inst), str(home)],
             }  # fmt: skip
             print(f"image {args.size_mib} MiB, {load()}, cores {os.cpu_count()}")
@@ -114,7 +83,7 @@ def main() -> int:
                 for case in order[r % 4 :] + order[: r % 4]:
                     res[case].append(timed(argv[case]))
                     if case == "curl":  # the digest alone, over the bytes curl wrote
-                        sha = [sys.executable, "-c", SHA512, str(wd / "curl.out")]
+                        sha = [sys.executable, "-c", DIGEST_ALONE, str(wd / "curl.out"), "sha512"]
                         res["sha512"].append(timed(sha))
                     if case == "cli":
                         res["cli hit"].append(timed(argv["cli"]))
