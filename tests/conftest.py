@@ -46,6 +46,16 @@ def require_program(name: str) -> str:
     return path
 
 
+def qemu_io(path: Path, fmt: str, *cmds: str) -> None:
+    """Run ``qemu-io -f FMT -c CMD ... PATH`` (each of ``cmds`` one ``-c``; fails on error)."""
+    from cowfleet import proc
+
+    argv = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    proc.run([*argv, str(path)])
+
+
 def require_env(var: str) -> str:
     value = os.environ.get(var)
     if not value:

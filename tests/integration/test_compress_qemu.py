@@ -11,7 +11,7 @@ import pytest
 from cowfleet import proc, qemuimg
 from cowfleet.compute import compress, flatten
 from cowfleet.formats.inspector import inspect_path
-from tests.conftest import require_program
+from tests.conftest import qemu_io, require_program
 
 MiB = 1024 * 1024
 
@@ -20,13 +20,6 @@ MiB = 1024 * 1024
 def _qemu() -> None:
     require_program("qemu-img")
     require_program("qemu-io")
-
-
-def _io(path: Path, fmt: str, *cmds: str) -> None:
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    proc.run([*argv, str(path)])
 
 
 def _chain(tmp_path: Path, size: int = 300 * MiB) -> Path:
@@ -38,13 +31,13 @@ def _chain(tmp_path: Path, size: int = 300 * MiB) -> Path:
         f.write(text[: 3 * MiB])
         f.seek(9 * MiB + 1000)  # unaligned: clusters half noise, half zeros
         f.write(os.urandom(700 * 1024))
-    _io(base, "raw", "write -P 0x33 290M 1M")
+    qemu_io(base, "raw", "write -P 0x33 290M 1M")
     top = tmp_path / "disk"
     qemuimg.create(top, "qcow2", None, backing=base, backing_fmt="raw")
-    _io(top, "qcow2", "write -P 0xab 64k 4k", "write -P 0xcd 150M 2M", "write -z 290M 64k")
+    qemu_io(top, "qcow2", "write -P 0xab 64k 4k", "write -P 0xcd 150M 2M", "write -z 290M 64k")
     with open(tmp_path / "noise", "wb") as f:
         f.write(os.urandom(2 * MiB))
-    _io(top, "qcow2", f"write -s {tmp_path / 'noise'} 200M 2M")  # plain clusters
+    qemu_io(top, "qcow2", f"write -s {tmp_path / 'noise'} 200M 2M")  # plain clusters
     return top
 
 

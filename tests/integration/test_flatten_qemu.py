@@ -10,7 +10,7 @@ import pytest
 from cowfleet import proc, qemuimg
 from cowfleet.compute import flatten
 from cowfleet.formats.inspector import inspect_path
-from tests.conftest import require_program
+from tests.conftest import qemu_io, require_program
 
 MiB = 1024 * 1024
 
@@ -21,20 +21,15 @@ def _qemu() -> None:
     require_program("qemu-io")
 
 
-def _io(path: Path, fmt: str, *cmds: str) -> None:
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    proc.run([*argv, str(path)])
-
-
 def _chain(tmp_path: Path, base_fmt: str, size: int = 700 * MiB) -> Path:
     """A base with data in several places and an overlay that changes some of it."""
     hi = size * 6 // 7 // MiB * MiB  # lies in another L2 table than 0 (64 KiB clusters)
     mid = size // 2 // MiB * MiB
     base = tmp_path / f"base.{base_fmt}"
     qemuimg.create(base, base_fmt, size)
-    _io(base, base_fmt, "write -P 0x11 0 192k", "write -P 0x22 5000 3000", f"write -P 0x33 {hi} 1M")
+    qemu_io(
+        base, base_fmt, "write -P 0x11 0 192k", "write -P 0x22 5000 3000", f"write -P 0x33 {hi} 1M"
+    )
     if base_fmt == "qcow2":  # compressed clusters too: the reader must inflate them
         packed = tmp_path / "packed.qcow2"
         proc.run(
@@ -43,7 +38,7 @@ def _chain(tmp_path: Path, base_fmt: str, size: int = 700 * MiB) -> Path:
         base = packed
     top = tmp_path / "disk"
     qemuimg.create(top, "qcow2", None, backing=base, backing_fmt=base_fmt)
-    _io(
+    qemu_io(
         top,
         "qcow2",
         "write -P 0xab 64k 4k",
