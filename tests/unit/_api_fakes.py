@@ -106,8 +106,12 @@ class FakeNodes(NodesClient):
 
 
 @contextmanager
-def api(tmp_path: Path, **settings: Any) -> Iterator[tuple[TestClient, FakeNodes, Clock]]:
-    nodes, clock = FakeNodes(), Clock()
+def api(
+    tmp_path: Path, nodes: FakeNodes | None = None, **settings: Any
+) -> Iterator[tuple[TestClient, Any, Clock]]:
+    """The compute API over ``nodes`` (a :class:`FakeNodes` or a subclass; a new one by
+    default), fake images and a stepped clock."""
+    nodes, clock = nodes if nodes is not None else FakeNodes(), Clock()
     cfg = ApiSettings(
         database_url=f"sqlite:///{tmp_path / 'compute.sqlite'}",
         tokens_file=tmp_path / "tokens.toml",

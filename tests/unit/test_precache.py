@@ -13,9 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cowfleet import precache as pc
-from cowfleet.api.app import create_app
 from cowfleet.api.nodes_client import NodeError
-from cowfleet.api.settings import ApiSettings
 from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import Layout
 from cowfleet.distribution.assign import Holder, SourcePlan
@@ -26,10 +24,9 @@ from tests.unit._api_fakes import (
     IMAGE,
     MEMBER_A,
     NODE,
-    TOKENS,
     Clock,
-    FakeImages,
     FakeNodes,
+    api,
     headers,
     register,
 )
@@ -316,16 +313,8 @@ class PrecacheNodes(FakeNodes):
 
 @contextmanager
 def _api(tmp_path: Path, **settings: Any) -> Iterator[tuple[TestClient, PrecacheNodes, Clock]]:
-    nodes, clock = PrecacheNodes(), Clock()
-    cfg = ApiSettings(
-        database_url=f"sqlite:///{tmp_path / 'compute.sqlite'}",
-        tokens_file=tmp_path / "tokens.toml",
-        image_url="http://127.0.0.1:9",
-        **settings,
-    )
-    app = create_app(cfg, TOKENS, sweep=False, images=FakeImages(), nodes=nodes, clock=clock)
-    with TestClient(app) as client:
-        yield client, nodes, clock
+    with api(tmp_path, PrecacheNodes(), **settings) as made:
+        yield made
 
 
 def _report(client: TestClient, host: str, pid: str, **body: Any) -> int:
