@@ -288,13 +288,14 @@ class Precaches:
         """Apply a node's report; False when it was stale (a backwards move), ignored."""
         fleet = self.fleet
         with fleet.db.write() as s:
-            row = s.scalars(
-                select(PrecacheNodeRow).where(
-                    PrecacheNodeRow.precache_id == pid, PrecacheNodeRow.host == host
-                )
+            found = s.execute(
+                select(PrecacheNodeRow, PrecacheRow.image_id)
+                .join(PrecacheRow, PrecacheRow.id == PrecacheNodeRow.precache_id)
+                .where(PrecacheNodeRow.precache_id == pid, PrecacheNodeRow.host == host)
             ).one_or_none()
-            if row is None:
+            if found is None:
                 raise ApiFault(404, f"Pre-cache {pid} has no node {host}.")
+            row, image_id = found
             if not pc.may_move(row.state, prog.state):
                 return False
             total = prog.bytes_total if prog.bytes_total is not None else row.bytes_total
@@ -312,12 +313,7 @@ class Precaches:
                 )
             )
             moved = rows(done) == 1
-            image_id = None
-            if moved and fleet.metrics is not None:
-                image_id = s.scalars(
-                    select(PrecacheRow.image_id).where(PrecacheRow.id == pid)
-                ).one()
-        if image_id is not None and fleet.metrics is not None:
+        if moved and fleet.metrics is not None:
             fleet.metrics.precache_progress(host, image_id, prog.bytes_done)
         return moved
 

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from cowfleet.api.db.models import NodeRow, PrecacheNodeRow, PrecacheRow, ServerRow
 from cowfleet.api.fleet import Fleet
@@ -103,7 +104,7 @@ def snapshot(fleet: Fleet, principal: Principal) -> StatusView:
     )
 
 
-def _precaching(s: Any, names: dict[str, str]) -> list[PrecacheLine]:
+def _precaching(s: Session, names: dict[str, str]) -> list[PrecacheLine]:
     """Nodes of the pre-caches still under way (any node not yet done), from the API's rows."""
     rows = s.execute(
         select(PrecacheNodeRow, PrecacheRow.image_id)
