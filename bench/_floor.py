@@ -1,0 +1,114 @@
+"""The machine's physical floor for moving one file between processes on loopback.
+
+What a transfer needs at the least, with no Python on the data path: a stdlib threaded
+HTTP server that answers every GET with the file through ``socket.sendfile`` (a kernel
+copy out), and per receiver ``curl -s URL | tee FILE | openssl dgst -sha256 -r`` then ``sync FILE``
+(a kernel copy in, one sha256 of every byte, a write to the page cache and an fsync).
+``openssl dgst``, not coreutils ``sha256sum``: the latter does not use the CPU's SHA
+extensions here (350 MB/s against openssl's and hashlib's 1.8 GB/s), so it would put
+the floor above what the node agents' own sha256 costs.
+CPU is counted with ``getrusage(RUSAGE_CHILDREN)``: the server and every pipeline are
+children of this process and are waited for before it is read.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import resource
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_SERVER = r"""
+import os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PATH = sys.argv[1]
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        with open(PATH, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.wfile.flush()
+            self.connection.sendfile(fh)
+
+ThreadingHTTPServer.daemon_threads = True
+srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), H)
+print("ready", flush=True)
+srv.serve_forever()
+"""
+
+
+@dataclass(frozen=True)
+class Floor:
+    seconds: float  # start to the last pipeline done (fsync included)
+    cpu: float  # CPU seconds of the server and every pipeline (user + system)
+    count: int  # transfers
+    size: int  # bytes each
+    digests: tuple[str, ...]  # sha256 each pipeline printed
+
+    @property
+    def cpu_per_gib(self) -> float:
+        return self.cpu / (self.count * self.size / (1 << 30))
+
+    @property
+    def mbs_each(self) -> float:
+        return self.size / self.seconds / 1e6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def plain_transfers(source: Path, dests: list[Path]) -> Floor:
+    """``len(dests)`` concurrent plain transfers of ``source`` (see the module doc)."""
+    port = _free_port()
+    cpu0 = _children_cpu()
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(source), str(port)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the sendfile server did not start")
+        url = f"http://127.0.0.1:{port}/image"
+
+        def one(dest: Path) -> str:
+            d = shlex.quote(str(dest))
+            cmd = f"curl -sf {url} | tee {d} | openssl dgst -sha256 -r && sync {d}"
+            out = subprocess.run(["sh", "-c", cmd], capture_output=True, check=True)
+            return out.stdout.split()[0].decode()
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(dests)) as pool:
+            digests = tuple(pool.map(one, dests))
+        seconds = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait()
+    cpu = _children_cpu() - cpu0
+    for d in dests:
+        d.unlink(missing_ok=True)
+    return Floor(seconds, cpu, len(dests), source.stat().st_size, digests)
