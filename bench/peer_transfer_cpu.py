@@ -136,11 +136,22 @@ def main() -> int:
                         for who, pid in (("a", pids[0]), ("b", pids[1])):
                             spies.append(
                                 subprocess.Popen(
-                                    ["py-spy", "record", "-p", str(pid), "-r", "200", "-f",
-                                     "raw", "-o", str(out / f"{who}{r}.txt"), "--threads"],
+                                    [
+                                        "py-spy",
+                                        "record",
+                                        "-p",
+                                        str(pid),
+                                        "-r",
+                                        "200",
+                                        "-f",
+                                        "raw",
+                                        "-o",
+                                        str(out / f"{who}{r}.txt"),
+                                        "--threads",
+                                    ],
                                     stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL,
-                                )  # fmt: skip
+                                )
                             )
                         time.sleep(1.0)
                     cpu0 = [cpu_seconds(p) for p in pids]
@@ -154,16 +165,14 @@ def main() -> int:
                     runs.append((seconds, cpu))
                     print(
                         f"B{r} from A: {seconds:.2f} s, {size / seconds / 1e6:.0f} MB/s, agents' "
-                        f"CPU {cpu:.2f} s (A {cpu_a:.2f}, B {cpu_b:.2f}) = {cpu / (size / GiB):.2f} "
+                        f"CPU {cpu:.2f} s (A {cpu_a:.2f}, B {cpu_b:.2f}) = "
+                        f"{cpu / (size / GiB):.2f} "
                         f"CPU-s/GiB ({load()})",
                         flush=True,
                     )
                     node_b.stop()
                 base = Layout(node_a.instances).paths(image_id).base
-                floor = plain_transfers(base, [work / f"floor{i}" for i in range(args.rounds)][:1])
-                floors = [floor] + [
-                    plain_transfers(base, [work / "floor"]) for _ in range(args.rounds - 1)
-                ]
+                floors = [plain_transfers(base, [work / "floor"]) for _ in range(args.rounds)]
             finally:
                 for a in agents:
                     a.stop()
@@ -178,7 +187,8 @@ def main() -> int:
             f"{per:.2f} CPU-s/GiB (both agents)"
         )
         print(
-            f"floor (sendfile server -> curl | tee | openssl sha256 + fsync, best of {len(floors)}): "
+            "floor (sendfile server -> curl | tee | openssl sha256 + fsync, best of "
+            f"{len(floors)}): "
             f"{fbest.seconds:.2f} s, {fbest.mbs_each:.0f} MB/s, {fbest.cpu_per_gib:.2f} CPU-s/GiB"
         )
         print(f"product / floor: {per / fbest.cpu_per_gib:.2f}x the CPU; {load()} after")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from cowfleet.errors import IntegrityError, LocalIOError
+from cowfleet.errors import IntegrityError, LocalIOError, UsageError
 from cowfleet.hashtree import Tree, TreeVerifier
 
 ALLOWED_HASHES = ("sha512", "sha384", "sha256", "sha3_512", "sha3_256", "md5", "sha1")
@@ -116,8 +116,18 @@ class TreeCheck:
 
     name = "sha256 tree"
 
-    def __init__(self, tree: Tree, *, image_id: str) -> None:
-        self._verifier = TreeVerifier.from_tree(tree, image_id=image_id)
+    def __init__(
+        self, tree: Tree, *, image_id: str, checked_by: TreeVerifier | None = None
+    ) -> None:
+        """``checked_by``: the verifier that checked this stream's pieces as they arrived
+        (:class:`cowfleet.fetch.sources.Sources`); the leaves it passed are not hashed
+        again (see :meth:`~cowfleet.hashtree.TreeVerifier.follower`)."""
+        if checked_by is None:
+            self._verifier = TreeVerifier.from_tree(tree, image_id=image_id)
+        elif checked_by.tree != tree:
+            raise UsageError(f"image {image_id}: the piece checker has another hash tree")
+        else:
+            self._verifier = checked_by.follower()
         # The root commits to the leaf size, the length and every leaf.
         self.key = f"sha256 tree {tree.root}"
 
@@ -187,11 +197,14 @@ def verifier_for(
     image_id: str,
     digest: tuple[str, str] | None,
     tree: Tree | None = None,
+    *,
+    checked_by: TreeVerifier | None = None,
 ) -> VerifierFactory:
     """A factory of the verifier to use: the hash tree when given, else the digest,
-    else :class:`SizeOnly`. A factory, because a restarted fetch starts a fresh one."""
+    else :class:`SizeOnly`. A factory, because a restarted fetch starts a fresh one.
+    ``checked_by``: see :class:`TreeCheck`."""
     if tree is not None:
-        return lambda: TreeCheck(tree, image_id=image_id)
+        return lambda: TreeCheck(tree, image_id=image_id, checked_by=checked_by)
     if digest is not None:
         algo, value = digest
         new_hasher(algo)  # refuse an unknown algorithm before any byte is fetched
@@ -199,13 +212,21 @@ def verifier_for(
     return SizeOnly
 
 
-def tree_and_digest(image_id: str, digest: tuple[str, str], tree: Tree) -> VerifierFactory:
+def tree_and_digest(
+    image_id: str,
+    digest: tuple[str, str],
+    tree: Tree,
+    *,
+    checked_by: TreeVerifier | None = None,
+) -> VerifierFactory:
     """The hash tree (each leaf as it lands) *and* the whole-image digest: a fetch that
-    takes bytes from peers still checks ``os_hash_value`` over its own stream."""
+    takes bytes from peers still checks ``os_hash_value`` over its own stream.
+    ``checked_by``: see :class:`TreeCheck`."""
     algo, value = digest
     new_hasher(algo)
     return lambda: AllOf(
-        TreeCheck(tree, image_id=image_id), DigestVerifier(algo, value, image_id=image_id)
+        TreeCheck(tree, image_id=image_id, checked_by=checked_by),
+        DigestVerifier(algo, value, image_id=image_id),
     )
 
 

@@ -35,6 +35,11 @@ has already checked the leaf list against the published root)::
 or, for pieces that arrive out of order (a peer's leaves, ranges):
 ``verifier.check_leaf(index, data)`` with :meth:`Tree.span` giving each leaf's offset
 and size.
+
+A node that checks each piece as it arrives and then verifies its own stream in order
+(:mod:`cowfleet.fetch.sources`, then the fetch engine) hashes each leaf once: the stream
+verifier from :meth:`TreeVerifier.follower` takes a leaf that the piece checker passed
+when it is handed that very buffer, untouched, at that leaf's place in the stream.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -164,6 +170,11 @@ class _LeafHasher:
                 if self._filled == self.leaf_size:
                     self._complete(on_leaf)
 
+    @property
+    def at_boundary(self) -> bool:
+        """No part of a leaf hashed yet."""
+        return self._filled == 0
+
     def flush(self, on_leaf: _OnLeaf) -> None:
         """The short last leaf, if any."""
         if self._filled:
@@ -213,6 +224,28 @@ def tree_of(data: Buffer, leaf_size: int = DEFAULT_LEAF_SIZE) -> Tree:
     return builder.finish()
 
 
+class _Passed:
+    """Leaves :meth:`TreeVerifier.check_leaf` passed, each with the buffer that held them
+    (a ``bytes`` or ``bytearray``, whole): shared by a verifier and its followers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the checker and the follower run in two threads
+        self._held: dict[int, bytes | bytearray] = {}
+
+    def add(self, index: int, buf: bytes | bytearray) -> None:
+        with self._lock:
+            self._held[index] = buf
+
+    def take(self, index: int, view: memoryview) -> bool:
+        """Whether ``view`` is the whole buffer leaf ``index`` passed in (forgets it, and
+        every leaf before it: a stream goes forward)."""
+        with self._lock:
+            held = self._held.pop(index, None)
+            for old in [i for i in self._held if i < index]:
+                del self._held[old]
+        return held is not None and view.obj is held and view.nbytes == len(held)
+
+
 class TreeVerifier:
     """Checks bytes against a published root and leaf list.
 
@@ -251,6 +284,8 @@ class TreeVerifier:
         self._what = what
         self._stream = _LeafHasher(leaf_size)
         self._index = 0  # next leaf the stream completes
+        self._passed: _Passed | None = None  # leaves check_leaf passed, for followers
+        self._trusted: _Passed | None = None  # a follower's: its leader's passed leaves
 
     @classmethod
     def from_tree(cls, tree: Tree, *, image_id: str = "") -> TreeVerifier:
@@ -274,6 +309,21 @@ class TreeVerifier:
             digest = hashlib.sha256(view).digest()
         if not hmac.compare_digest(digest, self.tree.digest(index)):
             raise self._mismatch(index, offset, "sha256 does not match the hash tree")
+        if self._passed is not None and isinstance(data, bytes | bytearray):
+            self._passed.add(index, data)
+
+    def follower(self) -> TreeVerifier:
+        """A fresh stream verifier (:meth:`update`, :meth:`finish`) of the same tree that
+        does not hash a leaf again when :meth:`update` is handed, at that leaf's place in
+        the stream, the whole ``bytes``/``bytearray`` this verifier's :meth:`check_leaf`
+        passed for it. Every other byte it hashes as usual; :meth:`finish` still refuses
+        a short stream. The checker's caller must not change a buffer after passing it
+        (the fetch's pieces are fresh buffers, written once)."""
+        if self._passed is None:
+            self._passed = _Passed()
+        twin = TreeVerifier.from_tree(self.tree, image_id=self.image_id)
+        twin._trusted = self._passed
+        return twin
 
     @property
     def verified(self) -> int:
@@ -312,6 +362,16 @@ class TreeVerifier:
                     image_id=self.image_id,
                     offset=self.tree.length,
                 )
+            trusted = self._trusted
+            if (
+                trusted is not None
+                and self._stream.at_boundary
+                and self._index < self.tree.count
+                and trusted.take(self._index, view)
+            ):  # this very leaf passed check_leaf: not hashed again
+                self._stream.length += view.nbytes
+                self._index += 1
+                return
             self._stream.feed(view, self._stream_leaf)
 
     def finish(self) -> None:

@@ -156,8 +156,14 @@ def fetch_base(
                         on_switch=on_switch,
                     )
                     open_stream = sources
+                    # The tree check takes the leaves Sources passed without hashing them again.
+                    checker = sources.checker
+                    want = Want(
+                        image_id, ok.size, verifier_for(image_id, None, tree, checked_by=checker)
+                    )
                     if len(chain) > 1:  # bytes from peers: the digest runs too
-                        want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
+                        digest = tree_and_digest(image_id, ok.digest, tree, checked_by=checker)
+                        want = Want(image_id, ok.size, digest)
                     live = peering.live.begin(image_id, ok.size, sink.fd)
                     live.source = sources.current.name
                     into = TrackingSink(sink, live)

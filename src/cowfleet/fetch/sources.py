@@ -15,7 +15,11 @@ a peer that sent a bad piece is reported (``on_corrupt``) and not asked again. T
 origin is the last source: its failures go to the engine's ordinary retries.
 
 The engine still runs its own verifier (the tree and the whole-image digest) and the
-format inspector over the node's own stream: nothing here replaces them.
+format inspector over the node's own stream: nothing here replaces them. Given
+:attr:`Sources.checker` (``checked_by`` of :func:`cowfleet.digest.tree_and_digest`), its
+tree check takes the leaves this module passed, as handed on, without hashing them a
+second time (:meth:`~cowfleet.hashtree.TreeVerifier.follower`): each leaf is hashed
+once per node, and the root still covers every byte of the stream.
 """
 
 from __future__ import annotations
@@ -293,6 +297,12 @@ class Sources:
         self.failed: list[tuple[str, str]] = []  # (source, why) in order
         self.used: list[str] = []  # sources that delivered an answer, in order
         self.delivered: dict[str, int] = {}  # source name -> checked bytes handed on
+
+    @property
+    def checker(self) -> TreeVerifier:
+        """The verifier every leaf this hands on passed: give it to the engine's tree
+        check (``checked_by``) so that those leaves are not hashed twice."""
+        return self._verifier
 
     @property
     def main(self) -> str:
