@@ -110,9 +110,7 @@ SMALL_TREE = tree_of(SMALL, MIN_LEAF_SIZE)
 
 
 def _leaves() -> list[bytearray]:
-    return [
-        bytearray(SMALL[i : i + MIN_LEAF_SIZE]) for i in range(0, len(SMALL), MIN_LEAF_SIZE)
-    ]
+    return [bytearray(SMALL[i : i + MIN_LEAF_SIZE]) for i in range(0, len(SMALL), MIN_LEAF_SIZE)]
 
 
 def test_the_follower_takes_the_buffers_the_checker_passed(counted: Counter) -> None:
