@@ -42,7 +42,7 @@ from cowfleet.errors import (
     UsageError,
     ValidationError,
 )
-from cowfleet.fetch.buffers import BufferPool
+from cowfleet.fetch.buffers import EXTENSION, BufferPool
 from cowfleet.fetch.engine import SourceSwitch, StreamLike
 from cowfleet.hashtree import Tree, TreeVerifier
 
@@ -132,8 +132,10 @@ class _PeerStream:
     _what: str
 
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        # The pieces as the transport reads them (the data transport: whole pooled
+        # buffers): :class:`_Checked` re-cuts them into leaves, so no re-chunking here.
         try:
-            yield from self._resp.iter_raw(chunk_size)
+            yield from self._resp.iter_raw()
         except httpx.TimeoutException as exc:
             raise TimeoutError_(f"{self._what}: stalled ({exc!r})") from exc
         except httpx.HTTPError as exc:
@@ -160,16 +162,19 @@ class PeerSource:
         self._what = f"peer {peer.host} ({peer.url}), image {image_id}"
 
     def open(self, offset: int, pool: BufferPool) -> AbstractContextManager[StreamLike]:
-        return self._open(offset)
+        return self._open(offset, pool)
 
     @contextmanager
-    def _open(self, offset: int) -> Iterator[StreamLike]:
+    def _open(self, offset: int, pool: BufferPool) -> Iterator[StreamLike]:
         headers = {"X-Auth-Token": self._token, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = httpx.Timeout(self._stall)
         try:
-            request = self._client.build_request("GET", self._url, headers=headers, timeout=timeout)
+            # A transport that reads into caller buffers (the data transport) uses the pool.
+            request = self._client.build_request(
+                "GET", self._url, headers=headers, timeout=timeout, extensions={EXTENSION: pool}
+            )
             resp = self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise TimeoutError_(f"{self._what}: timed out ({exc!r})") from exc
