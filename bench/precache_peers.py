@@ -19,7 +19,11 @@ Same run, same image:
   (``api_precache_concurrency=1``, ``api_peer_fanout=0``);
 * ``peers``: N nodes at once, sources assigned by the API (``api_peer_fanout`` 2);
 * ``faults``: as ``peers``, and once bytes flow from peers, three agents that other
-  nodes are fetching from are killed with SIGKILL.
+  nodes are fetching from are killed with SIGKILL;
+* ``floor``: no cowfleet at all: N concurrent plain transfers of the image file from a
+  ``socket.sendfile`` server to ``curl | tee FILE | openssl dgst -sha256`` then an fsync
+  (:mod:`_floor`), uncapped: the least this machine needs to land and hash N copies,
+  against which the ``peers`` time is read.
 
 Then the model of :mod:`fleet_sim` is run with this run's parameters (N, the image
 size, the origin cap, the measured per-node throughput) and its time for all nodes is
@@ -54,11 +58,12 @@ from tests.fixtures.node_agent import CountingProxy  # noqa: E402
 
 from _cache_common import MiB, load, make_image_file, workdir  # noqa: E402
 from _fleet_common import ADMIN_TOKEN, Fleet, cpu_seconds  # noqa: E402
+from _floor import Floor, plain_transfers  # noqa: E402
 from cowfleet.cache.layout import Layout  # noqa: E402
 from cowfleet.hashtree import DEFAULT_LEAF_SIZE  # noqa: E402
 from fleet_sim import simulate  # noqa: E402
 
-CASES = ("one", "herd", "nova", "peers", "faults")
+CASES = ("one", "herd", "nova", "peers", "faults", "floor")
 POLL = 0.25
 CAPACITY = (4, 8192, 50)
 
@@ -228,6 +233,7 @@ def main() -> int:
     work = workdir(args.dir)
     results: dict[str, Outcome] = {}
     peer_one: Outcome | None = None
+    floor: Floor | None = None
     load_before = load()
     started = time.perf_counter()
     try:
@@ -237,6 +243,15 @@ def main() -> int:
             make_image_file(src, size)
             want = _digest(src)
             image_id = _upload(images, src)
+            if "floor" in args.cases:
+                print(f"[floor] {n} plain transfers at once ({load()})", flush=True)
+                (work / "floor").mkdir()
+                floor = plain_transfers(src, [work / "floor" / f"{i}" for i in range(n)])
+                if set(floor.digests) != {want}:
+                    print(f"  WARNING: a plain transfer got other bytes: {floor.digests}")
+                print(
+                    f"[floor] {floor.seconds:.2f} s, CPU {floor.cpu:.0f} s ({load()})", flush=True
+                )
             src.unlink()
             print(
                 f"image {image_id}: {args.size_mib} MiB, origin capped at {args.origin_mbs:g} "
@@ -286,7 +301,9 @@ def main() -> int:
             images.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(args, n, size, rate, results, peer_one, load_before, time.perf_counter() - started)
+    report(
+        args, n, size, rate, results, peer_one, load_before, time.perf_counter() - started, floor
+    )
     return 0
 
 
@@ -299,6 +316,7 @@ def report(
     peer_one: Outcome | None,
     load_before: str,
     wall: float,
+    floor: Floor | None = None,
 ) -> None:
     print()
     print(
@@ -325,6 +343,17 @@ def report(
     line("peers", f"{n} nodes, peers on", "  (targets: <=1.5x, <=1.1 images)")
     line("faults", f"{n} nodes, peers on, {args.kill} sources killed", "  (target <=1.5 images)")
     peers = results.get("peers")
+    if floor is not None:
+        print(
+            f"  {f'{n} plain transfers, no cowfleet (floor)':<44} {floor.seconds:8.2f} s  "
+            f"{floor.seconds / base:6.2f}x one  (the machine's floor: {floor.cpu:.1f} CPU s, "
+            f"{floor.cpu_per_gib:.2f} CPU-s/GiB)"
+        )
+        if peers is not None:
+            print(
+                f"  peers / floor: {peers.seconds / floor.seconds:.2f}x the time; peers' agents "
+                f"{peers.cpu / (n * size / (1 << 30)):.2f} CPU-s per GiB landed"
+            )
     if peers is not None:
         herd, nova = results.get("herd"), results.get("nova")
         extra = []
