@@ -77,6 +77,9 @@ class Outcome:
     killed: list[str] = field(default_factory=list)
     cpu: float = 0.0  # CPU seconds of the agents during the run (the survivors')
     verified: int = 0  # bases read back equal to the image
+    # host -> seconds after the POST at which the API first showed it with bytes, all
+    # bytes in (verifying), cached (as polled every POLL s)
+    timeline: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _upload(images: ImageService, path: Path) -> str:
@@ -135,6 +138,7 @@ def precache(
     by_name = {a.hostname: a for a in fleet.agents}
     killed: list[str] = []
     peer_seen: set[str] = set()
+    timeline: dict[str, dict[str, float]] = {}
     with fleet.client() as c:
         endpoint = fleet.apis[0].endpoint
         t0 = time.perf_counter()
@@ -146,6 +150,14 @@ def precache(
             doc = c.get(f"{endpoint}/cowfleet/precache/{pid}").json()["precache"]
             now = time.perf_counter() - t0
             nodes = {n["host"]: n for n in doc["nodes"]}
+            for n in nodes.values():
+                marks = timeline.setdefault(n["host"], {})
+                if n["bytes_done"]:
+                    marks.setdefault("bytes", now)
+                if n["state"] in ("verifying", "cached"):
+                    marks.setdefault("all in", now)
+                if n["state"] == "cached":
+                    marks.setdefault("cached", now)
             serving: list[str] = []
             for n in nodes.values():
                 src = n["source"]
@@ -189,7 +201,7 @@ def precache(
             verified += 1
         else:
             print(f"  WARNING: the base on {host} is not the image: {path}", flush=True)
-    return Outcome(seconds, origin, nodes, peer_seen, killed, cpu, verified)
+    return Outcome(seconds, origin, nodes, peer_seen, killed, cpu, verified, timeline)
 
 
 def start_fleet(
@@ -355,6 +367,11 @@ def report(
                 f"{peers.cpu / (n * size / (1 << 30)):.2f} CPU-s per GiB landed"
             )
     if peers is not None:
+        print("  peers timeline (s after the POST: first bytes / all bytes in / cached, source):")
+        for host, marks in sorted(peers.timeline.items(), key=lambda kv: kv[1].get("cached", 0)):
+            when = " / ".join(f"{marks[k]:5.2f}" if k in marks else "  -  " for k in
+                              ("bytes", "all in", "cached"))  # fmt: skip
+            print(f"    {host:<10} {when}  {peers.nodes[host]['source']}")
         herd, nova = results.get("herd"), results.get("nova")
         extra = []
         if herd is not None:
