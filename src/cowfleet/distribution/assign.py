@@ -98,11 +98,7 @@ def assign_sources(
     ``stripes`` between 1 and :data:`MAX_STRIPES`."""
     if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 1:
         raise ValueError(f"fanout must be a whole number >= 1, not {fanout!r}")
-    if (
-        isinstance(stripes, bool)
-        or not isinstance(stripes, int)
-        or not 1 <= stripes <= MAX_STRIPES
-    ):
+    if isinstance(stripes, bool) or not isinstance(stripes, int) or not 1 <= stripes <= MAX_STRIPES:
         raise ValueError(f"stripes must be a whole number 1-{MAX_STRIPES}, not {stripes!r}")
     if stripes > 1:
         from cowfleet.distribution.stripes import assign_striped
