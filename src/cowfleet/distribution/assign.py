@@ -32,8 +32,8 @@ resort, after every peer. A fetcher that is a complete holder already gets an em
 to stripe ``i % k`` and each stripe travels down a tree of its own
 (:mod:`cowfleet.distribution.stripes`). In one tree of fan-out ``f`` every node below the
 root receives at ``1/f`` of a link; with k trees whose interiors are disjoint, a node
-forwards only its *home* stripe, to ``f`` children at ``1/k`` of a link each, and
-receives all k stripes at ``1/k`` each: for ``f == k`` every link runs full.
+forwards only its *home* stripe, to ``f`` children, so it uploads ``f / k`` images per
+image and receives at ``k / f`` of a link (2/3 for k=2, f=3, against 1/2 unstriped).
 """
 
 from __future__ import annotations

@@ -1,32 +1,40 @@
-"""Striped source plans: one tree per stripe, interiors disjoint (sans-I/O).
+"""Striped source plans: one tree per stripe, interiors disjoint, no cycle (sans-I/O).
 
 Called by :func:`cowfleet.distribution.assign.assign_sources` with ``stripes=k >= 2``.
 Leaf ``i`` of the image is in stripe ``i % k``. Each fetcher that does not hold the
 image yet gets a *home* stripe, ``position % k`` over those fetchers (balanced). For
-each stripe ``t`` there is one tree, built with the same rules as the unstriped one
-(best feeder with a free slot: complete holders, then the shallowest, then the fewest
+each stripe ``t`` there is one tree, built with the rules of the unstriped one (best
+feeder with a free slot: complete holders, then the shallowest, then the fewest
 children, then a hash of image and host), except:
 
 - its interior (nodes with children) is made of home-``t`` fetchers and holders: every
   other fetcher is a leaf of tree ``t``. A home-``t`` fetcher has ``fanout`` slots in
   tree ``t`` only; a holder (complete, or fetching since an earlier batch) may feed any
   stripe and its ``fanout`` slots are shared by all the trees;
-- the home-``t`` fetchers of a batch are placed first in tree ``t`` (in the order given),
-  then the others, so the root of tree ``t`` is a home-``t`` fetcher and the tree is as
-  shallow as the unstriped one;
-- the origin roots each tree (one slot per stripe): for a fresh image it sends each
-  stripe once, that is one image in all.
+- the fetchers are placed once, in the order given, in every tree at once: a node's
+  parents in *all* stripes were placed before it. This matters because a node lands
+  leaves in order (its file is a prefix that peers stream from), so it forwards leaf
+  ``i`` of its home stripe only once its other stripes brought it every leaf before
+  ``i``. Were the trees placed each on its own (home fetchers first, the others after)
+  the union of the trees would hold cycles (a feeds b stripe 0, b feeds a stripe 1),
+  and with in-order landing each such cycle costs a whole round of leaf times per leaf:
+  the fleet model (``bench/fleet_sim.py``) measured 20x one fetch that way;
+- "shallowest" is the depth in that union: one more than the deepest parent of any
+  stripe (a node's lag is that of its slowest stripe);
+- the origin feeds stripe ``t`` to every fetcher placed before the first home-``t``
+  fetcher, and to that one: for a fresh image ``(k + 1) / 2`` images (1.5 for k=2).
 
-Only when the home-``t`` fetchers' slots run out (``fanout < k``, or a batch with fewer
-home-``t`` fetchers than the others need) does a leaf of tree ``t`` with a free slot feed
-others in it. The trees are placed together, one fetcher in each tree at a time, so the
-holders' shared slots are spread over the stripes.
+Only when the home-``t`` fetchers' slots run out (``fanout <= k`` leaves none to
+spare, as capacity then just meets the demand) does a leaf of tree ``t`` with a free
+slot feed others in it. With ``fanout == k`` the trees degenerate into chains (each new
+node takes the one free slot): use ``fanout > k`` (the API's default is 3 for k=2,
+``api_peer_stripe_fanout``): a node feeding its home stripe uploads ``fanout / k``
+images per image, so each stripe runs at ``k / fanout`` of a link and the fleet takes
+about ``fanout / k`` fetches plus a leaf's lag per level.
 
 Each stripe's chain is the parent, then complete holders, the parent's ancestors in that
-tree, and the nodes placed just before in that tree (as unstriped). Every one of them
-was placed before the fetcher in that tree, so no stripe's sources form a cycle. A node
-forwards leaf ``i`` only once it holds every leaf before it (downloads land in order),
-so across stripes a wait is always for a lower leaf index: no deadlock either.
+tree, and the nodes placed just before (as unstriped). Every one of them was placed
+before the fetcher, so the sources of all stripes together form no cycle.
 """
 
 from __future__ import annotations
@@ -66,9 +74,10 @@ class _Tree:
         self.placed: list[str] = []
         self.interior: list[tuple[tuple[bool, int, int, bytes], int, str]] = []
         self.spare: list[tuple[tuple[bool, int, int, bytes], int, str]] = []  # leaves
-        self.origin_used = False
+        self.rooted = False  # a node that may feed this stripe is in the tree
 
     def add(self, node: _Node, *, interior: bool, shared: dict[str, int]) -> None:
+        self.rooted = self.rooted or interior
         self.nodes[node.host] = node
         self.placed.append(node.host)
         heapq.heappush(
@@ -149,62 +158,68 @@ def assign_striped(
         else:
             new.append(host)
     home = {host: i % k for i, host in enumerate(new)}
-    orders = [
-        pending + [x for x in new if home[x] == t] + [x for x in new if home[x] != t]
-        for t in range(k)
-    ]
-    chains: dict[str, list[tuple[str, ...]]] = {x: [()] * k for x in pending + new}
-    for pos in range(len(pending) + len(new)):
+    chains: dict[str, list[tuple[str, ...]]] = {}
+    for host in pending + new:
+        parents: list[_Node | None] = []
         for t, tree in enumerate(trees):
-            host = orders[t][pos]
-            chains[host][t], fed_by = _place(
-                tree, t, host, home.get(host), shared, fanout, complete
-            )
-            if fed_by is not None and shared[fed_by] < fanout:
+            p = _parent(tree, t, host, shared, fanout)
+            parents.append(p)
+            if p is not None and p.holder and shared[p.host] < fanout:
                 for other in trees:  # its shared count changed: a fresh key in every tree
-                    n = other.nodes[fed_by]
+                    n = other.nodes[p.host]
                     heapq.heappush(other.interior, (other.key(n, shared), n.order, n.host))
+        # Its depth: the deepest of its parents, plus one (the origin is at 0). A node
+        # lands leaves in order, so it forwards a leaf only once every stripe has
+        # brought it the leaves before: its lag is that of its slowest stripe.
+        depth = 1 + max((p.depth if p is not None else 0) for p in parents)
+        chains[host] = [
+            _join(tree, t, host, home.get(host), parents[t], depth, shared, complete)
+            for t, tree in enumerate(trees)
+        ]
     for host, per in chains.items():
         plans[host] = SourcePlan(host, per[0], tuple(per), home.get(host))
     return {h: plans[h] for h in fetchers if h in plans}
 
 
-def _place(
+def _parent(tree: _Tree, t: int, host: str, shared: dict[str, int], fanout: int) -> _Node | None:
+    """Take a slot for ``host`` in stripe ``t``'s tree: its parent (None: the origin)."""
+    me = tree.nodes.get(host)  # a holder fetching since an earlier batch
+    parent = _pick(tree, tree.interior, me, host, shared, fanout)
+    if parent is None and tree.rooted:
+        parent = _pick(tree, tree.spare, me, host, shared, fanout)  # slots ran out
+    return parent if parent is None else _take(tree, t, parent, shared, fanout)
+
+
+def _take(tree: _Tree, t: int, parent: _Node, shared: dict[str, int], fanout: int) -> _Node:
+    parent.children += 1
+    if parent.holder:
+        shared[parent.host] += 1
+    elif parent.children < fanout:
+        heap = tree.interior if parent.home == t else tree.spare
+        heapq.heappush(heap, (tree.key(parent, shared), parent.order, parent.host))
+    return parent
+
+
+def _join(
     tree: _Tree,
     t: int,
     host: str,
     home: int | None,
+    parent: _Node | None,
+    depth: int,
     shared: dict[str, int],
-    fanout: int,
     complete: list[str],
-) -> tuple[tuple[str, ...], str | None]:
-    """Place ``host`` in stripe ``t``'s tree: its chain of sources for that stripe, and
-    the holder that feeds it (None: a fetcher or the origin does)."""
-    me = tree.nodes.get(host)  # a holder fetching since an earlier batch
-    parent = _pick(tree, tree.interior, me, host, shared, fanout)
-    if parent is None and (tree.origin_used or me is not None):
-        parent = _pick(tree, tree.spare, me, host, shared, fanout)  # slots ran out
-    if parent is not None:
-        parent.children += 1
-        if parent.holder:
-            shared[parent.host] += 1
-        used = shared[parent.host] if parent.holder else parent.children
-        if used < fanout and not parent.holder:
-            heap = tree.interior if parent.home == t else tree.spare
-            heapq.heappush(heap, (tree.key(parent, shared), parent.order, parent.host))
-        depth = parent.depth + 1
-    else:
-        tree.origin_used = True
-        depth = 1
+) -> tuple[str, ...]:
+    """Add ``host`` to stripe ``t``'s tree under ``parent``: its chain for that stripe."""
     up = parent.host if parent is not None else None
+    me = tree.nodes.get(host)
     if me is None:
         me = _Node(host, False, False, depth, len(tree.nodes), up, home)
         tree.add(me, interior=home == t, shared=shared)
     else:
         me.depth, me.parent = depth, up
         heapq.heappush(tree.interior, (tree.key(me, shared), me.order, me.host))
-    fed_by = parent.host if parent is not None and parent.holder else None
-    return _chain(tree, me, parent, complete), fed_by
+    return _chain(tree, me, parent, complete)
 
 
 def _chain(tree: _Tree, me: _Node, parent: _Node | None, complete: list[str]) -> tuple[str, ...]:
