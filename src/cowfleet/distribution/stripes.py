@@ -150,13 +150,13 @@ def assign_striped(
         if host in seen:
             continue
         seen.add(host)
-        h = known.get(host)
-        if h is not None and h.complete:
-            plans[host] = SourcePlan(host, ())
-        elif h is not None:
-            pending.append(host)
-        else:
+        held = known.get(host)
+        if held is None:
             new.append(host)
+        elif held.complete:
+            plans[host] = SourcePlan(host, ())
+        else:
+            pending.append(host)
     home = {host: i % k for i, host in enumerate(new)}
     chains: dict[str, list[tuple[str, ...]]] = {}
     for host in pending + new:
