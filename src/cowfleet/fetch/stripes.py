@@ -89,9 +89,7 @@ def parse_stripes(data: Any) -> tuple[tuple[Peer, ...], ...]:
     out = []
     for t, item in enumerate(data):
         if not isinstance(item, list):
-            raise ValidationError(
-                f"stripes[{t}] must be a list of at most {MAX_SOURCES} sources"
-            )
+            raise ValidationError(f"stripes[{t}] must be a list of at most {MAX_SOURCES} sources")
         try:
             out.append(parse_sources(item))
         except ValidationError as exc:
