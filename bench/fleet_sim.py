@@ -172,8 +172,8 @@ def main() -> int:
     one = size / min(link, origin)  # baseline 1: one node from the origin alone
     print(
         f"image {size / GIB:g} GiB, links {args.link_gbit:g} Gbit/s, origin "
-        f"{args.origin_gbit:g} Gbit/s, fanout {args.fanout} (striped: {args.stripes} stripes, fan-out "
-        f"{args.stripe_fanout} per stripe tree), leaf "
+        f"{args.origin_gbit:g} Gbit/s, fanout {args.fanout} (striped: {args.stripes} "
+        f"stripes, fan-out {args.stripe_fanout} per stripe tree), leaf "
         f"{DEFAULT_LEAF_SIZE // 1024**2} MiB, hop {args.hop_ms:g} ms"
     )
     print(f"baseline, one node from the origin alone: {one:.3f} s")
