@@ -24,8 +24,9 @@ about 2 GB/s). Shares do not change when a sibling finishes first (siblings have
 same rate, so they finish together), there is no packet loss or TCP ramp-up, and no
 node fails.
 
-With stripes (``--stripes k``, k >= 2; the product default is 2, see
-``api_peer_stripes``) leaf ``i`` travels down stripe ``i % k``'s tree from the plan's
+With stripes (``--stripes k``, k >= 2, ``--stripe-fanout f`` children per stripe tree;
+the product defaults are 2 and 3, see ``api_peer_stripes`` and ``api_peer_stripe_fanout``)
+leaf ``i`` travels down stripe ``i % k``'s tree from the plan's
 ``stripes[i % k]`` parent. A node receives its k stripes as k flows, each capped at
 ``link / k`` (a flow left idle does not lend its share to the others), a parent's upload
 is shared equally by every flow it feeds (children of all stripes together), the
