@@ -454,12 +454,12 @@ def test_api_sends_each_node_the_sources_of_every_stripe(tmp_path: Path) -> None
         )
         wait(lambda: len(nodes.asked) == 3)
         bodies = {url.split("//")[1].split(".")[0]: body for url, body in nodes.asked}
-        # n1 (first): both stripes from the origin, so no stripes are named; n2 (home 1):
-        # stripe 0 from n1, stripe 1 from the origin; n3: stripe 0 from n1, 1 from n2
+        # n1 (first): both stripes from the origin, so no stripes are named, and it feeds
+        # both to n2; n3: stripe 0 from n1, stripe 1 from n2 (its home; n1 is full)
         assert "stripes" not in bodies["n1"] and bodies["n1"]["sources"] == []
         n1 = {"host": "n1", "url": "http://n1.test:8775"}
         n2 = {"host": "n2", "url": "http://n2.test:8775"}
-        assert bodies["n2"]["stripes"][0][0] == n1 and bodies["n2"]["stripes"][1] == []
+        assert bodies["n2"]["stripes"][0][0] == n1 and bodies["n2"]["stripes"][1][0] == n1
         assert bodies["n3"]["stripes"][0][0] == n1 and bodies["n3"]["stripes"][1][0] == n2
         assert bodies["n3"]["sources"] == bodies["n3"]["stripes"][0]
 

@@ -21,12 +21,14 @@ children, then a hash of image and host), except:
   the fleet model (``bench/fleet_sim.py``) measured 20x one fetch that way;
 - "shallowest" is the depth in that union: one more than the deepest parent of any
   stripe (a node's lag is that of its slowest stripe);
-- the origin feeds stripe ``t`` to every fetcher placed before the first home-``t``
-  fetcher, and to that one: for a fresh image ``(k + 1) / 2`` images (1.5 for k=2).
+- the origin feeds every stripe to the first fetcher of a fresh image (one copy), and
+  that fetcher then feeds every stripe, its ``fanout`` slots shared by the trees like a
+  holder's (it is the only node with every stripe before the home fetchers are placed).
 
 Only when the home-``t`` fetchers' slots run out (``fanout <= k`` leaves none to
-spare, as capacity then just meets the demand) does a leaf of tree ``t`` with a free
-slot feed others in it. With ``fanout == k`` the trees degenerate into chains (each new
+spare, as capacity then just meets the demand; with ``k >= 3`` also near the top of a
+fresh image's trees, before a home-``t`` fetcher is placed) does a leaf of tree ``t``
+with a free slot feed others in it. With ``fanout == k`` the trees degenerate into chains (each new
 node takes the one free slot): use ``fanout > k`` (the API's default is 3 for k=2,
 ``api_peer_stripe_fanout``): a node feeding its home stripe uploads ``fanout / k``
 images per image, so each stripe runs at ``k / fanout`` of a link and the fleet takes
@@ -172,8 +174,13 @@ def assign_striped(
         # lands leaves in order, so it forwards a leaf only once every stripe has
         # brought it the leaves before: its lag is that of its slowest stripe.
         depth = 1 + max((p.depth if p is not None else 0) for p in parents)
+        # The origin's one copy: a new fetcher fed every stripe by the origin (the first
+        # of a fresh image) feeds every stripe in turn, its slots shared as a holder's.
+        hub = host in home and all(p is None for p in parents)
+        if hub:
+            shared[host] = 0
         chains[host] = [
-            _join(tree, t, host, home.get(host), parents[t], depth, shared, complete)
+            _join(tree, t, host, home.get(host), parents[t], depth, shared, complete, hub)
             for t, tree in enumerate(trees)
         ]
     for host, per in chains.items():
@@ -209,13 +216,15 @@ def _join(
     depth: int,
     shared: dict[str, int],
     complete: list[str],
+    hub: bool = False,
 ) -> tuple[str, ...]:
-    """Add ``host`` to stripe ``t``'s tree under ``parent``: its chain for that stripe."""
+    """Add ``host`` to stripe ``t``'s tree under ``parent``: its chain for that stripe
+    (``hub``: interior in every tree, with shared slots)."""
     up = parent.host if parent is not None else None
     me = tree.nodes.get(host)
     if me is None:
-        me = _Node(host, False, False, depth, len(tree.nodes), up, home)
-        tree.add(me, interior=home == t, shared=shared)
+        me = _Node(host, False, hub, depth, len(tree.nodes), up, home)
+        tree.add(me, interior=hub or home == t, shared=shared)
     else:
         me.depth, me.parent = depth, up
         heapq.heappush(tree.interior, (tree.key(me, shared), me.order, me.host))
