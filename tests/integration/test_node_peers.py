@@ -311,3 +311,20 @@ def test_bad_stripes_in_a_build_spec_are_400(fleet: Fleet) -> None:
     }
     resp = fleet.agents["node-c"].request("PUT", f"/v1/servers/{spec['uuid']}", json=spec)
     assert resp.status_code == 400 and "stripes must be a list of 2 to 8" in resp.text
+
+
+def test_a_stripe_fed_by_the_origin_takes_one_bounded_range_per_leaf(fleet: Fleet) -> None:
+    iid, data = fleet.upload(4 * LEAF + 321, 25)  # 5 leaves: 0, 2, 4 in stripe 0
+    fleet.agents["node-a"].wait_state(fleet.build("node-a", iid), "ACTIVE")
+    a = fleet.source("node-a")
+    uuid = fleet.build("node-b", iid, [a], stripes=[[], [a]])
+    fleet.agents["node-b"].wait_state(uuid, "ACTIVE")
+    assert fleet.base("node-b", iid) == data
+    size = len(data)
+    assert fleet.proxy.ranges[iid] == [
+        None,  # node-a's whole fetch
+        f"bytes=0-{LEAF - 1}",
+        f"bytes={2 * LEAF}-{3 * LEAF - 1}",
+        f"bytes={4 * LEAF}-{size - 1}",
+    ]
+    assert fleet.proxy.bytes_sent(iid) == size + 2 * LEAF + (size - 4 * LEAF)
