@@ -17,7 +17,9 @@ Same run, same image:
 * ``herd``: N nodes from the origin at once (``api_peer_fanout=0``);
 * ``nova``: one node at a time from the origin, as Nova's default
   (``api_precache_concurrency=1``, ``api_peer_fanout=0``);
-* ``peers``: N nodes at once, sources assigned by the API (``api_peer_fanout`` 2);
+* ``peers``: N nodes at once, sources assigned by the API with the product defaults
+  (striped: ``api_peer_stripes`` 2, ``api_peer_stripe_fanout`` 3);
+* ``tree``: as ``peers`` with one tree (``api_peer_stripes=1``, ``api_peer_fanout`` 2);
 * ``faults``: as ``peers``, and once bytes flow from peers, three agents that other
   nodes are fetching from are killed with SIGKILL;
 * ``floor``: no cowfleet at all: N concurrent plain transfers of the image file from a
@@ -32,7 +34,7 @@ printed next to the real one. Targets of issue 16 (16 nodes, 512 MiB): origin by
 bytes <= 1.5 images for ``faults``; model within 25% of the real time.
 
     python3 bench/precache_peers.py [--nodes 16] [--size-mib 512] [--origin-mbs 100]
-                                    [--cases one herd nova peers faults] [--kill 3]
+                                    [--cases one herd nova peers tree faults] [--kill 3]
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ from _cache_common import MiB, load, make_image_file, workdir  # noqa: E402
 from _fleet_common import ADMIN_TOKEN, Fleet, cpu_seconds  # noqa: E402
 from _floor import Floor, plain_transfers  # noqa: E402
 from cowfleet.cache.layout import Layout  # noqa: E402
-from cowfleet.hashtree import DEFAULT_LEAF_SIZE  # noqa: E402
-from fleet_sim import simulate  # noqa: E402
+from cowfleet.hashtree import DEFAULT_LEAF_SIZE as LEAF  # noqa: E402
+from fleet_sim import simulate, simulate_striped  # noqa: E402
 
-CASES = ("one", "herd", "nova", "peers", "faults", "floor")
+CASES = ("one", "herd", "nova", "peers", "tree", "faults", "floor")
 POLL = 0.25
 CAPACITY = (4, 8192, 50)
 
@@ -279,6 +281,7 @@ def main() -> int:
                     {"COWFLEET_API_PEER_FANOUT": "0", "COWFLEET_API_PRECACHE_CONCURRENCY": "1"},
                 ),
                 ("peers", n, {}),
+                ("tree", n, {"COWFLEET_API_PEER_STRIPES": "1"}),
                 ("faults", n, {}),
             ]
             for case, count, settings in plans:
@@ -352,7 +355,8 @@ def report(
     line("one", "one node alone from the origin")
     line("herd", f"{n} nodes from the origin at once")
     line("nova", f"{n} nodes one at a time (Nova's default)")
-    line("peers", f"{n} nodes, peers on", "  (targets: <=1.5x, <=1.1 images)")
+    line("peers", f"{n} nodes, peers on (2 stripes)", "  (targets: <=1.5x, <=1.1 images)")
+    line("tree", f"{n} nodes, peers on, one tree (no stripes)")
     line("faults", f"{n} nodes, peers on, {args.kill} sources killed", "  (target <=1.5 images)")
     peers = results.get("peers")
     if floor is not None:
@@ -396,15 +400,22 @@ def report(
         f"({link / 1e6:.0f} MB/s), {used:.2f} cores busy per transfer; peers run: "
         f"{peers.cpu:.0f} CPU s in {peers.seconds:.1f} s ({peers.cpu / peers.seconds:.2f} cores)"
     )
+    tree = results.get("tree")
     for label, per_node in (("link only", link), ("CPU-shared link", shared)):
-        finish, egress, _ = simulate(n, size, per_node, rate, 2, 0.002, DEFAULT_LEAF_SIZE)
-        model = max(finish)
-        print(
-            f"  model ({label}: per-node {per_node / 1e6:.0f} MB/s, origin {rate / 1e6:.0f} "
-            f"MB/s): all done {model:.2f} s, p50 {statistics.median(finish):.2f} s, egress "
-            f"{egress:g}; real {peers.seconds:.2f} s; real/model {peers.seconds / model:.2f} "
-            "(target 0.8-1.25)"
-        )
+        # "peers": the product default, 2 stripes, 3 per stripe tree; "tree": fanout 2
+        for case, real, (finish, egress, _) in (
+            ("peers", peers, simulate_striped(n, size, per_node, rate, 3, 2, 0.002, LEAF)),
+            ("tree", tree, simulate(n, size, per_node, rate, 2, 0.002, LEAF)),
+        ):
+            if real is None:
+                continue
+            model = max(finish)
+            print(
+                f"  model of {case} ({label}: per-node {per_node / 1e6:.0f} MB/s, origin "
+                f"{rate / 1e6:.0f} MB/s): all done {model:.2f} s, p50 "
+                f"{statistics.median(finish):.2f} s, egress {egress:g}; real "
+                f"{real.seconds:.2f} s; real/model {real.seconds / model:.2f} (target 0.8-1.25)"
+            )
 
 
 if __name__ == "__main__":

@@ -205,6 +205,8 @@ class Config:
     api_token: str | None = None  # unset: read from api_token_file
     api_token_file: Path | None = None
     api_peer_fanout: int = default("api_peer_fanout")
+    api_peer_stripes: int = default("api_peer_stripes")
+    api_peer_stripe_fanout: int = default("api_peer_stripe_fanout")
     flavors: tuple[FlavorSpec, ...] = field(default_factory=tuple)
 
     # Derived locations -------------------------------------------------

@@ -436,6 +436,14 @@ SETTING_ROWS: tuple[Setting, ...] = (
          "nodes one holder of an image (a peer, or the origin) feeds at once when the API "
          "assigns sources (`0`: every node fetches from the image service)", unit="nodes",
          at_least=0, at_most=1000),
+    _row("api_peer_stripes", int, 2, "api.peer_stripes",
+         "stripes the API cuts an image into when it assigns peer sources: leaf `i` travels "
+         "down stripe `i % k`'s own tree, so a node forwards only its home stripe "
+         "(`1`: one tree, as `api_peer_fanout` says)", unit="stripes", at_least=1, at_most=8),
+    _row("api_peer_stripe_fanout", int, 3, "api.peer_stripe_fanout",
+         "nodes one feeder serves in each stripe's tree when `api_peer_stripes` is 2 or more; "
+         "keep it above the stripes (equal makes chains, see docs/distribution.md)",
+         unit="nodes", at_least=1, at_most=1000),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTING_ROWS}
 

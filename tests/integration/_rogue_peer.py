@@ -5,7 +5,10 @@
 - ``die_at``: closes the connection once the body reaches that byte;
 - ``stall_at``: stops sending at that byte and holds the connection open.
 
-It checks the node token (401 otherwise) and records each request's ``Range``.
+It checks the node token (401 otherwise) and records each request's ``Range``. With
+``?stripe=t&stripes=k&leaf=SIZE`` it answers that stripe as a node agent does
+(:mod:`cowfleet.node.peerstripes`); ``die_at`` and ``stall_at`` then count bytes of
+the stripe's body.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tests.fixtures.images import free_port
 
-PATH_RE = re.compile(r"^/peer/v1/images/([0-9a-f-]{36})$")
+PATH_RE = re.compile(r"^/peer/v1/images/([0-9a-f-]{36})(?:\?(.*))?$")
 RANGE_RE = re.compile(r"^bytes=(\d+)-$")
 
 
@@ -69,9 +73,23 @@ class RoguePeer:
                 body = bytearray(data)
                 if peer.corrupt is not None:
                     body[peer.corrupt] ^= 0xFF
-                self.send_response(206 if rm else 200)
-                if rm:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                query = dict(urllib.parse.parse_qsl(m.group(2) or "")) if m else {}
+                if "stripe" in query and rm:
+                    t, k, leaf = (int(query[n]) for n in ("stripe", "stripes", "leaf"))
+                    first = start // leaf + (t - start // leaf) % k
+                    idx = range(first, -(-len(data) // leaf), k)
+                    body = bytearray(b"".join(body[i * leaf : (i + 1) * leaf] for i in idx))
+                    last = min((idx[-1] + 1) * leaf, len(data)) - 1
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {first * leaf}-{last}/{len(data)}")
+                    self.send_header("X-Cowfleet-Stripe", f"{t}/{k}")
+                    data, start = bytes(body), 0
+                else:
+                    self.send_response(206 if rm else 200)
+                    if rm:
+                        self.send_header(
+                            "Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"
+                        )
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 pos = start

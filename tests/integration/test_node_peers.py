@@ -50,7 +50,13 @@ class Fleet:
         data = _data(size, seed)
         return self.service.upload(f"peer-{seed}", data), data
 
-    def build(self, name: str, image_id: str, sources: list[dict[str, str]] | None = None) -> str:
+    def build(
+        self,
+        name: str,
+        image_id: str,
+        sources: list[dict[str, str]] | None = None,
+        stripes: list[list[dict[str, str]]] | None = None,
+    ) -> str:
         uuid = str(uuid_mod.uuid4())
         spec: dict[str, Any] = {
             "uuid": uuid,
@@ -61,6 +67,8 @@ class Fleet:
         }
         if sources is not None:
             spec["sources"] = sources
+        if stripes is not None:
+            spec["stripes"] = stripes
         resp = self.agents[name].request("PUT", f"/v1/servers/{uuid}", json=spec)
         assert resp.status_code == 202, resp.text
         return uuid
@@ -245,3 +253,78 @@ def test_a_chain_of_three_started_at_once_takes_one_copy_from_the_origin(fleet: 
         fleet.proxy.rate = None
     assert fleet.proxy.count(iid) == 1  # one copy from the origin fed a chain of three
     assert fleet.base("node-c", iid) == data
+
+
+def test_a_striped_fetch_of_three_takes_one_copy_from_the_origin(fleet: Fleet) -> None:
+    """node-a fetches from the origin; node-b takes both stripes from node-a's download
+    in progress, node-c stripe 0 from node-a and stripe 1 from node-b (also in progress)."""
+    iid, data = fleet.upload(6 * LEAF + 999, 21)
+    a, b = fleet.source("node-a"), fleet.source("node-b")
+    fleet.proxy.rate = 16 * MIB
+    try:
+        ua = fleet.build("node-a", iid)
+        ub = fleet.build("node-b", iid, [a], stripes=[[a], [a]])
+        uc = fleet.build("node-c", iid, [a], stripes=[[a], [b, a]])
+        for name, uuid in (("node-a", ua), ("node-b", ub), ("node-c", uc)):
+            fleet.agents[name].wait_state(uuid, "ACTIVE")
+    finally:
+        fleet.proxy.rate = None
+    assert fleet.proxy.count(iid) == 1 and fleet.proxy.bytes_sent(iid) == len(data)
+    for name in ("node-a", "node-b", "node-c"):
+        assert fleet.base(name, iid) == data
+    log = fleet.agents["node-c"].log_path.read_text()
+    assert f"image {iid}: cached" in log and "verified with sha256 tree + sha512" in log
+
+
+@pytest.mark.parametrize("how", ["lying", "killed"])
+def test_a_striped_fetch_survives_a_stripe_source_that_lies_or_dies(fleet: Fleet, how: str) -> None:
+    seed = 22 if how == "lying" else 23
+    iid, data = fleet.upload(6 * LEAF + 5, seed)
+    fleet.agents["node-a"].wait_state(fleet.build("node-a", iid), "ACTIVE")
+    kw = {"corrupt": 3 * LEAF + 9} if how == "lying" else {"die_at": LEAF + 100}
+    rogue = RoguePeer(NODE_TOKEN, {iid: data}, **kw)  # type: ignore[arg-type]
+    a, bad = fleet.source("node-a"), {"host": "rogue", "url": rogue.url}
+    try:
+        # stripe 1 (leaves 1, 3, 5) from the rogue first, then node-a
+        uuid = fleet.build("node-b", iid, [a], stripes=[[a], [bad, a]])
+        fleet.agents["node-b"].wait_state(uuid, "ACTIVE")
+    finally:
+        rogue.close()
+    assert fleet.base("node-b", iid) == data
+    assert fleet.proxy.count(iid) == 1  # node-a's own fetch only
+    assert rogue.ranges == [f"bytes={LEAF}-"]
+    reports = [r for r in fleet.peer_reports() if r["image_id"] == iid]
+    if how == "lying":
+        assert [r["peer"] for r in reports] == ["rogue"] and "leaf 3" in reports[0]["reason"]
+    else:
+        assert not reports
+
+
+def test_bad_stripes_in_a_build_spec_are_400(fleet: Fleet) -> None:
+    iid, _ = fleet.upload(1000, 24)
+    spec = {
+        "uuid": str(uuid_mod.uuid4()),
+        "name": "vm",
+        "image_id": iid,
+        "flavor": TINY,
+        "stripes": [[{"host": "x", "url": "http://127.0.0.5:1"}]],
+    }
+    resp = fleet.agents["node-c"].request("PUT", f"/v1/servers/{spec['uuid']}", json=spec)
+    assert resp.status_code == 400 and "stripes must be a list of 2 to 8" in resp.text
+
+
+def test_a_stripe_fed_by_the_origin_takes_one_bounded_range_per_leaf(fleet: Fleet) -> None:
+    iid, data = fleet.upload(4 * LEAF + 321, 25)  # 5 leaves: 0, 2, 4 in stripe 0
+    fleet.agents["node-a"].wait_state(fleet.build("node-a", iid), "ACTIVE")
+    a = fleet.source("node-a")
+    uuid = fleet.build("node-b", iid, [a], stripes=[[], [a]])
+    fleet.agents["node-b"].wait_state(uuid, "ACTIVE")
+    assert fleet.base("node-b", iid) == data
+    size = len(data)
+    assert fleet.proxy.ranges[iid] == [
+        None,  # node-a's whole fetch
+        f"bytes=0-{LEAF - 1}",
+        f"bytes={2 * LEAF}-{3 * LEAF - 1}",
+        f"bytes={4 * LEAF}-{size - 1}",
+    ]
+    assert fleet.proxy.bytes_sent(iid) == size + 2 * LEAF + (size - 4 * LEAF)

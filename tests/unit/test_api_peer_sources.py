@@ -63,7 +63,7 @@ def test_fanout_zero_means_the_origin_only(tmp_path: Path) -> None:
 
 
 def test_later_builds_stream_from_nodes_still_fetching(tmp_path: Path) -> None:
-    with api(tmp_path, peer_fanout=1) as (client, nodes, _clock):
+    with api(tmp_path, peer_fanout=1, peer_stripes=1) as (client, nodes, _clock):
         nodes.build = lambda url, spec: (  # type: ignore[method-assign]
             nodes.builds.append((url, spec)) or {"uuid": spec["uuid"], "state": "BUILDING"}
         )
@@ -114,3 +114,26 @@ def test_peer_reports_are_checked(tmp_path: Path) -> None:
         for bad in ({"peer": "", "image_id": IMAGE}, {"peer": "h", "image_id": "../x"}):
             resp = client.post(url, json=bad, headers={"X-Auth-Token": NODE})
             assert resp.status_code == 400, resp.text
+
+
+def test_a_striped_plan_names_each_stripes_sources_and_stripe_zero_as_sources(
+    tmp_path: Path,
+) -> None:
+    with api(tmp_path, peer_stripes=2, peer_stripe_fanout=2) as (client, nodes, _clock):
+        nodes.build = lambda url, spec: (  # type: ignore[method-assign]
+            nodes.builds.append((url, spec)) or {"uuid": spec["uuid"], "state": "BUILDING"}
+        )
+        register(client, "holder", ram_mb=256, cache=HELD)
+        register(client, "node-2", ram_mb=512)
+        register(client, "node-3", ram_mb=512)
+        one = _spec_of(nodes, create(client, "vm1").json()["server"]["id"])
+        two = _spec_of(nodes, create(client, "vm2").json()["server"]["id"])
+        holder = {"host": "holder", "url": "http://holder.test:8775"}
+        # the holder's two slots are shared by the stripes: the first node takes both,
+        # and the second streams both stripes from the first (still fetching)
+        assert one["stripes"] == [[holder], [holder]] and one["sources"] == [holder]
+        first = next(url for url, spec in nodes.builds if spec is one).split("//")[1]
+        first_host = first.split(".")[0]
+        assert len(two["stripes"]) == 2
+        assert all(chain and chain[0]["host"] == first_host for chain in two["stripes"])
+        assert two["sources"] == two["stripes"][0]

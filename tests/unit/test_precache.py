@@ -288,6 +288,12 @@ def test_node_progress_names_the_source_sending_now_then_the_one_that_sent_most(
         {"precache_id": PID, "image_id": "../../etc"},
         {"precache_id": PID, "image_id": IMAGE, "sources": "node-b"},
         {"precache_id": PID, "image_id": IMAGE, "sources": [{"host": "b", "url": "file:///x"}]},
+        {"precache_id": PID, "image_id": IMAGE, "stripes": [[]]},
+        {
+            "precache_id": PID,
+            "image_id": IMAGE,
+            "stripes": [[], [{"host": "b/", "url": "http://b"}]],
+        },
     ],
 )
 def test_node_refuses_a_bad_request(doc: Any) -> None:
@@ -417,7 +423,9 @@ def test_api_sends_peer_sources_from_the_assignment(
 ) -> None:
     seen: list[tuple[list[str], list[Holder]]] = []
 
-    def assign(image_id: str, fetchers: Any, holders: Any, *, fanout: int) -> dict[str, SourcePlan]:
+    def assign(
+        image_id: str, fetchers: Any, holders: Any, *, fanout: int, **_kw: Any
+    ) -> dict[str, SourcePlan]:
         seen.append((list(fetchers), list(holders)))
         return {h: SourcePlan(h, ("n1",)) for h in fetchers}
 
@@ -435,6 +443,25 @@ def test_api_sends_peer_sources_from_the_assignment(
         ((fetchers, holders),) = seen
         assert fetchers == ["n2"]
         assert holders == [Holder("n1", "http://n1.test:8775", True)]
+
+
+def test_api_sends_each_node_the_sources_of_every_stripe(tmp_path: Path) -> None:
+    with _api(tmp_path, peer_stripes=2, peer_stripe_fanout=3) as (client, nodes, _):
+        for n in ("n1", "n2", "n3"):
+            register(client, n)
+        client.post(
+            "/v2.1/cowfleet/precache", json={"image_id": IMAGE, "all": True}, headers=headers()
+        )
+        wait(lambda: len(nodes.asked) == 3)
+        bodies = {url.split("//")[1].split(".")[0]: body for url, body in nodes.asked}
+        # n1 (first): both stripes from the origin, so no stripes are named, and it feeds
+        # both to n2; n3: stripe 0 from n1, stripe 1 from n2 (its home; n1 is full)
+        assert "stripes" not in bodies["n1"] and bodies["n1"]["sources"] == []
+        n1 = {"host": "n1", "url": "http://n1.test:8775"}
+        n2 = {"host": "n2", "url": "http://n2.test:8775"}
+        assert bodies["n2"]["stripes"][0][0] == n1 and bodies["n2"]["stripes"][1][0] == n1
+        assert bodies["n3"]["stripes"][0][0] == n1 and bodies["n3"]["stripes"][1][0] == n2
+        assert bodies["n3"]["sources"] == bodies["n3"]["stripes"][0]
 
 
 def test_api_with_peer_fanout_0_sends_every_node_to_the_origin(tmp_path: Path) -> None:
@@ -489,3 +516,23 @@ def test_nova_aggregate_images_route(tmp_path: Path) -> None:
             ).status_code
             == 404
         )
+
+
+def test_node_passes_stripes_to_the_fetch_and_a_build_spec_takes_them(tmp_path: Path) -> None:
+    from cowfleet.fetch.sources import Peer
+    from cowfleet.node.spec import BuildSpec
+
+    b = {"host": "node-b", "url": "http://127.0.0.3:1"}
+    req = PrecacheRequest.from_json(
+        {"precache_id": PID, "image_id": IMAGE, "sources": [b], "stripes": [[b], []]}
+    )
+    assert req.stripes == ((Peer("node-b", "http://127.0.0.3:1"),), ())
+    spec = {
+        "uuid": PID,
+        "name": "vm",
+        "image_id": IMAGE,
+        "flavor": {"name": "t", "vcpus": 1, "ram_mb": 64, "root_gb": 1},
+    }
+    assert BuildSpec.from_json({**spec, "stripes": [[b], []]}).stripes == req.stripes
+    with pytest.raises(ValidationError, match="stripes"):
+        BuildSpec.from_json({**spec, "stripes": [[b]] * 9})

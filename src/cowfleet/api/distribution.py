@@ -79,8 +79,30 @@ def peer_sources(
     flags: PeerFlags,
 ) -> list[dict[str, Any]]:
     """The ``sources`` for ``host``'s build of ``image_id`` (empty: the origin only)."""
+    plan = peer_plan(
+        session, image_id, host, fanout=fanout, now=now, down_after=down_after, flags=flags
+    )
+    sources: list[dict[str, Any]] = plan.get("sources", [])
+    return sources
+
+
+def peer_plan(
+    session: Session,
+    image_id: str,
+    host: str,
+    *,
+    fanout: int,
+    now: float,
+    down_after: float,
+    flags: PeerFlags,
+    stripes: int = 1,
+    stripe_fanout: int = 3,
+) -> dict[str, Any]:
+    """The build spec's fields for ``host``'s fetch of ``image_id``: ``sources`` (absent
+    or empty: the origin only) and, with ``stripes`` >= 2, the ``stripes`` (the sources
+    of each stripe, planned with ``stripe_fanout`` per stripe tree)."""
     if fanout < 1:
-        return []
+        return {}
     nodes = {n.hostname: n for n in session.scalars(select(NodeRow))}
     alive = {h for h, n in nodes.items() if now - n.last_heartbeat <= down_after}
     holders: list[Holder] = []
@@ -117,6 +139,18 @@ def peer_sources(
         fetching.append(srv_host)
         holders.append(Holder(srv_host, nodes[srv_host].url, False))
     if host in complete:
-        return []
-    plan = assign_sources(image_id, [*fetching, host], holders, fanout=fanout)[host]
-    return [{"host": p, "url": nodes[p].url} for p in plan.peers]
+        return {}
+    striped = stripes > 1
+    plan = assign_sources(
+        image_id,
+        [*fetching, host],
+        holders,
+        fanout=stripe_fanout if striped else fanout,
+        stripes=stripes if striped else 1,
+    )[host]
+    out: dict[str, Any] = {}
+    if plan.peers:
+        out["sources"] = [{"host": p, "url": nodes[p].url} for p in plan.peers]
+    if plan.stripes and any(plan.stripes):  # all from the origin: no stripes to name
+        out["stripes"] = [[{"host": p, "url": nodes[p].url} for p in c] for c in plan.stripes]
+    return out

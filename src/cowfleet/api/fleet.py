@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from cowfleet.api import states
 from cowfleet.api.db.engine import Database
 from cowfleet.api.db.models import FlavorRow, NodeRow, ServerRow
-from cowfleet.api.distribution import PeerFlags, peer_sources
+from cowfleet.api.distribution import PeerFlags, peer_plan
 from cowfleet.api.faults import ApiFault
 from cowfleet.api.images import ImageInfo, ImageLookup
 from cowfleet.api.nodes_client import NodeConflict, NodeError, NodesClient
@@ -457,17 +457,21 @@ class Fleet:
                 },
             }
             url = s.scalars(select(NodeRow.url).where(NodeRow.hostname == cand.hostname)).one()
-            sources = peer_sources(
-                s,
-                row.image_id,
-                cand.hostname,
-                fanout=self.settings.peer_fanout,
-                now=now,
-                down_after=self.settings.node_down_after,
-                flags=self.peer_flags,
+            # Peers that hold the image or are fetching it (docs/fleet-protocol.md): the
+            # spec's "sources" and, for a striped plan, "stripes".
+            spec.update(
+                peer_plan(
+                    s,
+                    row.image_id,
+                    cand.hostname,
+                    fanout=self.settings.peer_fanout,
+                    now=now,
+                    down_after=self.settings.node_down_after,
+                    flags=self.peer_flags,
+                    stripes=self.settings.peer_stripes,
+                    stripe_fanout=self.settings.peer_stripe_fanout,
+                )
             )
-            if sources:  # peers that hold the image or are fetching it (docs/fleet-protocol.md)
-                spec["sources"] = sources
         log.info("server %s placed on %s (weight %s)", server_id, cand.hostname, cand.weight)
         self._decided(PLACED)
         try:

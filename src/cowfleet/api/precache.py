@@ -175,11 +175,14 @@ class Precaches:
             with self._lock:
                 self._dispatching.discard(pid)
 
-    def plan(self, s: Session, pid: str, hosts: Sequence[str]) -> dict[str, list[dict[str, str]]]:
-        """The sources (peer host and URL, in order) to send each of ``hosts`` (none
-        when ``peer_fanout`` is 0: every node fetches from the origin)."""
-        if self.fleet.settings.peer_fanout < 1:
-            return {host: [] for host in hosts}
+    def plan(self, s: Session, pid: str, hosts: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """What to send each of ``hosts``: its ``sources`` (peer host and URL, in order;
+        none when ``peer_fanout`` is 0: every node fetches from the origin) and, when
+        the plan is striped (``peer_stripes`` >= 2), the ``stripes`` (the sources of
+        each stripe, see docs/fleet-protocol.md)."""
+        settings = self.fleet.settings
+        if settings.peer_fanout < 1:
+            return {host: {"sources": []} for host in hosts}
         p = s.scalars(select(PrecacheRow).where(PrecacheRow.id == pid)).one()
         nodes = {n.hostname: n for n in s.scalars(select(NodeRow))}
         holders: dict[str, Holder] = {}
@@ -200,16 +203,29 @@ class Precaches:
             if host not in holders and host in nodes:
                 holders[host] = Holder(host, nodes[host].url, False)
         fetchers = [h for h in hosts if h not in holders or not holders[h].complete]
-        fanout = self.fleet.settings.peer_fanout
-        plans = assign_sources(p.image_id, fetchers, list(holders.values()), fanout=fanout)
-        out: dict[str, list[dict[str, str]]] = {}
-        for host in hosts:
-            peers = plans[host].peers if host in plans else ()
-            out[host] = [
+        striped = settings.peer_stripes > 1
+        plans = assign_sources(
+            p.image_id,
+            fetchers,
+            list(holders.values()),
+            fanout=settings.peer_stripe_fanout if striped else settings.peer_fanout,
+            stripes=settings.peer_stripes if striped else 1,
+        )
+        out: dict[str, dict[str, Any]] = {}
+
+        def named(peers: Sequence[str], host: str) -> list[dict[str, str]]:
+            return [
                 {"host": peer, "url": nodes[peer].url}
                 for peer in peers
                 if peer in nodes and peer != host
             ]
+
+        for host in hosts:
+            plan = plans.get(host)
+            out[host] = {"sources": named(plan.peers if plan else (), host)}
+            stripes = [named(chain, host) for chain in plan.stripes] if plan else []
+            if any(stripes):  # all from the origin: no stripes to name
+                out[host]["stripes"] = stripes
         return out
 
     def dispatch(self, pid: str) -> None:
@@ -260,7 +276,7 @@ class Precaches:
                 )
             )
 
-    def ask(self, pid: str, host: str, sources: list[dict[str, str]]) -> None:
+    def ask(self, pid: str, host: str, peers: dict[str, Any]) -> None:
         """Send one node its pre-cache request; a node that cannot be asked fails."""
         fleet = self.fleet
         now = fleet.clock()
@@ -270,10 +286,10 @@ class Precaches:
             s.execute(
                 update(PrecacheNodeRow)
                 .where(PrecacheNodeRow.precache_id == pid, PrecacheNodeRow.host == host)
-                .values(dispatched_at=now, sources=sources)
+                .values(dispatched_at=now, sources=peers["sources"])
             )
             image_id = p.image_id
-        body = {"precache_id": pid, "image_id": image_id, "sources": sources}
+        body = {"precache_id": pid, "image_id": image_id, **peers}
         try:
             if url is None:
                 raise NodeError(f"host {host} is no longer registered")

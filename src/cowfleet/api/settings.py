@@ -32,6 +32,8 @@ class ApiSettings:
     precache_concurrency: int = 0  # nodes a pre-cache asks at once (0: all)
     metrics_open: bool = False  # /metrics without a token (loopback, or metrics_public)
     peer_fanout: int = 2  # nodes one holder feeds at once (0: origin only)
+    peer_stripes: int = 2  # stripes of a peer plan (1: one tree)
+    peer_stripe_fanout: int = 3  # nodes one feeder serves per stripe tree
 
     @classmethod
     def from_config(cls, cfg: Config) -> ApiSettings:
@@ -57,4 +59,6 @@ class ApiSettings:
             precache_concurrency=cfg.api_precache_concurrency,
             metrics_open=metrics_open(cfg.api_host, cfg.metrics_public),
             peer_fanout=cfg.api_peer_fanout,
+            peer_stripes=cfg.api_peer_stripes,
+            peer_stripe_fanout=cfg.api_peer_stripe_fanout,
         )

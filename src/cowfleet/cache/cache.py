@@ -178,9 +178,16 @@ class ImageCache:
         )
 
     # -- public API -------------------------------------------------------
-    def ensure_cached(self, image_id: str, *, sources: Sequence[Peer] = ()) -> CachedBase:
+    def ensure_cached(
+        self,
+        image_id: str,
+        *,
+        sources: Sequence[Peer] = (),
+        stripes: Sequence[Sequence[Peer]] = (),
+    ) -> CachedBase:
         """Return the verified base of ``image_id``, fetching it once per node (from the
-        peers in ``sources`` first, when the cache has :attr:`peering`)."""
+        peers in ``sources`` first, when the cache has :attr:`peering`; or from the peers
+        of each stripe in ``stripes``, see :mod:`cowfleet.fetch.stripes`)."""
         image_id = canonical_image_id(image_id)
         paths = self.layout.paths(image_id)
         hit = self._hit(image_id, paths)
@@ -190,11 +197,15 @@ class ImageCache:
             return hit
         if self.peering is not None:  # peers asking for it meanwhile wait for the download
             with self.peering.live.expect(image_id):
-                return self._ensure_missing(image_id, paths, sources)
-        return self._ensure_missing(image_id, paths, sources)
+                return self._ensure_missing(image_id, paths, sources, stripes)
+        return self._ensure_missing(image_id, paths, sources, stripes)
 
     def _ensure_missing(
-        self, image_id: str, paths: BasePaths, sources: Sequence[Peer]
+        self,
+        image_id: str,
+        paths: BasePaths,
+        sources: Sequence[Peer],
+        stripes: Sequence[Sequence[Peer]] = (),
     ) -> CachedBase:
         self._ensure_dirs()
         waiting_since = self.clock()
@@ -206,7 +217,7 @@ class ImageCache:
                 return hit
             failures.raise_if_failed_since(paths, image_id, waiting_since)
             try:
-                result = self._fetch(image_id, paths, sources)
+                result = self._fetch(image_id, paths, sources, stripes)
             except CowfleetError as exc:
                 failures.record(paths, image_id, exc, self.clock())
                 raise
@@ -227,7 +238,13 @@ class ImageCache:
         ramdisk = self.ensure_cached(ramdisk_id) if ramdisk_id else None
         return CachedSet(root=root, kernel=kernel, ramdisk=ramdisk)
 
-    def _fetch(self, image_id: str, paths: BasePaths, sources: Sequence[Peer] = ()) -> CachedBase:
+    def _fetch(
+        self,
+        image_id: str,
+        paths: BasePaths,
+        sources: Sequence[Peer] = (),
+        stripes: Sequence[Sequence[Peer]] = (),
+    ) -> CachedBase:
         started = self.monotonic()
         budget = self.retry.start(clock=self.monotonic, sleep=self.sleep, rand=self.rand)
         got = fetch_base(
@@ -241,6 +258,7 @@ class ImageCache:
             inspector_factory=self.inspector_factory,
             peering=self.peering,
             peers=sources,
+            stripes=stripes,
         )
         self.downloads += 1
         seconds = self.monotonic() - started

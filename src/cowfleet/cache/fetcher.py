@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from cowfleet.cache.live import LiveFetch
     from cowfleet.cache.peering import Peering
     from cowfleet.fetch.sources import Peer, Sources
+    from cowfleet.fetch.stripes import StripedSources
     from cowfleet.images.client import Image, ImageClient
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,11 @@ def fetch_base(
     inspector_factory: Callable[[], InspectorLike],
     peering: Peering | None = None,
     peers: Sequence[Peer] = (),
+    stripes: Sequence[Sequence[Peer]] = (),
 ) -> FetchedBase:
     """Fetch, verify, check and install ``image_id`` (see the module doc); with
-    ``peering`` and a hash tree, from ``peers`` first (see :mod:`.peering`)."""
+    ``peering`` and a hash tree, from ``peers`` first (see :mod:`.peering`), or each
+    stripe from its own peers when ``stripes`` names them (:mod:`cowfleet.fetch.stripes`)."""
     image = budget.call(lambda: client.get(image_id), what=f"image {image_id}")
     ok = judge(image, cfg.max_image_size)
     # The hash tree when the image has one (checked against its published root), else
@@ -119,7 +122,7 @@ def fetch_base(
     # A download peers may read as it lands: ended once the base is installed (a reader
     # arriving in between finds the live entry, after it the base).
     live: LiveFetch | None = None
-    sources: Sources | None = None
+    sources: Sources | StripedSources | None = None
     installed_ok = False
     try:
         with limiter.hold(deadline=budget.deadline):
@@ -137,7 +140,24 @@ def fetch_base(
                     image_id, offset=offset, buffers=pool
                 )
                 into: Sink = sink
-                if peering is not None and tree is not None:
+                if peering is not None and tree is not None and stripes:
+                    from cowfleet.cache.live import TrackingSink
+                    from cowfleet.cache.peerstripes import striped_sources
+                    from cowfleet.digest import tree_and_digest
+
+                    def on_stripe_switch(name: str) -> None:
+                        if live is not None:
+                            live.source = name
+
+                    sources = striped_sources(
+                        peering, client, image_id, tree, stripes, on_switch=on_stripe_switch
+                    )
+                    open_stream = sources
+                    want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
+                    live = peering.live.begin(image_id, ok.size, sink.fd)
+                    live.source = sources.main
+                    into = TrackingSink(sink, live)
+                elif peering is not None and tree is not None:
                     from cowfleet.cache.live import TrackingSink
                     from cowfleet.digest import tree_and_digest
                     from cowfleet.fetch.sources import OriginSource, Sources

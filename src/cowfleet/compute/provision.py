@@ -286,11 +286,14 @@ class Provisioner:
         uuid: str | None = None,
         spec: dict[str, Any] | None = None,
         sources: Sequence[Any] = (),
+        stripes: Sequence[Sequence[Any]] = (),
     ) -> inst.InstanceRecord:
         """Validate, cache, build the folder, define (and start) the domain.
 
         ``sources``: peers (:class:`cowfleet.fetch.sources.Peer`) to fetch the root
-        image from before the origin, as the controller assigned them.
+        image from before the origin, as the controller assigned them; ``stripes``:
+        the peers of each stripe when it planned the fetch in stripes
+        (:mod:`cowfleet.fetch.stripes`).
 
         ``uuid``: the instance's UUID when the caller chose it (a controller's build
         request); a new one otherwise. ``spec``: the controller's build spec, kept in
@@ -301,11 +304,10 @@ class Provisioner:
         # is in place (see cowfleet.cache.pins).
         with self.pin_bases(plan):
             started = self.monotonic()
-            root = (
-                self.cache.ensure_cached(plan.image.id, sources=sources)  # type: ignore[call-arg]
-                if sources
-                else self.cache.ensure_cached(plan.image.id)
-            )
+            peers: dict[str, Any] = {"sources": sources} if sources else {}
+            if stripes:
+                peers["stripes"] = stripes
+            root = self.cache.ensure_cached(plan.image.id, **peers)
             self._check_root_size(plan.flavor, plan.image.id, root.virtual_size)
             kernel = self.cache.ensure_cached(plan.kernel.id) if plan.kernel else None
             ramdisk = self.cache.ensure_cached(plan.ramdisk.id) if plan.ramdisk else None

@@ -27,6 +27,13 @@ lose their parent and its ancestors at once, and rather than each going to the o
 they fall back on a node placed before them, of which only the first goes to the
 origin and the others stream from it. The origin is not named: it is always the last
 resort, after every peer. A fetcher that is a complete holder already gets an empty plan.
+
+**Stripes** (``stripes=k``, k >= 2; SplitStream-style): leaf ``i`` of the image belongs
+to stripe ``i % k`` and each stripe travels down a tree of its own
+(:mod:`cowfleet.distribution.stripes`). In one tree of fan-out ``f`` every node below the
+root receives at ``1/f`` of a link; with k trees whose interiors are disjoint, a node
+forwards only its *home* stripe, to ``f`` children, so it uploads ``f / k`` images per
+image and receives at ``k / f`` of a link (2/3 for k=2, f=3, against 1/2 unstriped).
 """
 
 from __future__ import annotations
@@ -51,6 +58,11 @@ class Holder:
 class SourcePlan:
     host: str
     peers: tuple[str, ...]  # peer hostnames in order; the origin is always the last resort
+    # With stripes (k >= 2): the sources of each stripe in order (same rules as peers;
+    # empty: the origin), and the stripe whose tree this node may feed. ``peers`` is
+    # then stripe 0's chain, a whole single tree for a node that does not stripe.
+    stripes: tuple[tuple[str, ...], ...] = ()
+    home: int | None = None
 
 
 @dataclass
@@ -71,12 +83,27 @@ def _key(image_id: str, f: _Feeder) -> tuple[bool, int, int, bytes]:
     return (not f.complete, f.depth, f.children, _spread(image_id, f.host))
 
 
+MAX_STRIPES = 8
+
+
 def assign_sources(
-    image_id: str, fetchers: Sequence[str], holders: Sequence[Holder], *, fanout: int
+    image_id: str,
+    fetchers: Sequence[str],
+    holders: Sequence[Holder],
+    *,
+    fanout: int,
+    stripes: int = 1,
 ) -> dict[str, SourcePlan]:
-    """The plan of each fetcher (see the module doc). ``fanout`` must be at least 1."""
+    """The plan of each fetcher (see the module doc). ``fanout`` must be at least 1,
+    ``stripes`` between 1 and :data:`MAX_STRIPES`."""
     if isinstance(fanout, bool) or not isinstance(fanout, int) or fanout < 1:
         raise ValueError(f"fanout must be a whole number >= 1, not {fanout!r}")
+    if isinstance(stripes, bool) or not isinstance(stripes, int) or not 1 <= stripes <= MAX_STRIPES:
+        raise ValueError(f"stripes must be a whole number 1-{MAX_STRIPES}, not {stripes!r}")
+    if stripes > 1:
+        from cowfleet.distribution.stripes import assign_striped
+
+        return assign_striped(image_id, fetchers, holders, fanout=fanout, stripes=stripes)
     feeders: dict[str, _Feeder] = {}
     for h in holders:
         old = feeders.get(h.host)

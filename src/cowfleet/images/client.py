@@ -388,21 +388,31 @@ class ImageClient(Closing):
         self._request("DELETE", self._member_path(image_id, project), what)
 
     def open_download(
-        self, image_id: str, *, offset: int = 0, buffers: BufferPool | None = None
+        self,
+        image_id: str,
+        *,
+        offset: int = 0,
+        buffers: BufferPool | None = None,
+        end: int | None = None,
     ) -> AbstractContextManager[DownloadStream]:
-        """``GET /v2/images/{id}/file`` from ``offset`` (a ``Range`` request when > 0);
-        the body may be read into ``buffers`` (see :mod:`cowfleet.fetch.buffers`)."""
-        return self._open_download(image_id, offset, buffers)
+        """``GET /v2/images/{id}/file`` from ``offset`` (a ``Range`` request when > 0),
+        up to byte ``end`` (inclusive; None: the last); the body may be read into
+        ``buffers`` (see :mod:`cowfleet.fetch.buffers`)."""
+        return self._open_download(image_id, offset, buffers, end)
 
     @contextmanager
     def _open_download(
-        self, image_id: str, offset: int, buffers: BufferPool | None
+        self, image_id: str, offset: int, buffers: BufferPool | None, end: int | None = None
     ) -> Iterator[DownloadStream]:
         if offset < 0:
             raise UsageError(f"negative download offset {offset}")
+        if end is not None and end < offset:
+            raise UsageError(f"download range {offset}-{end} ends before it starts")
         what = f"download image {image_id}"
         headers = {"Accept": "application/octet-stream", "Accept-Encoding": "identity"}
-        if offset:
+        if end is not None:
+            headers["Range"] = f"bytes={offset}-{end}"
+        elif offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 60.0))
         resp = send(

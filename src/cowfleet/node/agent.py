@@ -104,6 +104,7 @@ class ControllerClient:
 
     def precache_progress(self, precache_id: str, body: dict[str, Any]) -> None:
         self._send("POST", f"/internal/nodes/{self.hostname}/precache/{precache_id}", body)
+
     def peer_report(self, peer: str, image_id: str, reason: str) -> None:
         """Tell the API that ``peer`` sent a piece of ``image_id`` that failed the hash tree."""
         body = {"peer": peer, "image_id": image_id, "reason": reason[:500]}

@@ -216,7 +216,8 @@ class Builds:
                 uuid=uuid,
                 spec=spec.to_dict(),
                 start=True,
-                **({"sources": spec.sources} if spec.sources else {}),
+                **({"sources": spec.sources} if spec.sources else {}),  # type: ignore[arg-type]
+                **({"stripes": spec.stripes} if spec.stripes else {}),
             )
         except CowfleetError as exc:
             fault = one_line(str(exc))

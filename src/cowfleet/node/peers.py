@@ -18,6 +18,8 @@ a request path reaches the filesystem. Served, in this order:
 ``Range: bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` gives ``206`` with ``Content-Range``;
 a range starting past the end is ``416`` (``Content-Range: bytes */size``); no range,
 or one this parser does not take (several ranges), is the whole image with ``200``.
+With ``?stripe=t&stripes=k&leaf=SIZE`` the answer is one stripe of the image
+(:mod:`cowfleet.node.peerstripes`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import Layout, canonical_image_id, is_image_id
 from cowfleet.cache.live import LiveFetch, LiveFetches
 from cowfleet.errors import NotFoundError
+from cowfleet.node.peerstripes import (
+    BadStripe,
+    PastEnd,
+    StripeRequest,
+    parse_stripe,
+    wants_stripe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +158,29 @@ def _body(held: _Held, first: int, last: int, wait: float) -> Iterator[bytes]:
         _release(held)
 
 
+def _stripe_body(held: _Held, leaves: list[tuple[int, int]], wait: float) -> Iterator[bytes]:
+    """The bytes of ``leaves`` ((first byte, bytes) each), in order: one stripe."""
+    pos = 0
+    try:
+        for begin, size in leaves:
+            pos, end = begin, begin + size
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                if held.live is not None:
+                    data = held.live.read(pos, n, wait)
+                else:
+                    data = os.pread(held.fd, n, pos)
+                    if not data:
+                        raise OSError(f"base ended at byte {pos}")
+                yield data
+                pos += len(data)
+    except Exception as exc:  # the answer is cut short: the reader takes another source
+        log.warning("peer stripe read stopped at byte %d: %s", pos, exc)
+        raise
+    finally:
+        _release(held)
+
+
 POLL = 0.05
 
 
@@ -176,6 +208,12 @@ def add_peer_routes(
         if not is_image_id(image_id):
             return _error(400, f"image id must be a UUID, not {image_id!r}")
         iid = canonical_image_id(image_id)
+        striped: StripeRequest | None = None
+        if wants_stripe(request.query_params):  # one stripe (cowfleet.node.peerstripes)
+            try:
+                striped = parse_stripe(request.query_params, request.headers.get("range"))
+            except BadStripe as exc:
+                return _error(400, str(exc))
         held = await run_in_threadpool(resolve, layout, live, iid)
         if held is None and (expecting(iid) or live.expected(iid)):
             loop = asyncio.get_running_loop()
@@ -189,6 +227,19 @@ def add_peer_routes(
             return _error(404, f"image {iid} is not held by this node")
         size = held.size
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if striped is not None:
+            try:
+                headers.update(striped.headers(size))
+            except PastEnd:
+                _release(held)
+                return Response(
+                    status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"}
+                )
+            if request.method == "HEAD":
+                _release(held)
+                return Response(status_code=206, headers=headers)
+            body = _stripe_body(held, striped.leaves(size), wait)
+            return StreamingResponse(body, status_code=206, headers=headers)
         try:
             wanted = parse_range(request.headers.get("range"), size)
         except Unsatisfiable:

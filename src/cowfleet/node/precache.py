@@ -37,6 +37,8 @@ from cowfleet import precache as pc
 from cowfleet.cache import metadata as md
 from cowfleet.cache.layout import Layout, canonical_image_id
 from cowfleet.errors import NotFoundError, ValidationError
+from cowfleet.fetch.sources import Peer
+from cowfleet.fetch.stripes import parse_stripes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class PrecacheRequest:
     precache_id: str
     image_id: str
     sources: tuple[Source, ...] = ()
+    stripes: tuple[tuple[Peer, ...], ...] = ()  # the peers of each stripe (optional)
 
     @classmethod
     def from_json(cls, doc: Any) -> PrecacheRequest:
@@ -90,7 +93,7 @@ class PrecacheRequest:
             ):
                 raise ValidationError('each source is {"host": NAME, "url": http(s) URL}')
             sources.append(Source(s["host"], s["url"]))
-        return cls(pid, image_id, tuple(sources))
+        return cls(pid, image_id, tuple(sources), parse_stripes(doc.get("stripes")))
 
 
 @dataclass
@@ -180,11 +183,11 @@ class Precacher:
 
     def _fetch(self, req: PrecacheRequest) -> Any:
         ensure = self.cache.ensure_cached
-        if req.sources and _accepts_sources(ensure):
-            from cowfleet.fetch.sources import Peer
-
-            peers = tuple(Peer(s.host, s.url) for s in req.sources)
-            return ensure(req.image_id, sources=peers)  # type: ignore[call-arg]
+        if (req.sources or req.stripes) and _accepts_sources(ensure):
+            peers: dict[str, Any] = {"sources": tuple(Peer(s.host, s.url) for s in req.sources)}
+            if req.stripes:
+                peers["stripes"] = req.stripes
+            return ensure(req.image_id, **peers)
         return ensure(req.image_id)
 
     def _sending(self, image_id: str) -> str:

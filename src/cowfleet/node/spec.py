@@ -14,6 +14,7 @@ from cowfleet.compute.flavors import Flavor
 from cowfleet.compute.instance import is_uuid
 from cowfleet.errors import ValidationError
 from cowfleet.fetch.sources import Peer, parse_sources
+from cowfleet.fetch.stripes import parse_stripes
 
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 MAX_NAME = 255
@@ -72,6 +73,8 @@ class BuildSpec:
     # Peers to fetch the image from before the origin (the controller's choice of the
     # moment: not part of what the build is, so a retry with others is the same build).
     sources: tuple[Peer, ...] = field(default=(), compare=False)
+    # Or the peers of each stripe (cowfleet.fetch.stripes): same standing as sources.
+    stripes: tuple[tuple[Peer, ...], ...] = field(default=(), compare=False)
 
     @classmethod
     def from_json(cls, data: Any, uuid: str | None = None) -> BuildSpec:
@@ -103,6 +106,7 @@ class BuildSpec:
             image_id=str(image_id),
             flavor=flavor,
             sources=parse_sources(data.get("sources")),
+            stripes=parse_stripes(data.get("stripes")),
         )
 
     def to_dict(self) -> dict[str, Any]:
