@@ -27,6 +27,7 @@ from cowfleet.fetch.stripes import (
     parse_stripes,
 )
 from cowfleet.hashtree import MIN_LEAF_SIZE, tree_of
+from tests.unit import test_fetch_sources_hash_once as hash_once
 
 ID = "4f1c2b0e-8d7a-4c3e-9f10-0123456789ab"
 LEAF = MIN_LEAF_SIZE
@@ -80,8 +81,8 @@ def _fetch(tmp_path: Path, chains: list[list[FakeStripes]], **kw: object) -> Str
     fd = os.open(tmp_path / "x.part", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     sink = PartSink(fd, "x.part")
     digest = ("sha512", hashlib.sha512(DATA).hexdigest())
-    want = Want(ID, len(DATA), tree_and_digest(ID, digest, TREE))
     src = StripedSources(chains, TREE, ID, **kw)  # type: ignore[arg-type]
+    want = Want(ID, len(DATA), tree_and_digest(ID, digest, TREE, checked_by=src.checker))
     budget = RetryPolicy(retries=1).start(sleep=lambda s: None)
     try:
         fetch(src, sink, want, budget)
@@ -198,3 +199,15 @@ def test_parse_stripes_refuses_bad_input_naming_the_problem() -> None:
     ):
         with pytest.raises(ValidationError, match=words):
             parse_stripes(bad)
+
+
+counted = hash_once.counted  # the fixture that counts what the hash tree module hashes
+
+
+def test_a_striped_fetch_hashes_each_leaf_once(tmp_path: Path, counted: hash_once.Counter) -> None:
+    """The stripes' readers check every leaf; the engine's tree check follows them and
+    does not hash those leaves a second time (it did before the fetch passed
+    ``checked_by``)."""
+    a, b, origin = FakeStripes("a"), FakeStripes("b"), FakeStripes("origin", peer=False)
+    _fetch(tmp_path, [[a, origin], [b, origin]])
+    assert len(DATA) <= counted.hashed <= len(DATA) + hash_once.OVERHEAD

@@ -153,7 +153,13 @@ def fetch_base(
                         peering, client, image_id, tree, stripes, on_switch=on_stripe_switch
                     )
                     open_stream = sources
-                    want = Want(image_id, ok.size, tree_and_digest(image_id, ok.digest, tree))
+                    # Bytes from peers: the digest runs too; the tree check takes the
+                    # leaves the stripes' readers passed without hashing them again.
+                    want = Want(
+                        image_id,
+                        ok.size,
+                        tree_and_digest(image_id, ok.digest, tree, checked_by=sources.checker),
+                    )
                     live = peering.live.begin(image_id, ok.size, sink.fd)
                     live.source = sources.main
                     into = TrackingSink(sink, live)

@@ -278,6 +278,12 @@ class StripedSources:
     def stripes(self) -> int:
         return len(self._chains)
 
+    @property
+    def checker(self) -> TreeVerifier:
+        """The verifier every leaf this hands on passed (in whichever stripe's thread):
+        the engine's tree check follows it (``checked_by``), so no leaf is hashed twice."""
+        return self._verifier
+
     def current(self, stripe: int) -> str:
         return self._chains[stripe][self._at[stripe]].name
 
