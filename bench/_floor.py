@@ -3,7 +3,8 @@
 What a transfer needs at the least, with no Python on the data path: a stdlib threaded
 HTTP server that answers every GET with the file through ``socket.sendfile`` (a kernel
 copy out), and per receiver ``curl -s URL | tee FILE | openssl dgst -sha256 -r`` then ``sync FILE``
-(a kernel copy in, one sha256 of every byte, a write to the page cache and an fsync).
+(a kernel copy in, one sha256 of every byte, a write to the page cache and an fsync);
+with ``whole_digest`` a sha512 of every byte too, as a node fetching from peers runs.
 ``openssl dgst``, not coreutils ``sha256sum``: the latter does not use the CPU's SHA
 extensions here (350 MB/s against openssl's and hashlib's 1.8 GB/s), so it would put
 the floor above what the node agents' own sha256 costs.
@@ -80,8 +81,10 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def plain_transfers(source: Path, dests: list[Path]) -> Floor:
-    """``len(dests)`` concurrent plain transfers of ``source`` (see the module doc)."""
+def plain_transfers(source: Path, dests: list[Path], *, whole_digest: bool = False) -> Floor:
+    """``len(dests)`` concurrent plain transfers of ``source`` (see the module doc);
+    ``whole_digest``: each pipeline also runs ``openssl dgst -sha512`` over the bytes (a
+    node fetching from peers checks the tree and the whole-image sha512)."""
     port = _free_port()
     cpu0 = _children_cpu()
     server = subprocess.Popen(
@@ -98,7 +101,12 @@ def plain_transfers(source: Path, dests: list[Path]) -> Floor:
         def one(dest: Path) -> str:
             d = shlex.quote(str(dest))
             cmd = f"curl -sf {url} | tee {d} | openssl dgst -sha256 -r && sync {d}"
-            out = subprocess.run(["sh", "-c", cmd], capture_output=True, check=True)
+            if whole_digest:  # and the whole-image sha512 every node runs too, beside it
+                cmd = (
+                    f"curl -sf {url} | tee {d} | tee >(openssl dgst -sha512 -r >/dev/null) "
+                    f"| openssl dgst -sha256 -r && sync {d}"
+                )
+            out = subprocess.run(["bash", "-c", cmd], capture_output=True, check=True)
             return out.stdout.split()[0].decode()
 
         t0 = time.perf_counter()

@@ -23,7 +23,8 @@ Same run, same image:
 * ``faults``: as ``peers``, and once bytes flow from peers, three agents that other
   nodes are fetching from are killed with SIGKILL;
 * ``floor``: no cowfleet at all: N concurrent plain transfers of the image file from a
-  ``socket.sendfile`` server to ``curl | tee FILE | openssl dgst -sha256`` then an fsync
+  ``socket.sendfile`` server to ``curl | tee FILE`` and ``openssl dgst`` sha256 and sha512
+  of every byte (what each node must check: the tree and the whole-image digest), then an fsync
   (:mod:`_floor`), uncapped: the least this machine needs to land and hash N copies,
   against which the ``peers`` time is read.
 
@@ -260,7 +261,11 @@ def main() -> int:
             if "floor" in args.cases:
                 print(f"[floor] {n} plain transfers at once ({load()})", flush=True)
                 (work / "floor").mkdir()
-                floor = plain_transfers(src, [work / "floor" / f"{i}" for i in range(n)])
+                # The job's floor: what every node must do with the bytes (the tree's sha256
+                # and the whole-image sha512), with no Python on the path.
+                floor = plain_transfers(
+                    src, [work / "floor" / f"{i}" for i in range(n)], whole_digest=True
+                )
                 if set(floor.digests) != {want}:
                     print(f"  WARNING: a plain transfer got other bytes: {floor.digests}")
                 print(
@@ -361,7 +366,7 @@ def report(
     peers = results.get("peers")
     if floor is not None:
         print(
-            f"  {f'{n} plain transfers, no cowfleet (floor)':<44} {floor.seconds:8.2f} s  "
+            f"  {f'{n} plain transfers + sha256 + sha512 (floor)':<44} {floor.seconds:8.2f} s  "
             f"{floor.seconds / base:6.2f}x one  (the machine's floor: {floor.cpu:.1f} CPU s, "
             f"{floor.cpu_per_gib:.2f} CPU-s/GiB)"
         )
