@@ -1,4 +1,5 @@
-"""The machine's physical floor for moving one file between processes on loopback.
+"""The machine's physical floor for moving one file between processes on loopback,
+and (:func:`bounds`) the disk and hashing bounds of landing N verified copies.
 
 What a transfer needs at the least, with no Python on the data path: a stdlib threaded
 HTTP server that answers every GET with the file through ``socket.sendfile`` (a kernel
@@ -120,3 +121,63 @@ def plain_transfers(source: Path, dests: list[Path], *, whole_digest: bool = Fal
     for d in dests:
         d.unlink(missing_ok=True)
     return Floor(seconds, cpu, len(dests), source.stat().st_size, digests)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Two lower bounds of landing N verified copies on this machine, each measured alone.
+
+    ``disk``: N copies written at once from the page cache, each with an fsync
+    (``dd conv=fsync``): no network, no hashing, so no way to land N durable copies is
+    faster. ``hashing``: one core's time for the sha256 and the sha512 of one copy
+    (hashlib, from the page cache), times N, over every core: the digests every node
+    must run, perfectly spread.
+    """
+
+    disk: float
+    hashing: float
+    sha256_mbs: float  # one core, MB/s
+    sha512_mbs: float
+
+    @property
+    def floor(self) -> float:
+        return max(self.disk, self.hashing)
+
+
+def _hash_seconds(source: Path, name: str) -> float:
+    import hashlib
+
+    h = hashlib.new(name)
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    with source.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return time.perf_counter() - t0
+
+
+def bounds(source: Path, dests: list[Path]) -> Bounds:
+    """The :class:`Bounds` of ``len(dests)`` copies of ``source`` (see its doc)."""
+    import os
+
+    size = source.stat().st_size
+    _hash_seconds(source, "sha256")  # warm the page cache
+    sha256 = min(_hash_seconds(source, "sha256") for _ in range(2))
+    sha512 = min(_hash_seconds(source, "sha512") for _ in range(2))
+    hashing = len(dests) * (sha256 + sha512) / (os.cpu_count() or 1)
+    subprocess.run(["sync"], check=True)
+
+    def one(dest: Path) -> None:
+        subprocess.run(
+            ["dd", f"if={source}", f"of={dest}", "bs=4M", "conv=fsync", "status=none"],
+            check=True,
+        )
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(dests)) as pool:
+        list(pool.map(one, dests))
+    disk = time.perf_counter() - t0
+    for d in dests:
+        d.unlink(missing_ok=True)
+    return Bounds(disk, hashing, size / sha256 / 1e6, size / sha512 / 1e6)

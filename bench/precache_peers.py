@@ -61,7 +61,7 @@ from tests.fixtures.node_agent import CountingProxy  # noqa: E402
 
 from _cache_common import MiB, load, make_image_file, workdir  # noqa: E402
 from _fleet_common import ADMIN_TOKEN, Fleet, cpu_seconds  # noqa: E402
-from _floor import Floor, plain_transfers  # noqa: E402
+from _floor import Bounds, Floor, bounds, plain_transfers  # noqa: E402
 from cowfleet.cache.layout import Layout  # noqa: E402
 from cowfleet.hashtree import DEFAULT_LEAF_SIZE as LEAF  # noqa: E402
 from fleet_sim import simulate, simulate_striped  # noqa: E402
@@ -249,6 +249,7 @@ def main() -> int:
     results: dict[str, Outcome] = {}
     peer_one: Outcome | None = None
     floor: Floor | None = None
+    bound: Bounds | None = None
     load_before = load()
     started = time.perf_counter()
     try:
@@ -270,6 +271,12 @@ def main() -> int:
                     print(f"  WARNING: a plain transfer got other bytes: {floor.digests}")
                 print(
                     f"[floor] {floor.seconds:.2f} s, CPU {floor.cpu:.0f} s ({load()})", flush=True
+                )
+                bound = bounds(src, [work / "floor" / f"{i}" for i in range(n)])
+                print(
+                    f"[floor] bounds: {n} fsynced copies at once {bound.disk:.2f} s, hashing "
+                    f"{bound.hashing:.2f} s ({load()})",
+                    flush=True,
                 )
             src.unlink()
             print(
@@ -322,7 +329,16 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(
-        args, n, size, rate, results, peer_one, load_before, time.perf_counter() - started, floor
+        args,
+        n,
+        size,
+        rate,
+        results,
+        peer_one,
+        load_before,
+        time.perf_counter() - started,
+        floor,
+        bound,
     )
     return 0
 
@@ -337,6 +353,7 @@ def report(
     load_before: str,
     wall: float,
     floor: Floor | None = None,
+    bound: Bounds | None = None,
 ) -> None:
     print()
     print(
@@ -370,6 +387,28 @@ def report(
             f"{floor.seconds / base:6.2f}x one  (the machine's floor: {floor.cpu:.1f} CPU s, "
             f"{floor.cpu_per_gib:.2f} CPU-s/GiB)"
         )
+        if bound is not None:
+            print(
+                f"  {f'{n} copies written at once, fsynced (disk)':<44} {bound.disk:8.2f} s  "
+                f"{bound.disk / base:6.2f}x one  (no network, no hashing)"
+            )
+            print(
+                f"  {f'sha256 + sha512 of {n} copies / {os.cpu_count()} cores':<44} "
+                f"{bound.hashing:8.2f} s  {bound.hashing / base:6.2f}x one  (one core: sha256 "
+                f"{bound.sha256_mbs:.0f} MB/s, sha512 {bound.sha512_mbs:.0f} MB/s)"
+            )
+            target = 1.5 * base
+            print(
+                f"  lower bound max(disk, hashing) = {bound.floor:.2f} s = "
+                f"{bound.floor / base:.2f}x one: the 1.5x target ({target:.2f} s) is "
+                + ("below" if bound.floor > target else "above")
+                + " this machine's floor"
+                + (
+                    f"; peers / bound: {peers.seconds / bound.floor:.2f}x"
+                    if peers is not None
+                    else ""
+                )
+            )
         if peers is not None:
             print(
                 f"  peers / floor: {peers.seconds / floor.seconds:.2f}x the time; peers' agents "
