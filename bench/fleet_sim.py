@@ -19,6 +19,12 @@ engine's threads), so it delays forwarding, not receiving:
     got[node][i]  = max(held[parent][i], got[node][i - 1]) + leaf / rate[node]
     held[node][i] = got[node][i] + hop
 
+A node's receive rate is capped by its link, or by ``down`` when something else limits
+it first: on one machine running every node agent (``bench/precache_peers.py``) the
+cores are shared by every transfer at once, so each node receives at most
+``cores / (N x cores one transfer keeps busy)`` of one transfer's speed, while its
+upload (loopback) is not the limit.
+
 ``hop`` is the check of one leaf plus a round trip (default 2 ms: 4 MiB of sha256 at
 about 2 GB/s). Shares do not change when a sibling finishes first (siblings have the
 same rate, so they finish together), there is no packet loss or TCP ramp-up, and no
@@ -68,9 +74,17 @@ GIB = 1024**3
 
 
 def simulate(
-    n: int, size: int, link: float, origin: float, fanout: int, hop: float, leaf: int
+    n: int,
+    size: int,
+    link: float,
+    origin: float,
+    fanout: int,
+    hop: float,
+    leaf: int,
+    down: float | None = None,
 ) -> tuple[list[float], float, float]:
-    """(finish time of each node, origin egress in images, seconds spent assigning)."""
+    """(finish time of each node, origin egress in images, seconds spent assigning);
+    ``down``: each node's receive cap when it is not its link (see the module doc)."""
     hosts = [f"node-{i:05d}" for i in range(n)]
     t0 = time.perf_counter()
     plans = assign_sources(IMAGE, hosts, [], fanout=fanout)
@@ -85,7 +99,7 @@ def simulate(
     for h in hosts:  # the plan's order: a parent is always placed before its children
         p = parent[h]
         up = origin if p is None else link
-        rate = min(link, up / children[p])
+        rate = min(link if down is None else down, up / children[p])
         got = 0.0
         held = []
         above = done[p] if p is not None else None
@@ -99,9 +113,18 @@ def simulate(
 
 
 def simulate_striped(
-    n: int, size: int, link: float, origin: float, fanout: int, stripes: int, hop: float, leaf: int
+    n: int,
+    size: int,
+    link: float,
+    origin: float,
+    fanout: int,
+    stripes: int,
+    hop: float,
+    leaf: int,
+    down: float | None = None,
 ) -> tuple[list[float], float, float]:
     """As :func:`simulate`, with ``stripes`` trees (see the module doc)."""
+    cap = link if down is None else down
     k = stripes
     hosts = [f"node-{i:05d}" for i in range(n)]
     t0 = time.perf_counter()
@@ -117,7 +140,7 @@ def simulate_striped(
             parent[t][j] = p
             flows[p] = flows.get(p, 0) + 1
     rate = [
-        [min(link / k, (origin if p < 0 else link) / flows[p]) for p in parent[t]] for t in range(k)
+        [min(cap / k, (origin if p < 0 else link) / flows[p]) for p in parent[t]] for t in range(k)
     ]
     # A topological order of each tree (parents first), from its roots down.
     order: list[list[int]] = []

@@ -445,17 +445,24 @@ def report(
         f"{peers.cpu:.0f} CPU s in {peers.seconds:.1f} s ({peers.cpu / peers.seconds:.2f} cores)"
     )
     tree = results.get("tree")
-    for label, per_node in (("link only", link), ("CPU-shared link", shared)):
+    # "link only": every node's link is one transfer's speed alone. "CPU share": the
+    # links stay that, but each node receives at most its share of the cores (the
+    # machine's limit with N transfers at once; loopback uploads are not).
+    for label, per_node, down in (
+        ("link only", link, None),
+        ("links + CPU share", link, shared),
+    ):
         # "peers": the product default, 2 stripes, 3 per stripe tree; "tree": fanout 2
         for case, real, (finish, egress, _) in (
-            ("peers", peers, simulate_striped(n, size, per_node, rate, 3, 2, 0.002, LEAF)),
-            ("tree", tree, simulate(n, size, per_node, rate, 2, 0.002, LEAF)),
+            ("peers", peers, simulate_striped(n, size, per_node, rate, 3, 2, 0.002, LEAF, down)),
+            ("tree", tree, simulate(n, size, per_node, rate, 2, 0.002, LEAF, down)),
         ):
             if real is None:
                 continue
             model = max(finish)
             print(
-                f"  model of {case} ({label}: per-node {per_node / 1e6:.0f} MB/s, origin "
+                f"  model of {case} ({label}: link {per_node / 1e6:.0f} MB/s, receive "
+                f"{(down or per_node) / 1e6:.0f} MB/s, origin "
                 f"{rate / 1e6:.0f} MB/s): all done {model:.2f} s, p50 "
                 f"{statistics.median(finish):.2f} s, egress {egress:g}; real "
                 f"{real.seconds:.2f} s; real/model {real.seconds / model:.2f} (target 0.8-1.25)"
