@@ -131,17 +131,26 @@ class Bounds:
     (``dd conv=fsync``): no network, no hashing, so no way to land N durable copies is
     faster. ``hashing``: one core's time for the sha256 and the sha512 of one copy
     (hashlib, from the page cache), times N, over every core: the digests every node
-    must run, perfectly spread.
+    must run, perfectly spread. ``cpu``: the two together (a node must do both), their
+    CPU seconds over every core.
     """
 
     disk: float
     hashing: float
     sha256_mbs: float  # one core, MB/s
     sha512_mbs: float
+    disk_cpu: float = 0.0  # CPU seconds the N fsynced copies took (dd, user + system)
+    cores: int = 1
+
+    @property
+    def cpu(self) -> float:
+        """Both jobs' CPU over every core: each node must hash *and* write its copy,
+        and no socket copy, no serving, no inspection is counted."""
+        return (self.hashing * self.cores + self.disk_cpu) / self.cores
 
     @property
     def floor(self) -> float:
-        return max(self.disk, self.hashing)
+        return max(self.disk, self.hashing, self.cpu)
 
 
 def _hash_seconds(source: Path, name: str) -> float:
@@ -174,10 +183,19 @@ def bounds(source: Path, dests: list[Path]) -> Bounds:
             check=True,
         )
 
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(dests)) as pool:
         list(pool.map(one, dests))
     disk = time.perf_counter() - t0
+    disk_cpu = _children_cpu() - cpu0
     for d in dests:
         d.unlink(missing_ok=True)
-    return Bounds(disk, hashing, size / sha256 / 1e6, size / sha512 / 1e6)
+    return Bounds(
+        disk,
+        hashing,
+        size / sha256 / 1e6,
+        size / sha512 / 1e6,
+        disk_cpu,
+        os.cpu_count() or 1,
+    )
