@@ -16,12 +16,14 @@ children of this process and are waited for before it is read.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import resource
 import shlex
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +84,10 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def plain_transfers(source: Path, dests: list[Path], *, whole_digest: bool = False) -> Floor:
-    """``len(dests)`` concurrent plain transfers of ``source`` (see the module doc);
-    ``whole_digest``: each pipeline also runs ``openssl dgst -sha512`` over the bytes (a
-    node fetching from peers checks the tree and the whole-image sha512)."""
+@contextlib.contextmanager
+def _serving(source: Path) -> Iterator[str]:
+    """The sendfile server for ``source`` (a child process), yielding its URL."""
     port = _free_port()
-    cpu0 = _children_cpu()
     server = subprocess.Popen(
         [sys.executable, "-c", _SERVER, str(source), str(port)],
         stdout=subprocess.PIPE,
@@ -97,7 +97,33 @@ def plain_transfers(source: Path, dests: list[Path], *, whole_digest: bool = Fal
         assert server.stdout is not None
         if server.stdout.readline().strip() != b"ready":
             raise RuntimeError("the sendfile server did not start")
-        url = f"http://127.0.0.1:{port}/image"
+        yield f"http://127.0.0.1:{port}/image"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def socket_cpu(source: Path, count: int) -> float:
+    """CPU seconds (server and clients) of ``count`` concurrent transfers of ``source``
+    over loopback into ``/dev/null``: the socket copies alone (``sendfile`` out, ``curl``
+    in), nothing hashed or written."""
+    cpu0 = _children_cpu()
+    with _serving(source) as url:
+
+        def one(_i: int) -> None:
+            subprocess.run(["curl", "-sf", "-o", "/dev/null", url], check=True)
+
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            list(pool.map(one, range(count)))
+    return _children_cpu() - cpu0
+
+
+def plain_transfers(source: Path, dests: list[Path], *, whole_digest: bool = False) -> Floor:
+    """``len(dests)`` concurrent plain transfers of ``source`` (see the module doc);
+    ``whole_digest``: each pipeline also runs ``openssl dgst -sha512`` over the bytes (a
+    node fetching from peers checks the tree and the whole-image sha512)."""
+    cpu0 = _children_cpu()
+    with _serving(source) as url:
 
         def one(dest: Path) -> str:
             d = shlex.quote(str(dest))
@@ -114,9 +140,6 @@ def plain_transfers(source: Path, dests: list[Path], *, whole_digest: bool = Fal
         with concurrent.futures.ThreadPoolExecutor(len(dests)) as pool:
             digests = tuple(pool.map(one, dests))
         seconds = time.perf_counter() - t0
-    finally:
-        server.terminate()
-        server.wait()
     cpu = _children_cpu() - cpu0
     for d in dests:
         d.unlink(missing_ok=True)
@@ -131,8 +154,9 @@ class Bounds:
     (``dd conv=fsync``): no network, no hashing, so no way to land N durable copies is
     faster. ``hashing``: one core's time for the sha256 and the sha512 of one copy
     (hashlib, from the page cache), times N, over every core: the digests every node
-    must run, perfectly spread. ``cpu``: the two together (a node must do both), their
-    CPU seconds over every core.
+    must run, perfectly spread. ``cpu``: both, plus the socket copies of N loopback
+    transfers into ``/dev/null`` (a node must receive, hash and write), their CPU
+    seconds over every core.
     """
 
     disk: float
@@ -140,13 +164,15 @@ class Bounds:
     sha256_mbs: float  # one core, MB/s
     sha512_mbs: float
     disk_cpu: float = 0.0  # CPU seconds the N fsynced copies took (dd, user + system)
+    socket_cpu: float = 0.0  # CPU seconds of N loopback transfers into /dev/null
     cores: int = 1
 
     @property
     def cpu(self) -> float:
-        """Both jobs' CPU over every core: each node must hash *and* write its copy,
-        and no socket copy, no serving, no inspection is counted."""
-        return (self.hashing * self.cores + self.disk_cpu) / self.cores
+        """The three jobs' CPU over every core: each node must receive its copy through
+        a socket, hash it *and* write it; no serving to other nodes, no inspection, no
+        policy, no bookkeeping is counted, and the cores are taken as perfectly shared."""
+        return (self.hashing * self.cores + self.disk_cpu + self.socket_cpu) / self.cores
 
     @property
     def floor(self) -> float:
@@ -197,5 +223,6 @@ def bounds(source: Path, dests: list[Path]) -> Bounds:
         size / sha256 / 1e6,
         size / sha512 / 1e6,
         disk_cpu,
+        socket_cpu(source, len(dests)),
         os.cpu_count() or 1,
     )

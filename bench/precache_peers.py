@@ -398,13 +398,14 @@ def report(
                 f"{bound.sha256_mbs:.0f} MB/s, sha512 {bound.sha512_mbs:.0f} MB/s)"
             )
             print(
-                f"  {'both, their CPU over the cores':<44} {bound.cpu:8.2f} s  "
-                f"{bound.cpu / base:6.2f}x one  (copies' CPU {bound.disk_cpu:.1f} s + hashing "
-                f"{bound.hashing * bound.cores:.1f} s; sockets, serving, inspection not counted)"
+                f"  {'receive + hash + write, CPU over the cores':<44} {bound.cpu:8.2f} s  "
+                f"{bound.cpu / base:6.2f}x one  (CPU s: sockets {bound.socket_cpu:.1f} + "
+                f"hashing {bound.hashing * bound.cores:.1f} + fsynced copies "
+                f"{bound.disk_cpu:.1f}; serving, inspection, bookkeeping not counted)"
             )
             target = 1.5 * base
             print(
-                f"  lower bound max(disk, hashing, both) = {bound.floor:.2f} s = "
+                f"  lower bound max(disk, hashing, CPU of all three) = {bound.floor:.2f} s = "
                 f"{bound.floor / base:.2f}x one: the 1.5x target ({target:.2f} s) is "
                 + ("below" if bound.floor > target else "above")
                 + " this machine's floor"
