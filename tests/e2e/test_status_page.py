@@ -113,6 +113,13 @@ def test_status_page_in_headless_chromium(fleet: Fleet, tmp_path: Path) -> None:
 
     wait_until(lambda: [r["percent"] for r in precache()] == [25.0], timeout=30)
 
+    def instances() -> int:  # as the nodes last reported them (heartbeats)
+        doc = fleet.api_call("GET", "/status/data").json()
+        return sum(int(n["instances"]) for n in doc["nodes"])
+
+    # A server is ACTIVE before its node's next heartbeat lists it: wait for both nodes'.
+    wait_until(lambda: instances() == 3, timeout=30)
+
     browser = Chromium(binary, tmp_path / "profile")
     try:
         browser.navigate(url)

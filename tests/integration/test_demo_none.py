@@ -48,6 +48,10 @@ def test_demo_with_the_none_driver_says_so_and_cleans_up() -> None:
     assert not home.exists()
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_service_and_removes_everything(tmp_path: Path) -> None:
     require_program("mkfs.ext4")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COWFLEET_")}
@@ -61,6 +65,9 @@ def test_ctrl_c_stops_the_service_and_removes_everything(tmp_path: Path) -> None
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            # As from a terminal: a runner started in the background (``cmd &`` in a
+            # script) ignores SIGINT, and that disposition would pass on to the demo.
+            preexec_fn=_sigint_default,
         )
         deadline = time.monotonic() + 300
         while "== 6. Two compute nodes" not in log.read_text():
