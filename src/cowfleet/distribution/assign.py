@@ -75,12 +75,14 @@ class _Feeder:
     children: int = 0
 
 
-def _spread(image_id: str, host: str) -> bytes:
+def spread(image_id: str, host: str) -> bytes:
+    """The last tie-break between feeders: different images favour different holders,
+    yet the same arguments always give the same order (shared by the striped plans)."""
     return hashlib.sha256(f"{image_id}\0{host}".encode()).digest()
 
 
 def _key(image_id: str, f: _Feeder) -> tuple[bool, int, int, bytes]:
-    return (not f.complete, f.depth, f.children, _spread(image_id, f.host))
+    return (not f.complete, f.depth, f.children, spread(image_id, f.host))
 
 
 MAX_STRIPES = 8
@@ -111,7 +113,7 @@ def assign_sources(
             continue  # a host listed twice: complete wins
         feeders[h.host] = _Feeder(h.host, h.complete, 0 if h.complete else 1, len(feeders), None)
     complete = sorted(
-        (f for f in feeders.values() if f.complete), key=lambda f: _spread(image_id, f.host)
+        (f for f in feeders.values() if f.complete), key=lambda f: spread(image_id, f.host)
     )
     # Feeders with a free slot, best first; an entry whose key is stale is skipped.
     heap = [(_key(image_id, f), f.order, f.host) for f in feeders.values()]

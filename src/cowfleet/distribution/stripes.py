@@ -51,7 +51,7 @@ from cowfleet.distribution.assign import (
     NEIGHBOURS,
     Holder,
     SourcePlan,
-    _spread,
+    spread,
 )
 
 
@@ -89,7 +89,7 @@ class _Tree:
 
     def key(self, n: _Node, shared: dict[str, int]) -> tuple[bool, int, int, bytes]:
         used = shared[n.host] if n.holder else n.children
-        return (not n.complete, n.depth, used, _spread(self.image_id, n.host))
+        return (not n.complete, n.depth, used, spread(self.image_id, n.host))
 
 
 def _pick(
@@ -142,7 +142,7 @@ def assign_striped(
             n = _Node(h.host, h.complete, True, 0 if h.complete else 1, len(tree.nodes), None)
             tree.add(n, interior=True, shared=shared)
     complete = sorted(
-        (h.host for h in known.values() if h.complete), key=lambda x: _spread(image_id, x)
+        (h.host for h in known.values() if h.complete), key=lambda x: spread(image_id, x)
     )
     plans: dict[str, SourcePlan] = {}
     pending: list[str] = []  # fetching since an earlier batch: a plan, no home

@@ -138,31 +138,12 @@ def _release(held: _Held) -> None:
         held.live = None
 
 
-def _body(held: _Held, first: int, last: int, wait: float) -> Iterator[bytes]:
-    try:
-        pos = first
-        while pos <= last:
-            n = min(CHUNK, last + 1 - pos)
-            if held.live is not None:
-                data = held.live.read(pos, n, wait)
-            else:
-                data = os.pread(held.fd, n, pos)
-                if not data:
-                    raise OSError(f"base ended at byte {pos}")
-            yield data
-            pos += len(data)
-    except Exception as exc:  # the answer is cut short: the reader takes another source
-        log.warning("peer read stopped at byte %d: %s", pos, exc)
-        raise
-    finally:
-        _release(held)
-
-
-def _stripe_body(held: _Held, leaves: list[tuple[int, int]], wait: float) -> Iterator[bytes]:
-    """The bytes of ``leaves`` ((first byte, bytes) each), in order: one stripe."""
+def _body(held: _Held, spans: list[tuple[int, int]], wait: float) -> Iterator[bytes]:
+    """The bytes of ``spans`` ((first byte, bytes) each), in order: one range, or the
+    leaves of one stripe."""
     pos = 0
     try:
-        for begin, size in leaves:
+        for begin, size in spans:
             pos, end = begin, begin + size
             while pos < end:
                 n = min(CHUNK, end - pos)
@@ -175,7 +156,7 @@ def _stripe_body(held: _Held, leaves: list[tuple[int, int]], wait: float) -> Ite
                 yield data
                 pos += len(data)
     except Exception as exc:  # the answer is cut short: the reader takes another source
-        log.warning("peer stripe read stopped at byte %d: %s", pos, exc)
+        log.warning("peer read stopped at byte %d: %s", pos, exc)
         raise
     finally:
         _release(held)
@@ -238,7 +219,7 @@ def add_peer_routes(
             if request.method == "HEAD":
                 _release(held)
                 return Response(status_code=206, headers=headers)
-            body = _stripe_body(held, striped.leaves(size), wait)
+            body = _body(held, striped.leaves(size), wait)
             return StreamingResponse(body, status_code=206, headers=headers)
         try:
             wanted = parse_range(request.headers.get("range"), size)
@@ -256,5 +237,5 @@ def add_peer_routes(
             _release(held)
             return Response(status_code=status, headers=headers)
         return StreamingResponse(
-            _body(held, first, last, wait), status_code=status, headers=headers
+            _body(held, [(first, last + 1 - first)], wait), status_code=status, headers=headers
         )
