@@ -68,24 +68,6 @@ def _cached(node: NodeRow, image_id: str) -> bool | None:
     return None
 
 
-def peer_sources(
-    session: Session,
-    image_id: str,
-    host: str,
-    *,
-    fanout: int,
-    now: float,
-    down_after: float,
-    flags: PeerFlags,
-) -> list[dict[str, Any]]:
-    """The ``sources`` for ``host``'s build of ``image_id`` (empty: the origin only)."""
-    plan = peer_plan(
-        session, image_id, host, fanout=fanout, now=now, down_after=down_after, flags=flags
-    )
-    sources: list[dict[str, Any]] = plan.get("sources", [])
-    return sources
-
-
 def peer_plan(
     session: Session,
     image_id: str,

@@ -52,10 +52,10 @@ MAX_SOURCES = 16
 PEER_PATH = "/peer/v1/images/"
 _HOST_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 _URL_RE = re.compile(r"^https?://[^\s/?#]+/?$")
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 # Failures of one source that another may not share (never a local disk error).
-_SWITCHABLE: tuple[type[BaseException], ...] = (
+SWITCHABLE: tuple[type[BaseException], ...] = (
     BackendUnavailableError,
     TimeoutError_,
     NotFoundError,
@@ -187,7 +187,7 @@ class PeerSource:
             if status == 401:
                 raise UsageError(f"{self._what}: the peer refused the node token (401)")
             if status == 206:
-                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
+                m = CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
                 if m is None:
                     raise RemoteError(f"{self._what}: bad Content-Range", status=206)
                 total = None if m.group(3) == "*" else int(m.group(3))
@@ -353,7 +353,7 @@ class Sources:
             try:
                 cm = src.open(start, pool)
                 raw = cm.__enter__()
-            except _SWITCHABLE as exc:
+            except SWITCHABLE as exc:
                 if not src.peer or self._index + 1 >= len(self._sources):
                     raise
                 self._give_up_on(src, exc)
@@ -372,7 +372,7 @@ class Sources:
                 )
             self.used.append(src.name)
             yield checked
-        except _SWITCHABLE as exc:
+        except SWITCHABLE as exc:
             cm.__exit__(type(exc), exc, exc.__traceback__)
             if not src.peer or self._index + 1 >= len(self._sources):
                 raise

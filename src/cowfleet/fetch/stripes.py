@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -54,7 +53,14 @@ from cowfleet.errors import (
 )
 from cowfleet.fetch.buffers import BufferPool
 from cowfleet.fetch.engine import StreamLike
-from cowfleet.fetch.sources import MAX_SOURCES, PEER_PATH, Peer, parse_sources
+from cowfleet.fetch.sources import (
+    CONTENT_RANGE,
+    MAX_SOURCES,
+    PEER_PATH,
+    SWITCHABLE,
+    Peer,
+    parse_sources,
+)
 from cowfleet.hashtree import Tree, TreeVerifier
 
 log = logging.getLogger(__name__)
@@ -63,18 +69,6 @@ MIN_STRIPES, MAX_STRIPES = 2, 8
 QUEUE_LEAVES = 2  # checked leaves a stripe may hold ahead of the engine
 STRIPE_HEADER = "X-Cowfleet-Stripe"  # "t/k" on a peer's striped answer
 _POLL = 0.1
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-# Failures of one source that the next may not share (never a local error).
-_SWITCHABLE: tuple[type[BaseException], ...] = (
-    BackendUnavailableError,
-    TimeoutError_,
-    NotFoundError,
-    UsageError,
-    ValidationError,
-    IntegrityError,
-    RemoteError,
-)
 
 
 def parse_stripes(data: Any) -> tuple[tuple[Peer, ...], ...]:
@@ -167,7 +161,7 @@ class PeerStripes:
                 raise UsageError(f"{what}: the peer refused the node token (401)")
             if status != 206:
                 raise RemoteError(f"{what}: HTTP {status}", status=status)
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
+            m = CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
             if m is None or int(m.group(1)) != start:
                 raise RemoteError(f"{what}: the answer does not start at byte {start}", status=206)
             if resp.headers.get(STRIPE_HEADER) != f"{stripe}/{stripes}":
@@ -397,7 +391,7 @@ class StripedSources:
                         raise BackendUnavailableError(
                             f"{src.name}: stripe {t} ended before leaf {index}"
                         )
-            except _SWITCHABLE as exc:
+            except SWITCHABLE as exc:
                 if stop.is_set():
                     return
                 if not src.peer or self._at[t] + 1 >= len(self._chains[t]):
